@@ -1,0 +1,92 @@
+"""The offline API, shaped like vLLM's ``LLM``: give prompts, get finished outputs in order."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from engine.config import EngineArgs
+from engine.errors import InvalidRequest
+from engine.llm_engine import LLMEngine
+from engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from engine.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """``LLM(model=None, **engine_args)``; ``model=None`` is the built-in demo model."""
+
+    def __init__(self, model: str | None = None, **engine_args: Any) -> None:
+        self.engine = LLMEngine.from_engine_args(EngineArgs(model=model, **engine_args))
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompt_list: list[Prompt] = [prompts]  # type: ignore[list-item]
+        else:
+            prompt_list = list(prompts)  # type: ignore[arg-type]
+        if sampling_params is None:
+            params_list = [SamplingParams()] * len(prompt_list)
+        elif isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompt_list)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompt_list):
+                raise InvalidRequest(
+                    f"got {len(params_list)} sampling_params for {len(prompt_list)} prompts: give one, or one per prompt"
+                )
+        engine = self.engine
+        ids: list[str] = []
+        # Validate everything before adding anything, so a bad prompt leaves no half-run batch behind.
+        encoded = []
+        for prompt, params in zip(prompt_list, params_list, strict=True):
+            token_ids = engine.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+            engine.validate_request(token_ids, params)
+            encoded.append((prompt if isinstance(prompt, str) else None, token_ids, params))
+        base = engine.statistics().steps
+        for i, (text, token_ids, params) in enumerate(encoded):
+            request_id = f"offline-{base}-{i}"
+            engine.add_request(request_id, token_ids, params, prompt=text)
+            ids.append(request_id)
+        collected: dict[str, dict[int, _Collected]] = {rid: {} for rid in ids}
+        while engine.has_unfinished_requests():
+            for delta in engine.step():
+                samples = collected[delta.request_id]
+                for d in delta.samples:
+                    c = samples.setdefault(d.index, _Collected())
+                    c.token_ids.extend(d.token_ids)
+                    c.text.append(d.text)
+                    if d.logprobs is not None:
+                        c.logprobs.extend(d.logprobs)
+                    if d.finish_reason is not None:
+                        c.finish_reason = d.finish_reason
+        results = []
+        for rid, (text, token_ids, params) in zip(ids, encoded, strict=True):
+            outs = [
+                CompletionOutput(
+                    index=i,
+                    token_ids=c.token_ids,
+                    text="".join(c.text),
+                    finish_reason=c.finish_reason or "abort",
+                    logprobs=c.logprobs if params.logprobs is not None else None,
+                )
+                for i, c in sorted(collected[rid].items())
+            ]
+            results.append(RequestOutput(rid, text, token_ids, outs))
+        return results
+
+
+class _Collected:
+    def __init__(self) -> None:
+        self.token_ids: list[int] = []
+        self.text: list[str] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.finish_reason: Any = None

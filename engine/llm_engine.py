@@ -1,0 +1,337 @@
+"""The engine: one model, its KV cache, its scheduler; requests in, per-step deltas out.
+
+The three halves of a step are separate calls so that the serving layer can put them on
+different threads: ``schedule`` (CPU policy and input preparation), ``execute`` (the model and
+the sampler; the only call that touches the device) and ``process`` (append tokens, check stops,
+detokenize, free finished sequences). ``step`` is the three in a row.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from engine.block_manager import BlockManager
+from engine.config import EngineArgs, ModelConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.errors import ConfigError, InvalidRequest, ModelLoadError
+from engine.kv_cache import allocate_kv_cache, bytes_per_block, gpu_kv_budget_bytes, num_blocks_for_budget
+from engine.loader import ModelSource, build_model, resolve_model
+from engine.model_runner import ModelOutput, ModelRunner, StepInputs, prepare_inputs
+from engine.outputs import RequestDelta, SampleDelta, TokenLogprob
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerOutput
+from engine.sequence import Request, SeqStatus, Sequence
+
+
+@attrs.frozen
+class ScheduledBatch:
+    scheduled: SchedulerOutput
+    inputs: StepInputs
+
+
+@attrs.frozen
+class EngineStats:
+    model: str
+    num_running: int
+    num_waiting: int
+    num_requests: int
+    num_preemptions: int
+    steps: int
+    prompt_tokens_computed: int
+    generation_tokens: int
+    num_kv_blocks: int
+    block_size: int
+
+
+def load_tokenizer(directory: Path | None) -> Any:
+    if directory is None:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
+    except Exception as exc:  # transformers raises many kinds for a missing or broken tokenizer
+        raise ModelLoadError(f"{directory}: cannot load the tokenizer ({type(exc).__name__}: {exc})") from None
+
+
+def generation_eos_ids(directory: Path | None, config: ModelConfig) -> tuple[int, ...]:
+    """EOS ids from generation_config.json when present (it wins), else from config.json."""
+    if directory is not None and (directory / "generation_config.json").is_file():
+        try:
+            raw = json.loads((directory / "generation_config.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelLoadError(f"{directory}/generation_config.json: not valid JSON ({exc})") from None
+        eos = raw.get("eos_token_id")
+        if isinstance(eos, list):
+            return tuple(int(e) for e in eos)
+        if eos is not None:
+            return (int(eos),)
+    return config.eos_token_ids
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs, source: ModelSource, runner: ModelRunner, num_blocks: int, max_model_len: int,
+                 tokenizer: Any, eos_ids: tuple[int, ...]) -> None:
+        self.args = args
+        self.name = source.name
+        self.model_config = source.config
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.max_model_len = max_model_len
+        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching, namespace=source.name)
+        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens)
+        self.requests: dict[str, Request] = {}
+        self._arrivals = itertools.count()
+        self._seq_ids = itertools.count()
+        self._steps = 0
+        self._prompt_tokens = 0
+        self._generation_tokens = 0
+
+    # ---- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
+        device = args.resolved_device()
+        dtype = args.resolved_dtype(device)
+        source = resolve_model(args)
+        config = source.config
+        max_len = args.max_model_len or config.max_position_embeddings
+        if args.max_model_len and args.max_model_len > config.max_position_embeddings:
+            raise ConfigError(
+                f"max_model_len must be <= the model's max_position_embeddings ({config.max_position_embeddings}), "
+                f"got {args.max_model_len}"
+            )
+        tokenizer = load_tokenizer(source.directory)
+        eos_ids = generation_eos_ids(source.directory, config)
+        torch.manual_seed(args.seed)
+        model = build_model(source, max_len, dtype, device, args.seed)
+        if args.num_kv_blocks is not None:
+            num_blocks = args.num_kv_blocks
+        elif device.type == "cuda":
+            peak = profile_peak_memory(model, args, device, dtype)
+            budget = gpu_kv_budget_bytes(device, args.gpu_memory_utilization, peak)
+            num_blocks = num_blocks_for_budget(config, args.block_size, dtype, budget)
+        else:
+            num_blocks = num_blocks_for_budget(config, args.block_size, dtype, args.cpu_kv_cache_bytes)
+        capacity = num_blocks * args.block_size
+        if capacity < max_len:
+            if args.max_model_len is not None:
+                raise ConfigError(
+                    f"max_model_len={args.max_model_len} does not fit in the KV cache ({num_blocks} blocks of "
+                    f"{args.block_size} = {capacity} tokens): raise num_kv_blocks / the memory budget or lower max_model_len"
+                )
+            max_len = capacity  # a default length is capped to what one sequence can hold
+        kv_cache = allocate_kv_cache(config, num_blocks, args.block_size, dtype, device)
+        runner = ModelRunner(model, kv_cache, device, args.seed)
+        return cls(args, source, runner, num_blocks, max_len, tokenizer, eos_ids)
+
+    # ---- requests -------------------------------------------------------------------------------
+    def tokenize(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidRequest(f"model {self.name!r} has no tokenizer (dummy preset): send prompt_token_ids")
+        return list(self.tokenizer.encode(prompt))
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequest(f"model {self.name!r} has no chat template: use a plain prompt")
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # jinja errors from a template that rejects these messages
+            raise InvalidRequest(f"the chat template rejected the messages: {exc}") from None
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_token_ids:
+            raise InvalidRequest("the prompt is empty: give at least one token")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise InvalidRequest(
+                f"the prompt has {len(prompt_token_ids)} tokens but max_model_len is {self.max_model_len} "
+                f"(the prompt must leave room for at least one generated token)"
+            )
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequest(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequest("stop strings need a tokenizer; this model has none (use stop_token_ids)")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0,
+                    prompt: str | None = None) -> None:
+        if request_id in self.requests:
+            raise InvalidRequest(f"request id {request_id!r} is already in flight")
+        self.validate_request(prompt_token_ids, params)
+        request = Request(request_id, prompt, list(prompt_token_ids), params, priority, next(self._arrivals))
+        seq = self._new_sequence(request, 0, list(prompt_token_ids))
+        self.requests[request_id] = request
+        self.scheduler.add(seq)
+
+    def _new_sequence(self, request: Request, index: int, token_ids: list[int]) -> Sequence:
+        detok = (
+            IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, request.params.stop)
+            if self.tokenizer is not None
+            else None
+        )
+        seq = Sequence(next(self._seq_ids), request, index, token_ids, detok)
+        if request.params.logprobs is not None:
+            seq.logprobs = []
+        request.sequences.append(seq)
+        return seq
+
+    def abort_request(self, request_id: str) -> RequestDelta | None:
+        """Stop a request now and free its blocks; its last delta says ``abort``."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        deltas = []
+        for seq in request.sequences:
+            if seq.status is SeqStatus.FINISHED:
+                continue
+            self.scheduler.remove(seq)
+            seq.finish_reason = "abort"
+            deltas.append(self._take_delta(seq))
+        return RequestDelta(request_id, tuple(deltas), len(request.prompt_token_ids), True)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step ----------------------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch | None:
+        scheduled = self.scheduler.schedule()
+        if not scheduled.seqs:
+            return None
+        return ScheduledBatch(scheduled, prepare_inputs(scheduled, self.args.block_size, self.eos_ids))
+
+    def execute(self, batch: ScheduledBatch) -> ModelOutput:
+        return self.runner.execute(batch.inputs)
+
+    def process(self, batch: ScheduledBatch, output: ModelOutput) -> list[RequestDelta]:
+        self._steps += 1
+        touched: dict[str, Request] = {}
+        row = 0
+        for s in batch.scheduled.seqs:
+            seq = s.seq
+            rows = range(row, row + s.num_samples)
+            row += s.num_samples
+            if seq.status is not SeqStatus.RUNNING:  # aborted while the step ran
+                continue
+            if s.end <= seq.num_prompt_tokens:
+                self._prompt_tokens += s.num_new_tokens
+            seq.num_computed_tokens = s.end
+            self.block_manager.cache_full_blocks(seq.seq_id, seq.token_ids, s.end)
+            if not s.num_samples:
+                continue
+            request = seq.request
+            targets = [seq]
+            if s.num_samples > 1:  # the prompt is done: split off the other samples, sharing its blocks
+                request.forked = True
+                for k in range(1, s.num_samples):
+                    child = self._new_sequence(request, k, list(seq.token_ids))
+                    child.num_computed_tokens = seq.num_computed_tokens
+                    self.block_manager.fork(seq.seq_id, child.seq_id)
+                    self.scheduler.add_running(child)
+                    targets.append(child)
+            elif request.params.n > 1:
+                request.forked = True
+            for target, r in zip(targets, rows, strict=True):
+                self._append_token(target, output, r)
+            touched[request.request_id] = request
+        return [self._request_delta(r) for r in touched.values()]
+
+    def step(self) -> list[RequestDelta]:
+        batch = self.schedule()
+        if batch is None:
+            return []
+        return self.process(batch, self.execute(batch))
+
+    def _append_token(self, seq: Sequence, output: ModelOutput, row: int) -> None:
+        token = output.token_ids[row]
+        params = seq.request.params
+        seq.token_ids.append(token)
+        seq.new_token_ids.append(token)
+        seq.delta_pending = True
+        self._generation_tokens += 1
+        if seq.logprobs is not None and output.logprobs is not None:
+            top = tuple(output.top[row][: params.logprobs]) if output.top is not None else ()
+            lp = TokenLogprob(token, output.logprobs[row], top)
+            seq.logprobs.append(lp)
+            seq.new_logprobs.append(lp)
+        if seq.detokenizer is not None:
+            seq.detokenizer.add_tokens([token])
+        n_out = seq.num_output_tokens
+        reason = None
+        if (not params.ignore_eos and token in self.eos_ids and n_out >= params.min_tokens) or (token in params.stop_token_ids and n_out >= params.min_tokens) or (seq.detokenizer is not None and seq.detokenizer.stopped_by is not None):
+            reason = "stop"
+        elif n_out >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            seq.finish_reason = reason
+            if seq.detokenizer is not None:
+                seq.detokenizer.finish()
+            self.scheduler.remove(seq)
+
+    def _take_delta(self, seq: Sequence) -> SampleDelta:
+        final = seq.finish_reason is not None
+        text = seq.detokenizer.take(final) if seq.detokenizer is not None else ""
+        delta = SampleDelta(
+            index=seq.index,
+            token_ids=tuple(seq.new_token_ids),
+            text=text,
+            logprobs=tuple(seq.new_logprobs) if seq.logprobs is not None else None,
+            finish_reason=seq.finish_reason,
+        )
+        seq.new_token_ids = []
+        seq.new_logprobs = []
+        seq.delta_pending = False
+        return delta
+
+    def _request_delta(self, request: Request) -> RequestDelta:
+        deltas = tuple(self._take_delta(s) for s in request.sequences if s.delta_pending)
+        finished = request.finished
+        if finished:
+            self.requests.pop(request.request_id, None)
+        return RequestDelta(request.request_id, deltas, len(request.prompt_token_ids), finished)
+
+    # ---- observation ----------------------------------------------------------------------------
+    def statistics(self) -> EngineStats:
+        return EngineStats(
+            model=self.name,
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_requests=len(self.requests),
+            num_preemptions=self.scheduler.num_preemptions,
+            steps=self._steps,
+            prompt_tokens_computed=self._prompt_tokens,
+            generation_tokens=self._generation_tokens,
+            num_kv_blocks=self.block_manager.num_blocks,
+            block_size=self.args.block_size,
+        )
+
+
+def profile_peak_memory(model: torch.nn.Module, args: EngineArgs, device: torch.device, dtype: torch.dtype) -> int:
+    """Weights plus the activation peak of the largest step, measured by running it once."""
+    from engine.attention import build_metadata
+
+    config: ModelConfig = model.config  # type: ignore[assignment]
+    n = args.max_num_batched_tokens
+    block_size = args.block_size
+    blocks = -(-n // block_size)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    cache = allocate_kv_cache(config, blocks, block_size, dtype, device)
+    meta = build_metadata([n], [n], [list(range(blocks))], list(range(n)), device)
+    ids = torch.zeros(n, dtype=torch.int64, device=device)
+    pos = torch.arange(n, device=device)
+    with torch.inference_mode():
+        hidden = model(ids, pos, cache, meta)
+        model.compute_logits(hidden[-min(n, args.max_num_seqs):])
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - bytes_per_block(config, block_size, dtype) * blocks
+    del cache, hidden
+    torch.cuda.empty_cache()
+    return int(peak)

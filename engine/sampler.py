@@ -1,0 +1,130 @@
+"""The sampler: from logits ``[N, vocab]`` to one token per row, vectorized over the batch.
+
+Order of operations (the same as vLLM): penalties on the raw logits, min-tokens masking,
+temperature, then top-k, top-p and min-p cut the support, then a draw. Greedy rows take the
+argmax of the penalized logits. Drawing uses the exponential race (argmax of p / q with
+q ~ Exp(1)), which samples exactly from p and lets a seeded row draw its noise from its own
+generator: a seeded request's tokens depend on its seed and position alone, never on what else
+is in the batch. Logprobs are those of the model's raw distribution (before any processing).
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+
+from engine.sampling_params import SamplingParams
+
+
+@attrs.frozen
+class SamplingRow:
+    """What the sampler needs to know about one row."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int] | None  # only needed for repetition_penalty
+    output_token_ids: list[int]
+    blocked_token_ids: tuple[int, ...]  # masked this step (EOS/stop ids before min_tokens)
+    seed: int | None  # per-row derived seed (request seed, sample index, position); None: unseeded
+
+
+@attrs.frozen
+class SamplerOutput:
+    token_ids: torch.Tensor  # [N] int64 (on the logits' device)
+    logprobs: torch.Tensor | None  # [N] chosen token's logprob, float32
+    top_ids: torch.Tensor | None  # [N, K] int64
+    top_logprobs: torch.Tensor | None  # [N, K] float32
+
+
+def derive_seed(seed: int, sample_index: int, position: int) -> int:
+    # tuple-of-int hashes are stable across processes (only str/bytes hashing is randomized)
+    return hash((seed, sample_index, position)) & ((1 << 63) - 1)
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Repetition (prompt+output, divide positive / multiply negative), presence and frequency
+    (output counts) penalties, as vLLM and OpenAI define them."""
+    _n, vocab = logits.shape
+    device = logits.device
+    rep = torch.tensor([r.params.repetition_penalty for r in rows], dtype=logits.dtype, device=device)
+    pres = torch.tensor([r.params.presence_penalty for r in rows], dtype=logits.dtype, device=device)
+    freq = torch.tensor([r.params.frequency_penalty for r in rows], dtype=logits.dtype, device=device)
+    counts = _token_counts([r.output_token_ids for r in rows], vocab, device)
+    if bool((rep != 1.0).any()):
+        seen = counts > 0
+        prompt_rows = [r.prompt_token_ids or [] if r.params.repetition_penalty != 1.0 else [] for r in rows]
+        seen |= _token_counts(prompt_rows, vocab, device) > 0
+        factor = torch.where(logits > 0, 1.0 / rep.unsqueeze(1), rep.unsqueeze(1))
+        logits = torch.where(seen, logits * factor, logits)
+    logits = logits - freq.unsqueeze(1) * counts - pres.unsqueeze(1) * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    n = len(token_lists)
+    width = max((len(t) for t in token_lists), default=0)
+    counts = torch.zeros((n, vocab + 1), dtype=torch.float32, device=device)
+    if width:
+        ids = torch.full((n, width), vocab, dtype=torch.int64)  # pad into a spare column
+        for i, t in enumerate(token_lists):
+            if t:
+                ids[i, : len(t)] = torch.tensor(t, dtype=torch.int64)
+        counts.scatter_add_(1, ids.to(device), torch.ones(ids.shape, device=device))
+    return counts[:, :vocab]
+
+
+def support_mask(probs_sorted: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """For probabilities sorted descending, True where a token is cut by top-k or top-p.
+
+    Top-p keeps the smallest prefix whose mass reaches p (always at least one token).
+    """
+    ranks = torch.arange(probs_sorted.shape[1], device=probs_sorted.device).unsqueeze(0)
+    cut = ranks >= top_k.unsqueeze(1)
+    mass_before = probs_sorted.cumsum(dim=1) - probs_sorted
+    cut |= mass_before >= top_p.unsqueeze(1)
+    cut[:, 0] = False
+    return cut
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow], generator: torch.Generator | None) -> SamplerOutput:
+    """One token per row of ``logits`` (float32 ``[N, vocab]``)."""
+    _n, vocab = logits.shape
+    device = logits.device
+    params = [r.params for r in rows]
+    max_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if max_logprobs is not None else None
+
+    if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
+        logits = apply_penalties(logits, rows)
+    if any(r.blocked_token_ids for r in rows):
+        logits = logits.clone()
+        for i, r in enumerate(rows):  # a handful of ids per row, never the vocabulary
+            if r.blocked_token_ids:
+                logits[i, list(r.blocked_token_ids)] = float("-inf")
+
+    greedy = torch.tensor([p.greedy for p in params], device=device)
+    chosen = logits.argmax(dim=-1)
+    if not bool(greedy.all()):
+        temp = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
+        probs = torch.softmax(logits / temp.unsqueeze(1), dim=-1)
+        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
+        top_p = torch.tensor([p.top_p for p in params], device=device, dtype=probs.dtype)
+        if bool((top_k < vocab).any() or (top_p < 1).any()):
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            cut = support_mask(sorted_probs, top_k, top_p)
+            probs = probs.masked_fill(torch.zeros_like(cut).scatter_(1, order, cut), 0.0)
+        min_p = torch.tensor([p.min_p for p in params], device=device, dtype=probs.dtype)
+        if bool((min_p > 0).any()):
+            probs = probs.masked_fill(probs < min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True), 0.0)
+        noise = torch.empty_like(probs).exponential_(generator=generator)
+        for i, r in enumerate(rows):  # one generator call per seeded row, vectorized over the vocabulary
+            if r.seed is not None and not r.params.greedy:
+                g = torch.Generator(device=device).manual_seed(r.seed)
+                noise[i].exponential_(generator=g)
+        drawn = (probs / noise).argmax(dim=-1)
+        chosen = torch.where(greedy, chosen, drawn)
+
+    if raw_logprobs is None:
+        return SamplerOutput(chosen, None, None, None)
+    chosen_lp = raw_logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1)
+    top_lp, top_ids = raw_logprobs.topk(max_logprobs, dim=-1) if max_logprobs else (None, None)
+    return SamplerOutput(chosen, chosen_lp, top_ids, top_lp)

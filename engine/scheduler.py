@@ -1,0 +1,139 @@
+"""Continuous batching: which sequences run this step, and how many tokens each computes.
+
+Each step has a token budget (``max_num_batched_tokens``). Running sequences go first, in
+(priority, arrival) order: a decode costs one token, an unfinished prompt takes what is left of
+the budget (chunked prefill, so a long prompt never stalls the decodes). Then waiting sequences
+are admitted while the budget, ``max_num_seqs`` and free blocks allow. When a running sequence
+cannot get a block, the latest-arrived (lowest-priority) running sequence is preempted: its
+blocks are freed and it goes back to the waiting queue to be recomputed later; no request is lost.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import attrs
+
+from engine.block_manager import BlockManager
+from engine.sequence import SeqStatus, Sequence
+
+
+@attrs.frozen
+class ScheduledSeq:
+    seq: Sequence
+    start: int  # first position computed this step (== num_computed_tokens when scheduled)
+    num_new_tokens: int
+    block_table: tuple[int, ...]  # a snapshot: the executor must not read live tables
+    num_samples: int  # 0 for a prompt chunk that does not reach the end; n for a forking prefill
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_new_tokens
+
+
+@attrs.frozen
+class SchedulerOutput:
+    seqs: tuple[ScheduledSeq, ...]
+    copies: tuple[tuple[int, int], ...]  # (src, dst) block copies to do first (copy-on-write)
+    preempted: tuple[Sequence, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.seqs)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: list[Sequence] = []  # sorted by sort_key
+        self.running: list[Sequence] = []  # sorted by sort_key
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
+
+    def add_running(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.RUNNING
+        bisect.insort(self.running, seq, key=lambda s: s.sort_key)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out of the queues and free its blocks (finished or aborted)."""
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SeqStatus.WAITING:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq.seq_id)
+        seq.status = SeqStatus.FINISHED
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq.seq_id)
+        seq.num_computed_tokens = 0
+        self.num_preemptions += 1
+        self.add(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        bm = self.block_manager
+        budget = self.max_num_batched_tokens
+        chosen: dict[int, tuple[Sequence, int, list[tuple[int, int]]]] = {}  # seq_id -> (seq, n, copies)
+        preempted: list[Sequence] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            copies = bm.allocate(seq.seq_id, seq.num_computed_tokens + num_new)
+            while copies is None:
+                victim = self.running[-1]
+                if victim.seq_id in chosen:  # undo its place in this batch
+                    _, n, _ = chosen.pop(victim.seq_id)
+                    budget += n
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+                copies = bm.allocate(seq.seq_id, seq.num_computed_tokens + num_new)
+            if copies is None:
+                continue  # seq itself was preempted; running[i] is now the next one
+            chosen[seq.seq_id] = (seq, num_new, copies)
+            budget -= num_new
+            i += 1
+
+        # Admit new work only when nothing had to be preempted: otherwise we would thrash.
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if seq.seq_id not in bm.tables:
+                seq.num_computed_tokens = bm.match_prefix(seq.seq_id, seq.token_ids)
+            num_new = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            copies = bm.allocate(seq.seq_id, seq.num_computed_tokens + num_new)
+            if copies is None:
+                # Keep no cached blocks pinned while waiting; look the prefix up again next time.
+                bm.free(seq.seq_id)
+                seq.num_computed_tokens = 0
+                break
+            self.waiting.pop(0)
+            self.add_running(seq)
+            chosen[seq.seq_id] = (seq, num_new, copies)
+            budget -= num_new
+
+        scheduled = []
+        all_copies: list[tuple[int, int]] = []
+        for seq in self.running:  # running order keeps the batch deterministic
+            entry = chosen.get(seq.seq_id)
+            if entry is None:
+                continue
+            _, num_new, copies = entry
+            all_copies.extend(copies)
+            reaches_end = seq.num_computed_tokens + num_new == len(seq.token_ids)
+            request = seq.request
+            samples = (request.params.n if not request.forked else 1) if reaches_end else 0
+            scheduled.append(
+                ScheduledSeq(seq, seq.num_computed_tokens, num_new, tuple(bm.tables[seq.seq_id]), samples)
+            )
+        return SchedulerOutput(tuple(scheduled), tuple(all_copies), tuple(preempted))

@@ -1,0 +1,66 @@
+"""Requests and their sequences (one per sample), as the scheduler and engine track them."""
+
+from __future__ import annotations
+
+import enum
+
+import attrs
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.outputs import FinishReason, TokenLogprob
+from engine.sampling_params import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@attrs.define(eq=False)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int  # lower is served first (as in vLLM)
+    arrival: int  # a counter, not a clock: FCFS order is exact and tests are deterministic
+    sequences: list[Sequence] = attrs.field(factory=list)
+    forked: bool = False  # n > 1 samples have been split off after the prefill
+
+    @property
+    def finished(self) -> bool:
+        return all(s.status is SeqStatus.FINISHED for s in self.sequences)
+
+
+@attrs.define(eq=False)
+class Sequence:
+    seq_id: int
+    request: Request
+    index: int  # which sample of the request
+    token_ids: list[int]  # prompt + output so far
+    detokenizer: IncrementalDetokenizer | None
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    status: SeqStatus = SeqStatus.WAITING
+    finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprob] | None = None
+    # News since the last delta handed out (the streaming path drains these each step).
+    new_token_ids: list[int] = attrs.field(factory=list)
+    new_logprobs: list[TokenLogprob] = attrs.field(factory=list)
+    delta_pending: bool = False
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def sort_key(self) -> tuple[int, int, int]:
+        return (self.request.priority, self.request.arrival, self.index)
