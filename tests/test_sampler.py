@@ -1,0 +1,105 @@
+"""The sampler keeps exactly the right support, applies penalties as defined, and seeds reproduce."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from engine.sampler import SamplingRow, apply_penalties, derive_seed, sample
+from engine.sampling_params import SamplingParams
+
+
+def row(params: SamplingParams, output: list[int] | None = None, prompt: list[int] | None = None,
+        seed: int | None = None, blocked: tuple[int, ...] = ()) -> SamplingRow:
+    return SamplingRow(params, prompt, output or [], blocked, seed)
+
+
+def support(logits: torch.Tensor, params: SamplingParams, draws: int = 400) -> set[int]:
+    gen = torch.Generator().manual_seed(0)
+    batch = logits.unsqueeze(0).repeat(draws, 1)
+    out = sample(batch, [row(params)] * draws, gen)
+    return set(out.token_ids.tolist())
+
+
+LOGITS = torch.log(torch.tensor([0.40, 0.25, 0.15, 0.10, 0.06, 0.04]))
+
+
+@pytest.mark.timeout(60)
+def test_top_k_keeps_k_most_likely() -> None:
+    assert support(LOGITS, SamplingParams(temperature=1.0, top_k=2)) == {0, 1}
+
+
+@pytest.mark.timeout(60)
+def test_top_p_keeps_smallest_prefix_reaching_p() -> None:
+    # 0.40 + 0.25 = 0.65 < 0.7, so the third token (0.15) is needed to reach 0.7.
+    assert support(LOGITS, SamplingParams(temperature=1.0, top_p=0.7)) == {0, 1, 2}
+    assert support(LOGITS, SamplingParams(temperature=1.0, top_p=0.65)) == {0, 1}
+    assert support(LOGITS, SamplingParams(temperature=1.0, top_p=0.1)) == {0}
+
+
+@pytest.mark.timeout(60)
+def test_min_p_drops_tokens_below_fraction_of_max() -> None:
+    # Threshold 0.3 * 0.40 = 0.12: keeps 0.40, 0.25, 0.15.
+    assert support(LOGITS, SamplingParams(temperature=1.0, min_p=0.3)) == {0, 1, 2}
+
+
+@pytest.mark.timeout(60)
+def test_full_support_without_cuts() -> None:
+    assert support(LOGITS, SamplingParams(temperature=1.0), draws=3000) == set(range(6))
+
+
+@pytest.mark.timeout(60)
+def test_sampling_follows_the_distribution() -> None:
+    gen = torch.Generator().manual_seed(1)
+    n = 20000
+    out = sample(LOGITS.unsqueeze(0).repeat(n, 1), [row(SamplingParams(temperature=1.0))] * n, gen)
+    freq = torch.bincount(out.token_ids, minlength=6).float() / n
+    assert torch.allclose(freq, LOGITS.exp(), atol=0.015)
+
+
+@pytest.mark.timeout(60)
+def test_penalties_match_definitions() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    params = SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
+    got = apply_penalties(logits, [row(params, output=[0, 0, 1], prompt=[2])])
+    # token 0: seen, positive -> 2/2 = 1, then - 0.25*2 - 0.5 = 0.0
+    # token 1: seen, negative -> -1*2 = -2, then - 0.25*1 - 0.5 = -2.75
+    # token 2: in the prompt only: repetition applies (0.5/2), presence/frequency do not
+    # token 3: unseen: unchanged
+    assert got.tolist() == [[0.0, -2.75, 0.25, 3.0]]
+
+
+@pytest.mark.timeout(60)
+def test_greedy_applies_penalties_and_blocked_ids() -> None:
+    logits = torch.tensor([[5.0, 4.0, 1.0]])
+    out = sample(logits, [row(SamplingParams(temperature=0), blocked=(0,))], None)
+    assert out.token_ids.tolist() == [1]
+    out = sample(logits, [row(SamplingParams(temperature=0, frequency_penalty=2.0), output=[0])], None)
+    assert out.token_ids.tolist() == [1]
+
+
+@pytest.mark.timeout(60)
+def test_seeded_rows_do_not_depend_on_the_batch() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(5, 50)
+    seeded = row(SamplingParams(temperature=1.0), seed=derive_seed(42, 0, 3))
+    alone = sample(logits[2:3], [seeded], torch.Generator().manual_seed(7)).token_ids.item()
+    for g in range(5):
+        rows = [row(SamplingParams(temperature=1.0))] * 5
+        rows[2] = seeded
+        got = sample(logits, rows, torch.Generator().manual_seed(g)).token_ids[2].item()
+        assert got == alone
+
+
+@pytest.mark.timeout(60)
+def test_logprobs_are_raw_model_logprobs() -> None:
+    logits = torch.tensor([[1.0, 2.0, 3.0]])
+    out = sample(logits, [row(SamplingParams(temperature=0, logprobs=2, repetition_penalty=1.5), output=[2])], None)
+    ref = torch.log_softmax(logits, -1)[0]
+    assert out.top_ids is not None and out.top_logprobs is not None and out.logprobs is not None
+    assert out.top_ids[0].tolist() == [2, 1]
+    assert math.isclose(out.top_logprobs[0, 0].item(), ref[2].item(), rel_tol=1e-6)
+    chosen = out.token_ids.item()
+    assert math.isclose(out.logprobs[0].item(), ref[chosen].item(), rel_tol=1e-6)
