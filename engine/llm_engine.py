@@ -22,11 +22,11 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import ConfigError, InvalidRequest, ModelLoadError
 from engine.kv_cache import allocate_kv_cache, bytes_per_block, gpu_kv_budget_bytes, num_blocks_for_budget
 from engine.loader import ModelSource, build_model, resolve_model
-from engine.model_runner import ModelOutput, ModelRunner, StepInputs, prepare_inputs
+from engine.model_runner import ModelOutput, ModelRunner, StepHandle, StepInputs, prepare_inputs
 from engine.outputs import RequestDelta, SampleDelta, TokenLogprob
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
-from engine.sequence import Request, SeqStatus, Sequence
+from engine.sequence import PLACEHOLDER, Request, SeqStatus, Sequence
 
 
 @attrs.frozen
@@ -86,7 +86,8 @@ class LLMEngine:
         self.eos_ids = eos_ids
         self.max_model_len = max_model_len
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching, namespace=source.name)
-        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens, max_model_len)
+        self._inflight: tuple[ScheduledBatch, StepHandle] | None = None
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
         self._seq_ids = itertools.count()
@@ -198,19 +199,59 @@ class LLMEngine:
         return RequestDelta(request_id, tuple(deltas), len(request.prompt_token_ids), True)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or self._inflight is not None
 
     # ---- the step ----------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch | None:
         scheduled = self.scheduler.schedule()
         if not scheduled.seqs:
             return None
-        return ScheduledBatch(scheduled, prepare_inputs(scheduled, self.args.block_size, self.eos_ids))
+        previous = self._inflight[0].inputs if self._inflight is not None else None
+        return ScheduledBatch(scheduled, prepare_inputs(scheduled, self.args.block_size, self.eos_ids, previous))
+
+    def launch(self, batch: ScheduledBatch) -> StepHandle:
+        """Queue the step on the device and return at once (on the CPU: runs it)."""
+        return self.runner.launch(batch.inputs)
+
+    def collect(self, handle: StepHandle) -> ModelOutput:
+        """Wait for a launched step and read its sampled tokens back."""
+        return self.runner.collect(handle)
 
     def execute(self, batch: ScheduledBatch) -> ModelOutput:
-        return self.runner.execute(batch.inputs)
+        return self.collect(self.launch(batch))
+
+    def step(self) -> list[RequestDelta]:
+        """One pipelined step: launch step N+1, then land step N (at most two in flight).
+
+        While the device runs step N, the CPU schedules N+1 with N's tokens as placeholders. When a
+        request's next step reads state that only the landed tokens give (penalties count output
+        tokens), the step in flight is landed first.
+        """
+        deltas: list[RequestDelta] = []
+        if self._inflight is not None and self._needs_landed_tokens():
+            deltas.extend(self._land())
+        batch = self.schedule()
+        launched = (batch, self.launch(batch)) if batch is not None else None
+        if self._inflight is not None:
+            deltas.extend(self._land())
+        self._inflight = launched
+        return deltas
+
+    def _land(self) -> list[RequestDelta]:
+        if self._inflight is None:
+            return []
+        batch, handle = self._inflight
+        self._inflight = None
+        return self.process(batch, self.collect(handle))
+
+    def _needs_landed_tokens(self) -> bool:
+        return any(
+            r.params.repetition_penalty != 1.0 or r.params.presence_penalty or r.params.frequency_penalty
+            for r in self.requests.values()
+        )
 
     def process(self, batch: ScheduledBatch, output: ModelOutput) -> list[RequestDelta]:
+        """Land a step's tokens: fill placeholders, fork n > 1 samples, check stops, free finished."""
         self._steps += 1
         touched: dict[str, Request] = {}
         row = 0
@@ -218,41 +259,37 @@ class LLMEngine:
             seq = s.seq
             rows = range(row, row + s.num_samples)
             row += s.num_samples
-            if seq.status is not SeqStatus.RUNNING:  # aborted while the step ran
+            if seq.status is SeqStatus.FINISHED:  # aborted, or finished by the step before
                 continue
             if s.end <= seq.num_prompt_tokens:
                 self._prompt_tokens += s.num_new_tokens
-            seq.num_computed_tokens = s.end
-            self.block_manager.cache_full_blocks(seq.seq_id, seq.token_ids, s.end)
+            if seq.status is SeqStatus.RUNNING:
+                self.block_manager.cache_full_blocks(seq.seq_id, seq.token_ids, s.end)
             if not s.num_samples:
                 continue
             request = seq.request
             targets = [seq]
             if s.num_samples > 1:  # the prompt is done: split off the other samples, sharing its blocks
-                request.forked = True
                 for k in range(1, s.num_samples):
-                    child = self._new_sequence(request, k, list(seq.token_ids))
-                    child.num_computed_tokens = seq.num_computed_tokens
-                    self.block_manager.fork(seq.seq_id, child.seq_id)
-                    self.scheduler.add_running(child)
+                    child = self._new_sequence(request, k, [*seq.token_ids[: s.end], output.token_ids[rows[k]]])
+                    if seq.status is SeqStatus.RUNNING:
+                        child.num_computed_tokens = s.end
+                        self.block_manager.fork(seq.seq_id, child.seq_id)
+                        self.scheduler.add_running(child)
+                    else:  # the parent was preempted meanwhile: the child recomputes too
+                        self.scheduler.add(child)
                     targets.append(child)
-            elif request.params.n > 1:
-                request.forked = True
             for target, r in zip(targets, rows, strict=True):
-                self._append_token(target, output, r)
+                self._land_token(target, s.end, output, r)
             touched[request.request_id] = request
         return [self._request_delta(r) for r in touched.values()]
 
-    def step(self) -> list[RequestDelta]:
-        batch = self.schedule()
-        if batch is None:
-            return []
-        return self.process(batch, self.execute(batch))
-
-    def _append_token(self, seq: Sequence, output: ModelOutput, row: int) -> None:
+    def _land_token(self, seq: Sequence, index: int, output: ModelOutput, row: int) -> None:
         token = output.token_ids[row]
+        if seq.token_ids[index] not in (PLACEHOLDER, token):
+            raise RuntimeError(f"sequence {seq.seq_id}: token {index} landed twice")
+        seq.token_ids[index] = token
         params = seq.request.params
-        seq.token_ids.append(token)
         seq.new_token_ids.append(token)
         seq.delta_pending = True
         self._generation_tokens += 1
@@ -263,14 +300,19 @@ class LLMEngine:
             seq.new_logprobs.append(lp)
         if seq.detokenizer is not None:
             seq.detokenizer.add_tokens([token])
-        n_out = seq.num_output_tokens
+        n_out = index + 1 - seq.num_prompt_tokens
         reason = None
-        if (not params.ignore_eos and token in self.eos_ids and n_out >= params.min_tokens) or (token in params.stop_token_ids and n_out >= params.min_tokens) or (seq.detokenizer is not None and seq.detokenizer.stopped_by is not None):
+        if not params.ignore_eos and token in self.eos_ids and n_out >= params.min_tokens:
             reason = "stop"
-        elif n_out >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
+        elif token in params.stop_token_ids and n_out >= params.min_tokens:
+            reason = "stop"
+        elif seq.detokenizer is not None and seq.detokenizer.stopped_by is not None:
+            reason = "stop"
+        elif n_out >= params.max_tokens or index + 1 >= self.max_model_len:
             reason = "length"
         if reason is not None:
             seq.finish_reason = reason
+            del seq.token_ids[index + 1 :]  # a token scheduled one step too late is dropped
             if seq.detokenizer is not None:
                 seq.detokenizer.finish()
             self.scheduler.remove(seq)

@@ -134,7 +134,7 @@ def load_weights(model: CausalLM, directory: Path) -> None:
     for path in _weight_files(directory):
         try:
             with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                for name in f.keys():
                     target = _target(name)
                     if target is None:
                         continue

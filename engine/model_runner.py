@@ -13,8 +13,9 @@ import torch
 
 from engine.attention import AttentionMetadata, build_metadata, paged_attention_reference, store_kv_reference
 from engine.model import AttentionFn, CausalLM, StoreKvFn
-from engine.sampler import SamplingRow, derive_seed, sample
+from engine.sampler import SamplerOutput, SamplingRow, derive_seed, sample
 from engine.scheduler import SchedulerOutput
+from engine.sequence import PLACEHOLDER
 
 
 @attrs.frozen
@@ -28,6 +29,14 @@ class StepInputs:
     sample_indices: list[int]  # row of the hidden states each sample reads (repeats for n > 1)
     sampling_rows: list[SamplingRow]
     copies: tuple[tuple[int, int], ...]
+    # Input tokens not known yet (sampled by the step in flight): input_ids[row] = previous[src].
+    placeholder_rows: list[int]
+    placeholder_src: list[int]
+    sample_seq_ids: list[int]  # which sequence each sampling row belongs to (-1: a fork's new sample)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return len(self.input_ids) == len(self.query_lens)
 
 
 @attrs.frozen
@@ -37,7 +46,14 @@ class ModelOutput:
     top: list[list[tuple[int, float]]] | None
 
 
-def prepare_inputs(out: SchedulerOutput, block_size: int, eos_ids: Seq[int]) -> StepInputs:
+def prepare_inputs(
+    out: SchedulerOutput, block_size: int, eos_ids: Seq[int], previous: StepInputs | None
+) -> StepInputs:
+    """Flatten a scheduled step into lists; ``previous`` is the step still in flight, if any."""
+    prev_row = {sid: r for r, sid in enumerate(previous.sample_seq_ids)} if previous is not None else {}
+    placeholder_rows: list[int] = []
+    placeholder_src: list[int] = []
+    sample_seq_ids: list[int] = []
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -48,6 +64,9 @@ def prepare_inputs(out: SchedulerOutput, block_size: int, eos_ids: Seq[int]) -> 
     rows: list[SamplingRow] = []
     for s in out.seqs:
         seq, table = s.seq, s.block_table
+        if seq.token_ids[s.end - 1] == PLACEHOLDER:  # only ever the last input token
+            placeholder_rows.append(len(input_ids) + s.num_new_tokens - 1)
+            placeholder_src.append(prev_row[seq.seq_id])
         input_ids.extend(seq.token_ids[s.start : s.end])
         pos = range(s.start, s.end)
         positions.extend(pos)
@@ -58,13 +77,14 @@ def prepare_inputs(out: SchedulerOutput, block_size: int, eos_ids: Seq[int]) -> 
         if not s.num_samples:
             continue
         params = seq.request.params
-        out_pos = len(seq.token_ids) - seq.num_prompt_tokens
+        out_pos = s.end - seq.num_prompt_tokens  # index of the sampled token in the output
         blocked: tuple[int, ...] = ()
         if out_pos < params.min_tokens:
             blocked = params.stop_token_ids + (() if params.ignore_eos else tuple(eos_ids))
         prompt = seq.request.prompt_token_ids if params.repetition_penalty != 1.0 else None
         for k in range(s.num_samples):
             index = seq.index if s.num_samples == 1 else k
+            sample_seq_ids.append(seq.seq_id if k == 0 else -1)
             sample_indices.append(len(input_ids) - 1)
             rows.append(
                 SamplingRow(
@@ -77,11 +97,24 @@ def prepare_inputs(out: SchedulerOutput, block_size: int, eos_ids: Seq[int]) -> 
                     seed=None if params.seed is None else derive_seed(params.seed, index, out_pos),
                 )
             )
-    return StepInputs(input_ids, positions, slots, query_lens, seq_lens, tables, sample_indices, rows, out.copies)
+    return StepInputs(
+        input_ids, positions, slots, query_lens, seq_lens, tables, sample_indices, rows, out.copies,
+        placeholder_rows, placeholder_src, sample_seq_ids,
+    )
+
+
+@attrs.define
+class StepHandle:
+    """A launched step: its sampled ids stay on the device (the next step may read them)."""
+
+    sampled: torch.Tensor | None
+    result: SamplerOutput | None
+    event: torch.cuda.Event | None = None
+    host: tuple[torch.Tensor, ...] = ()
 
 
 class ModelRunner:
-    """Owns the model and its KV cache on one device."""
+    """Owns the model and its KV cache on one device; this base runs eagerly (the CPU path)."""
 
     def __init__(
         self,
@@ -98,30 +131,55 @@ class ModelRunner:
         self.attention_fn = attention_fn
         self.store_kv_fn = store_kv_fn
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self._last_sampled: torch.Tensor | None = None
 
     def metadata(self, inputs: StepInputs) -> AttentionMetadata:
         return build_metadata(
             inputs.query_lens, inputs.seq_lens, [list(t) for t in inputs.block_tables], inputs.slot_mapping, self.device
         )
 
+    def copy_blocks(self, copies: tuple[tuple[int, int], ...]) -> None:
+        src = torch.tensor([c[0] for c in copies], device=self.device)
+        dst = torch.tensor([c[1] for c in copies], device=self.device)
+        self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+
+    def fill_placeholders(self, ids: torch.Tensor, inputs: StepInputs) -> None:
+        if inputs.placeholder_rows:
+            if self._last_sampled is None:
+                raise RuntimeError("a step reads tokens of a previous step that was never launched")
+            rows = torch.tensor(inputs.placeholder_rows, device=self.device)
+            src = torch.tensor(inputs.placeholder_src, device=self.device)
+            ids[rows] = self._last_sampled[src]
+
     @torch.inference_mode()
-    def execute(self, inputs: StepInputs) -> ModelOutput:
+    def launch(self, inputs: StepInputs) -> StepHandle:
         if inputs.copies:
-            src = torch.tensor([c[0] for c in inputs.copies], device=self.device)
-            dst = torch.tensor([c[1] for c in inputs.copies], device=self.device)
-            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+            self.copy_blocks(inputs.copies)
         ids = torch.tensor(inputs.input_ids, dtype=torch.int64, device=self.device)
+        self.fill_placeholders(ids, inputs)
         pos = torch.tensor(inputs.positions, dtype=torch.int64, device=self.device)
         hidden = self.model(ids, pos, self.kv_cache, self.metadata(inputs), self.attention_fn, self.store_kv_fn)
         if not inputs.sample_indices:
-            return ModelOutput([], None, None)
+            return StepHandle(None, None)
         rows = torch.tensor(inputs.sample_indices, dtype=torch.int64, device=self.device)
-        logits = self.model.compute_logits(hidden[rows])
-        out = sample(logits, inputs.sampling_rows, self.generator)
-        token_ids = out.token_ids.tolist()
-        if out.logprobs is None:
-            return ModelOutput(token_ids, None, None)
-        top = None
-        if out.top_ids is not None and out.top_logprobs is not None:
-            top = [list(zip(i, lp, strict=True)) for i, lp in zip(out.top_ids.tolist(), out.top_logprobs.tolist(), strict=True)]
-        return ModelOutput(token_ids, out.logprobs.tolist(), top)
+        out = sample(self.model.compute_logits(hidden[rows]), inputs.sampling_rows, self.generator)
+        self._last_sampled = out.token_ids
+        return StepHandle(out.token_ids, out)
+
+    def collect(self, handle: StepHandle) -> ModelOutput:
+        return to_model_output(handle.result)
+
+    def execute(self, inputs: StepInputs) -> ModelOutput:
+        return self.collect(self.launch(inputs))
+
+
+def to_model_output(out: SamplerOutput | None) -> ModelOutput:
+    if out is None:
+        return ModelOutput([], None, None)
+    token_ids = out.token_ids.tolist()
+    if out.logprobs is None:
+        return ModelOutput(token_ids, None, None)
+    top = None
+    if out.top_ids is not None and out.top_logprobs is not None:
+        top = [list(zip(i, lp, strict=True)) for i, lp in zip(out.top_ids.tolist(), out.top_logprobs.tolist(), strict=True)]
+    return ModelOutput(token_ids, out.logprobs.tolist(), top)

@@ -15,7 +15,7 @@ import bisect
 import attrs
 
 from engine.block_manager import BlockManager
-from engine.sequence import SeqStatus, Sequence
+from engine.sequence import PLACEHOLDER, SeqStatus, Sequence
 
 
 @attrs.frozen
@@ -25,6 +25,8 @@ class ScheduledSeq:
     num_new_tokens: int
     block_table: tuple[int, ...]  # a snapshot: the executor must not read live tables
     num_samples: int  # 0 for a prompt chunk that does not reach the end; n for a forking prefill
+
+    # The step's sampled token (sample 0 for a forking prefill) lands at token_ids[end].
 
     @property
     def end(self) -> int:
@@ -43,10 +45,13 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int
+    ) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
         self.waiting: list[Sequence] = []  # sorted by sort_key
         self.running: list[Sequence] = []  # sorted by sort_key
         self.num_preemptions = 0
@@ -87,6 +92,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.length_capped:  # its last token is still in flight; it finishes when that lands
+                i += 1
+                continue
             num_new = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
             copies = bm.allocate(seq.seq_id, seq.num_computed_tokens + num_new)
             while copies is None:
@@ -108,6 +116,8 @@ class Scheduler:
         # Admit new work only when nothing had to be preempted: otherwise we would thrash.
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.token_ids[-1] == PLACEHOLDER:
+                break  # preempted with a token in flight: recompute once it has landed
             if seq.seq_id not in bm.tables:
                 seq.num_computed_tokens = bm.match_prefix(seq.seq_id, seq.token_ids)
             num_new = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
@@ -136,4 +146,12 @@ class Scheduler:
             scheduled.append(
                 ScheduledSeq(seq, seq.num_computed_tokens, num_new, tuple(bm.tables[seq.seq_id]), samples)
             )
+            # Account for the step now, so the next step can be scheduled before this one ends.
+            seq.num_computed_tokens += num_new
+            if samples:
+                request.forked = True  # the other samples split off when this step lands
+                seq.token_ids.append(PLACEHOLDER)
+                params = request.params
+                if seq.num_output_tokens >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
+                    seq.length_capped = True
         return SchedulerOutput(tuple(scheduled), tuple(all_copies), tuple(preempted))

@@ -10,6 +10,11 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.outputs import FinishReason, TokenLogprob
 from engine.sampling_params import SamplingParams
 
+# Stands in token_ids for a token sampled by a step still running on the device: the next step is
+# scheduled before the previous one's tokens are known, and the runner fills the real id on the
+# device. ``LLMEngine.process`` writes it back into the list.
+PLACEHOLDER = -1
+
 
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
@@ -48,6 +53,8 @@ class Sequence:
     new_token_ids: list[int] = attrs.field(factory=list)
     new_logprobs: list[TokenLogprob] = attrs.field(factory=list)
     delta_pending: bool = False
+    # All tokens it may produce are scheduled (max_tokens / max_model_len): schedule no more.
+    length_capped: bool = False
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -124,10 +124,16 @@ def test_n_samples_share_prompt_blocks(tiny_model: Callable[..., Path]) -> None:
     engine = llm.engine
     prompt = prompts_of_mixed_lengths()[4][:60]  # 3 full blocks and a partial one
     engine.add_request("r", prompt, SamplingParams(n=4, temperature=1.0, seed=3, max_tokens=3, ignore_eos=True))
-    engine.step()  # the prefill, then the fork: four samples hold the same 4 blocks
+
+    def one_step() -> None:  # unpipelined, so each step has landed when we look
+        batch = engine.schedule()
+        assert batch is not None
+        engine.process(batch, engine.execute(batch))
+
+    one_step()  # the prefill, then the fork: four samples hold the same 4 blocks
     assert engine.block_manager.statistics().used_blocks == 4
     engine.block_manager.check_invariants()
-    engine.step()  # each sample writes into the shared partial block: three copy it (copy-on-write)
+    one_step()  # each sample writes into the shared partial block: three copy it (copy-on-write)
     assert engine.block_manager.statistics().used_blocks == 4 + 3
     while engine.has_unfinished_requests():
         engine.step()
