@@ -99,8 +99,8 @@ def paged_attention_reference(
         v = v.repeat_interleave(group, dim=1)
         q = query[q_start:q_end].float()  # [L, H, D]
         scores = torch.einsum("lhd,shd->hls", q, k) * scale
-        q_pos = torch.arange(seq_len - q_len, seq_len).unsqueeze(1)
-        k_pos = torch.arange(seq_len).unsqueeze(0)
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device).unsqueeze(1)
+        k_pos = torch.arange(seq_len, device=query.device).unsqueeze(0)
         scores = scores.masked_fill((k_pos > q_pos).unsqueeze(0), float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[q_start:q_end] = torch.einsum("hls,shd->lhd", probs, v).to(query.dtype)

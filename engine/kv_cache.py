@@ -28,14 +28,17 @@ def num_blocks_for_budget(config: ModelConfig, block_size: int, dtype: torch.dty
     return int(n)
 
 
-def gpu_kv_budget_bytes(device: torch.device, utilization: float, peak_bytes: int) -> int:
-    """Bytes left for the KV cache: the utilization share of the GPU minus the profiled peak."""
-    total = torch.cuda.get_device_properties(device).total_memory
-    budget = int(total * utilization) - peak_bytes
+def gpu_kv_budget_bytes(device: torch.device, utilization: float, reserve_bytes: int) -> int:
+    """Bytes left for the KV cache: the utilization share of the GPU, minus what is in use now
+    (weights, CUDA context, other processes), minus ``reserve_bytes`` (activation peak, graphs)."""
+    free, total = torch.cuda.mem_get_info(device)
+    used = total - free
+    budget = int(total * utilization) - used - reserve_bytes
     if budget <= 0:
         raise ConfigError(
             f"no memory left for the KV cache: gpu_memory_utilization={utilization} allows "
-            f"{total * utilization / 2**30:.1f} GiB but weights and activations peak at {peak_bytes / 2**30:.1f} GiB"
+            f"{total * utilization / 2**30:.1f} GiB, {used / 2**30:.1f} GiB are in use and activations "
+            f"need {reserve_bytes / 2**30:.1f} GiB"
         )
     return budget
 

@@ -20,7 +20,7 @@ from engine.block_manager import BlockManager
 from engine.config import EngineArgs, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import ConfigError, InvalidRequest, ModelLoadError
-from engine.kv_cache import allocate_kv_cache, bytes_per_block, gpu_kv_budget_bytes, num_blocks_for_budget
+from engine.kv_cache import allocate_kv_cache, gpu_kv_budget_bytes, num_blocks_for_budget
 from engine.loader import ModelSource, build_model, resolve_model
 from engine.model_runner import ModelOutput, ModelRunner, StepHandle, StepInputs, prepare_inputs
 from engine.outputs import RequestDelta, SampleDelta, TokenLogprob
@@ -87,7 +87,8 @@ class LLMEngine:
         self.max_model_len = max_model_len
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching, namespace=source.name)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens, max_model_len)
-        self._inflight: tuple[ScheduledBatch, StepHandle] | None = None
+        self._inflight: tuple[ScheduledBatch, StepHandle] | None = None  # step()'s own pipeline
+        self._unlanded: ScheduledBatch | None = None  # launched, not yet processed
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
         self._seq_ids = itertools.count()
@@ -112,11 +113,24 @@ class LLMEngine:
         eos_ids = generation_eos_ids(source.directory, config)
         torch.manual_seed(args.seed)
         model = build_model(source, max_len, dtype, device, args.seed)
+        runner: ModelRunner
+        if device.type == "cuda":
+            from engine.cuda_runner import CudaModelRunner  # needs triton, which a CPU install may lack
+
+            runner = CudaModelRunner(
+                model, None, device, args.seed, max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len,
+                block_size=args.block_size, enforce_eager=args.enforce_eager,
+            )
+        else:
+            runner = ModelRunner(model, None, device, args.seed)
         if args.num_kv_blocks is not None:
             num_blocks = args.num_kv_blocks
         elif device.type == "cuda":
-            peak = profile_peak_memory(model, args, device, dtype)
-            budget = gpu_kv_budget_bytes(device, args.gpu_memory_utilization, peak)
+            peak = runner.profile_peak_bytes(args.max_num_batched_tokens)  # type: ignore[attr-defined]
+            # The decode graphs keep their logits and activations in a private pool.
+            graph_reserve = 0 if args.enforce_eager else 2 * args.max_num_seqs * config.vocab_size * 4 + (256 << 20)
+            budget = gpu_kv_budget_bytes(device, args.gpu_memory_utilization, peak + graph_reserve)
             num_blocks = num_blocks_for_budget(config, args.block_size, dtype, budget)
         else:
             num_blocks = num_blocks_for_budget(config, args.block_size, dtype, args.cpu_kv_cache_bytes)
@@ -129,7 +143,7 @@ class LLMEngine:
                 )
             max_len = capacity  # a default length is capped to what one sequence can hold
         kv_cache = allocate_kv_cache(config, num_blocks, args.block_size, dtype, device)
-        runner = ModelRunner(model, kv_cache, device, args.seed)
+        runner.set_kv_cache(kv_cache)
         return cls(args, source, runner, num_blocks, max_len, tokenizer, eos_ids)
 
     # ---- requests -------------------------------------------------------------------------------
@@ -206,12 +220,18 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled.seqs:
             return None
-        previous = self._inflight[0].inputs if self._inflight is not None else None
+        previous = self._unlanded.inputs if self._unlanded is not None else None
         return ScheduledBatch(scheduled, prepare_inputs(scheduled, self.args.block_size, self.eos_ids, previous))
 
     def launch(self, batch: ScheduledBatch) -> StepHandle:
-        """Queue the step on the device and return at once (on the CPU: runs it)."""
-        return self.runner.launch(batch.inputs)
+        """Queue the step on the device and return at once (on the CPU: runs it).
+
+        The next ``schedule`` may then run before this step is processed: it reads this step's
+        tokens as placeholders. Check ``can_schedule_ahead`` first.
+        """
+        handle = self.runner.launch(batch.inputs)
+        self._unlanded = batch
+        return handle
 
     def collect(self, handle: StepHandle) -> ModelOutput:
         """Wait for a launched step and read its sampled tokens back."""
@@ -228,7 +248,7 @@ class LLMEngine:
         tokens), the step in flight is landed first.
         """
         deltas: list[RequestDelta] = []
-        if self._inflight is not None and self._needs_landed_tokens():
+        if self._inflight is not None and not self.can_schedule_ahead():
             deltas.extend(self._land())
         batch = self.schedule()
         launched = (batch, self.launch(batch)) if batch is not None else None
@@ -244,14 +264,18 @@ class LLMEngine:
         self._inflight = None
         return self.process(batch, self.collect(handle))
 
-    def _needs_landed_tokens(self) -> bool:
-        return any(
+    def can_schedule_ahead(self) -> bool:
+        """Whether the next step may be scheduled before the launched one lands: not while a
+        request's penalties need its real output tokens."""
+        return not any(
             r.params.repetition_penalty != 1.0 or r.params.presence_penalty or r.params.frequency_penalty
             for r in self.requests.values()
         )
 
     def process(self, batch: ScheduledBatch, output: ModelOutput) -> list[RequestDelta]:
         """Land a step's tokens: fill placeholders, fork n > 1 samples, check stops, free finished."""
+        if self._unlanded is batch:
+            self._unlanded = None
         self._steps += 1
         touched: dict[str, Request] = {}
         row = 0
@@ -353,27 +377,3 @@ class LLMEngine:
             num_kv_blocks=self.block_manager.num_blocks,
             block_size=self.args.block_size,
         )
-
-
-def profile_peak_memory(model: torch.nn.Module, args: EngineArgs, device: torch.device, dtype: torch.dtype) -> int:
-    """Weights plus the activation peak of the largest step, measured by running it once."""
-    from engine.attention import build_metadata
-
-    config: ModelConfig = model.config  # type: ignore[assignment]
-    n = args.max_num_batched_tokens
-    block_size = args.block_size
-    blocks = -(-n // block_size)
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    cache = allocate_kv_cache(config, blocks, block_size, dtype, device)
-    meta = build_metadata([n], [n], [list(range(blocks))], list(range(n)), device)
-    ids = torch.zeros(n, dtype=torch.int64, device=device)
-    pos = torch.arange(n, device=device)
-    with torch.inference_mode():
-        hidden = model(ids, pos, cache, meta)
-        model.compute_logits(hidden[-min(n, args.max_num_seqs):])
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - bytes_per_block(config, block_size, dtype) * blocks
-    del cache, hidden
-    torch.cuda.empty_cache()
-    return int(peak)

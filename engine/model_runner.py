@@ -119,19 +119,22 @@ class ModelRunner:
     def __init__(
         self,
         model: CausalLM,
-        kv_cache: torch.Tensor,
+        kv_cache: torch.Tensor | None,
         device: torch.device,
         seed: int,
         attention_fn: AttentionFn = paged_attention_reference,
         store_kv_fn: StoreKvFn = store_kv_reference,
     ) -> None:
         self.model = model
-        self.kv_cache = kv_cache
+        self.kv_cache: torch.Tensor = kv_cache if kv_cache is not None else torch.empty(0)
         self.device = device
         self.attention_fn = attention_fn
         self.store_kv_fn = store_kv_fn
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self._last_sampled: torch.Tensor | None = None
+
+    def set_kv_cache(self, kv_cache: torch.Tensor) -> None:
+        self.kv_cache = kv_cache
 
     def metadata(self, inputs: StepInputs) -> AttentionMetadata:
         return build_metadata(

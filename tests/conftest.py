@@ -9,6 +9,14 @@ from typing import Any
 
 import pytest
 
+# Triton picks interpreter or GPU when kernels are defined: on a machine without a GPU, interpret
+# them (on the CPU) whichever test module imports them first.
+if not os.environ.get("TRITON_INTERPRET"):
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 

@@ -1,0 +1,323 @@
+"""The GPU model runner: Triton kernels, CUDA graphs for decode, a copy stream, async readback.
+
+A step's host work is filling persistent pinned buffers (numpy views, no per-step allocation);
+a separate copy stream moves them to device staging buffers, ordered with events, so the copy of
+step N+1 overlaps step N's compute. Two buffer sets alternate: with at most two steps in flight
+the CPU never writes a buffer the GPU may still read. Decode-only steps replay a CUDA graph
+captured at start-up for the next batch size up the ladder (padding rows have seq_len 0 and
+slot -1, so they neither read nor write the cache); other steps run eagerly. Sampled ids are
+copied back into pinned memory behind an event; only ``collect`` waits for it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import attrs
+import numpy as np
+import torch
+
+from engine.attention import AttentionMetadata
+from engine.model import CausalLM
+from engine.model_runner import ModelOutput, ModelRunner, StepHandle, StepInputs
+from engine.sampler import SamplerOutput, sample
+from engine.triton_attention import (
+    PrefillSchedule,
+    build_prefill_schedule,
+    decode_attention_triton,
+    num_splits_for,
+    prefill_attention_triton,
+    prefill_tokens_per_tile,
+    store_kv_triton,
+)
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, then every 16 up to ``max_num_seqs``: padding wastes at most 15 rows."""
+    sizes = [b for b in (1, 2, 4, 8) if b <= max_num_seqs]
+    sizes += list(range(16, max_num_seqs + 1, 16))
+    if sizes[-1] != max_num_seqs:
+        sizes.append(max_num_seqs)
+    return sizes
+
+
+@attrs.frozen
+class GraphStats:
+    batch_sizes: tuple[int, ...]
+    capture_seconds: float
+    pool_bytes: int  # device memory the graphs' private pool holds
+
+
+class _Buffers:
+    """One set of pinned host buffers and their device staging twins."""
+
+    def __init__(self, tokens: int, seqs: int, rows: int, max_blocks: int, device: torch.device) -> None:
+        self.tokens, self.seqs, self.rows, self.max_blocks = tokens, seqs, rows, max_blocks
+        # int64 segments: ids, positions, slots (tokens each), sample rows, placeholder rows/src (seqs)
+        n64 = 3 * tokens + rows + 2 * seqs
+        # int32 segments: query_start_loc (seqs + 1), seq_lens (seqs), block tables (seqs * max_blocks)
+        n32 = 2 * seqs + 1 + seqs * max_blocks
+        self.host64 = torch.zeros(n64, dtype=torch.int64, pin_memory=True)
+        self.host32 = torch.zeros(n32, dtype=torch.int32, pin_memory=True)
+        self.np64 = self.host64.numpy()
+        self.np32 = self.host32.numpy()
+        self.dev64 = torch.zeros(n64, dtype=torch.int64, device=device)
+        self.dev32 = torch.zeros(n32, dtype=torch.int32, device=device)
+        self.copied = torch.cuda.Event()  # host -> device copy finished (host buffers reusable)
+        self.consumed = torch.cuda.Event()  # the compute stream is done reading the device side
+        self.copied.record()
+        self.consumed.record()
+
+
+class CudaModelRunner(ModelRunner):
+    def __init__(
+        self,
+        model: CausalLM,
+        kv_cache: torch.Tensor | None,
+        device: torch.device,
+        seed: int,
+        *,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        block_size: int,
+        enforce_eager: bool,
+    ) -> None:
+        super().__init__(model, kv_cache, device, seed, attention_fn=self._attention, store_kv_fn=store_kv_triton)
+        config = model.config
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_blocks = -(-max_model_len // block_size)
+        self.num_splits = num_splits_for(max_model_len)
+        self.tokens_per_tile = prefill_tokens_per_tile(config.num_attention_heads, config.num_key_value_heads)
+        self._schedule: PrefillSchedule | None = None  # the current eager step's prefill tile map
+        rows = max(max_num_batched_tokens, max_num_seqs)
+        self._sets = [_Buffers(max_num_batched_tokens, max_num_seqs, rows, self.max_blocks, device) for _ in range(2)]
+        self._parity = 0
+        self.copy_stream = torch.cuda.Stream(device)
+        self._out_host = [torch.zeros(rows, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graph_stats = GraphStats((), 0.0, 0)
+        # The graphs' static inputs (written by a device copy just before each replay).
+        self._g_ids = torch.zeros(max_num_seqs, dtype=torch.int64, device=device)
+        self._g_pos = torch.zeros(max_num_seqs, dtype=torch.int64, device=device)
+        self._g_slots = torch.full((max_num_seqs,), -1, dtype=torch.int64, device=device)
+        self._g_lens = torch.zeros(max_num_seqs, dtype=torch.int32, device=device)
+        self._g_tables = torch.zeros((max_num_seqs, self.max_blocks), dtype=torch.int32, device=device)
+        self._g_qsl = torch.arange(max_num_seqs + 1, dtype=torch.int32, device=device)
+        self.enforce_eager = enforce_eager
+
+    def set_kv_cache(self, kv_cache: torch.Tensor) -> None:
+        """Install the cache (sized after profiling) and capture the decode graphs over it."""
+        self.kv_cache = kv_cache
+        if not self.enforce_eager:
+            self.capture_graphs()
+
+    # ---- attention ------------------------------------------------------------------------------
+    def _attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        if meta.max_query_len == 1 and q.shape[0] == meta.seq_lens.shape[0]:
+            return decode_attention_triton(q, k, v, meta.seq_lens, meta.block_tables, scale, self.num_splits)
+        return prefill_attention_triton(q, k, v, meta, scale, schedule=self._schedule)
+
+    # ---- CUDA graphs ------------------------------------------------------------------------------
+    def _graph_meta(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self._g_slots[:bs],
+            query_start_loc=self._g_qsl[: bs + 1],
+            seq_lens=self._g_lens[:bs],
+            block_tables=self._g_tables[:bs],
+            max_query_len=1,
+            max_seq_len=self.max_blocks * self.block_size,
+            query_start_loc_list=[],
+            seq_lens_list=[],
+        )
+
+    def _decode_forward(self, bs: int) -> torch.Tensor:
+        meta = self._graph_meta(bs)
+        hidden = self.model(self._g_ids[:bs], self._g_pos[:bs], self.kv_cache, meta, self._attention, store_kv_triton)
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture_graphs(self) -> None:
+        start = time.perf_counter()
+        torch.cuda.synchronize(self.device)
+        free_before = torch.cuda.mem_get_info(self.device)[0]
+        pool = torch.cuda.graph_pool_handle()
+        self._g_lens.fill_(1)  # capture on harmless inputs: read slot 0 of block 0, write nothing
+        sizes = graph_batch_sizes(self.max_num_seqs)
+        for bs in reversed(sizes):  # largest first, so smaller graphs reuse its pool memory
+            self._decode_forward(bs)  # warm up (Triton compiles, cuBLAS picks kernels)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._decode_forward(bs)
+            self.graphs[bs] = (graph, logits)
+        torch.cuda.synchronize(self.device)
+        self._g_lens.zero_()
+        used = free_before - torch.cuda.mem_get_info(self.device)[0]
+        self.graph_stats = GraphStats(tuple(sizes), time.perf_counter() - start, used)
+
+    def _graph_size(self, n: int) -> int | None:
+        for bs in self.graph_stats.batch_sizes:
+            if bs >= n:
+                return bs
+        return None
+
+    # ---- a step ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def launch(self, inputs: StepInputs) -> StepHandle:
+        buf = self._sets[self._parity]
+        out_host = self._out_host[self._parity]
+        self._parity ^= 1
+        n_tok, n_seq, n_rows = len(inputs.input_ids), len(inputs.query_lens), len(inputs.sample_indices)
+        if n_tok > buf.tokens or n_seq > buf.seqs or n_rows > buf.rows:
+            raise RuntimeError(f"step larger than the runner's buffers ({n_tok} tokens, {n_seq} seqs, {n_rows} rows)")
+        graph_bs = self._graph_size(n_tok) if inputs.is_decode_only and self.graphs else None
+        padded = graph_bs or n_tok
+        seqs_padded = graph_bs or n_seq
+
+        # 1. Fill the pinned host buffers (the copy that last read them has finished).
+        buf.copied.synchronize()
+        T, S, R = buf.tokens, buf.seqs, buf.rows
+        a = buf.np64
+        a[0:n_tok] = inputs.input_ids
+        a[T : T + n_tok] = inputs.positions
+        a[2 * T : 2 * T + n_tok] = inputs.slot_mapping
+        if padded > n_tok:  # graph padding: position 0, no cache write
+            a[n_tok:padded] = 0
+            a[T + n_tok : T + padded] = 0
+            a[2 * T + n_tok : 2 * T + padded] = -1
+        a[3 * T : 3 * T + n_rows] = inputs.sample_indices
+        n_ph = len(inputs.placeholder_rows)
+        a[3 * T + R : 3 * T + R + n_ph] = inputs.placeholder_rows
+        a[3 * T + R + S : 3 * T + R + S + n_ph] = inputs.placeholder_src
+        b = buf.np32
+        qsl = np.cumsum([0, *inputs.query_lens], dtype=np.int32)
+        b[0 : n_seq + 1] = qsl
+        b[S + 1 : S + 1 + n_seq] = inputs.seq_lens
+        if seqs_padded > n_seq:
+            b[S + 1 + n_seq : S + 1 + seqs_padded] = 0
+        width = max(len(t) for t in inputs.block_tables)
+        tables = b[2 * S + 1 : 2 * S + 1 + seqs_padded * width].reshape(seqs_padded, width)
+        for i, t in enumerate(inputs.block_tables):
+            tables[i, : len(t)] = t
+
+        # 2. Copy on the side stream once the compute stream is done with these device buffers.
+        compute = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self.copy_stream):
+            self.copy_stream.wait_event(buf.consumed)
+            buf.dev64.copy_(buf.host64, non_blocking=True)
+            buf.dev32[: 2 * S + 1 + seqs_padded * width].copy_(
+                buf.host32[: 2 * S + 1 + seqs_padded * width], non_blocking=True
+            )
+            buf.copied.record(self.copy_stream)
+        compute.wait_event(buf.copied)
+
+        d, e = buf.dev64, buf.dev32
+        ids = d[0:padded]
+        positions = d[T : T + padded]
+        slots = d[2 * T : 2 * T + padded]
+        sample_rows = d[3 * T : 3 * T + n_rows]
+        seq_lens = e[S + 1 : S + 1 + seqs_padded]
+        block_tables = e[2 * S + 1 : 2 * S + 1 + seqs_padded * width].view(seqs_padded, width)
+        if inputs.copies:
+            self.copy_blocks(inputs.copies)
+        if n_ph:
+            if self._last_sampled is None:
+                raise RuntimeError("a step reads tokens of a previous step that was never launched")
+            ph_rows = d[3 * T + R : 3 * T + R + n_ph]
+            ph_src = d[3 * T + R + S : 3 * T + R + S + n_ph]
+            ids.index_copy_(0, ph_rows, self._last_sampled.index_select(0, ph_src))
+
+        # 3. The forward pass: a graph replay for decode, eager kernels otherwise.
+        if graph_bs is not None:
+            graph, logits_all = self.graphs[graph_bs]
+            self._g_ids[:graph_bs].copy_(ids)
+            self._g_pos[:graph_bs].copy_(positions)
+            self._g_slots[:graph_bs].copy_(slots)
+            self._g_lens[:graph_bs].copy_(seq_lens)
+            self._g_tables[:graph_bs, :width].copy_(block_tables)
+            graph.replay()
+            logits = logits_all[:n_rows] if n_rows == n_tok else logits_all.index_select(0, sample_rows)
+        else:
+            meta = AttentionMetadata(
+                slot_mapping=slots,
+                query_start_loc=e[0 : n_seq + 1],
+                seq_lens=seq_lens,
+                block_tables=block_tables,
+                max_query_len=max(inputs.query_lens),
+                max_seq_len=max(inputs.seq_lens),
+                query_start_loc_list=qsl.tolist(),
+                seq_lens_list=inputs.seq_lens,
+            )
+            self._schedule = None if meta.is_decode_only else build_prefill_schedule(qsl, self.tokens_per_tile, self.device)
+            hidden = self.model(ids, positions, self.kv_cache, meta, self._attention, store_kv_triton)
+            logits = self.model.compute_logits(hidden.index_select(0, sample_rows)) if n_rows else None
+        buf.consumed.record(compute)
+        if logits is None:
+            return StepHandle(None, None)
+
+        # 4. Sample and start the copy back; collect() waits for it.
+        if all(r.params.greedy and r.params.logprobs is None for r in inputs.sampling_rows) and not any(
+            r.blocked_token_ids or r.params.repetition_penalty != 1.0 or r.params.presence_penalty
+            or r.params.frequency_penalty for r in inputs.sampling_rows
+        ):
+            result = SamplerOutput(logits.argmax(dim=-1), None, None, None)
+        else:
+            result = sample(logits, inputs.sampling_rows, self.generator)
+        self._last_sampled = result.token_ids
+        out_host[:n_rows].copy_(result.token_ids, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(compute)
+        return StepHandle(result.token_ids, result, done, (out_host[:n_rows],))
+
+    def collect(self, handle: StepHandle) -> ModelOutput:
+        if handle.result is None:
+            return ModelOutput([], None, None)
+        if handle.event is not None:
+            handle.event.synchronize()
+        result = handle.result
+        if result.logprobs is None:
+            return ModelOutput(handle.host[0].tolist(), None, None)
+        top = None
+        if result.top_ids is not None and result.top_logprobs is not None:
+            top = [
+                list(zip(i, lp, strict=True))
+                for i, lp in zip(result.top_ids.tolist(), result.top_logprobs.tolist(), strict=True)
+            ]
+        return ModelOutput(handle.host[0].tolist(), result.logprobs.tolist(), top)
+
+    @torch.inference_mode()
+    def profile_peak_bytes(self, num_tokens: int) -> int:
+        """Activation peak of the largest eager step (one sequence of ``num_tokens``), measured."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        blocks = -(-num_tokens // self.block_size)
+        cfg = self.model.config
+        dtype = self.model.embed_tokens.weight.dtype
+        cache_shape = (cfg.num_hidden_layers, 2, blocks, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
+        cache = torch.zeros(cache_shape, dtype=dtype, device=self.device)
+        cache_bytes = cache.numel() * cache.element_size()
+        qsl = np.array([0, num_tokens], dtype=np.int32)
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(num_tokens, device=self.device),
+            query_start_loc=torch.tensor(qsl, device=self.device),
+            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=self.device),
+            block_tables=torch.arange(blocks, dtype=torch.int32, device=self.device).view(1, -1),
+            max_query_len=num_tokens,
+            max_seq_len=num_tokens,
+            query_start_loc_list=qsl.tolist(),
+            seq_lens_list=[num_tokens],
+        )
+        self._schedule = build_prefill_schedule(qsl, self.tokens_per_tile, self.device)
+        ids = torch.randint(0, self.model.config.vocab_size, (num_tokens,), device=self.device)
+        hidden = self.model(ids, torch.arange(num_tokens, device=self.device), cache, meta, self._attention, store_kv_triton)
+        logits = self.model.compute_logits(hidden[-self.max_num_seqs :])
+        logits.softmax(dim=-1).sort(dim=-1, descending=True)  # the sampler's top-p sort is its peak
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base - cache_bytes
+        del cache, hidden, logits
+        torch.cuda.empty_cache()
+        return int(peak)
