@@ -87,6 +87,7 @@ class CudaModelRunner(ModelRunner):
         config = model.config
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // block_size)
         self.num_splits = num_splits_for(max_model_len)
         self.tokens_per_tile = prefill_tokens_per_tile(config.num_attention_heads, config.num_key_value_heads)
@@ -290,30 +291,37 @@ class CudaModelRunner(ModelRunner):
 
     @torch.inference_mode()
     def profile_peak_bytes(self, num_tokens: int) -> int:
-        """Activation peak of the largest eager step (one sequence of ``num_tokens``), measured."""
+        """Activation peak of the largest eager step (``num_tokens`` of prefill), measured."""
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         base = torch.cuda.memory_allocated(self.device)
-        blocks = -(-num_tokens // self.block_size)
+        # As many sequences of at most max_model_len as the token budget holds.
+        seq_len = min(num_tokens, self.max_model_len)
+        lens = [seq_len] * (num_tokens // seq_len) + ([num_tokens % seq_len] if num_tokens % seq_len else [])
+        per_seq = -(-seq_len // self.block_size)
+        blocks = per_seq * len(lens)
         cfg = self.model.config
         dtype = self.model.embed_tokens.weight.dtype
         cache_shape = (cfg.num_hidden_layers, 2, blocks, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
         cache = torch.zeros(cache_shape, dtype=dtype, device=self.device)
         cache_bytes = cache.numel() * cache.element_size()
-        qsl = np.array([0, num_tokens], dtype=np.int32)
+        qsl = np.cumsum([0, *lens], dtype=np.int32)
+        positions = np.concatenate([np.arange(n) for n in lens])
+        slots = np.concatenate([i * per_seq * self.block_size + np.arange(n) for i, n in enumerate(lens)])
         meta = AttentionMetadata(
-            slot_mapping=torch.arange(num_tokens, device=self.device),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=self.device),
             query_start_loc=torch.tensor(qsl, device=self.device),
-            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=self.device),
-            block_tables=torch.arange(blocks, dtype=torch.int32, device=self.device).view(1, -1),
-            max_query_len=num_tokens,
-            max_seq_len=num_tokens,
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=self.device),
+            block_tables=torch.arange(blocks, dtype=torch.int32, device=self.device).view(len(lens), per_seq),
+            max_query_len=seq_len,
+            max_seq_len=seq_len,
             query_start_loc_list=qsl.tolist(),
-            seq_lens_list=[num_tokens],
+            seq_lens_list=lens,
         )
         self._schedule = build_prefill_schedule(qsl, self.tokens_per_tile, self.device)
-        ids = torch.randint(0, self.model.config.vocab_size, (num_tokens,), device=self.device)
-        hidden = self.model(ids, torch.arange(num_tokens, device=self.device), cache, meta, self._attention, store_kv_triton)
+        ids = torch.randint(0, cfg.vocab_size, (num_tokens,), device=self.device)
+        pos = torch.tensor(positions, dtype=torch.int64, device=self.device)
+        hidden = self.model(ids, pos, cache, meta, self._attention, store_kv_triton)
         logits = self.model.compute_logits(hidden[-self.max_num_seqs :])
         logits.softmax(dim=-1).sort(dim=-1, descending=True)  # the sampler's top-p sort is its peak
         torch.cuda.synchronize(self.device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,19 @@ from engine.sequence import PLACEHOLDER, Request, SeqStatus, Sequence
 class ScheduledBatch:
     scheduled: SchedulerOutput
     inputs: StepInputs
+
+
+@attrs.frozen
+class StepTiming:
+    """Host time of one ``step`` (benchmarks turn this on with ``engine.step_timings = []``)."""
+
+    num_seqs: int  # sequences in the step launched
+    num_tokens: int
+    decode_only: bool
+    schedule_s: float  # scheduling + input preparation
+    launch_s: float  # filling buffers and enqueueing the device work
+    wait_s: float  # blocked on the previous step's tokens (the GPU still busy)
+    process_s: float  # landing tokens, stops, deltas
 
 
 @attrs.frozen
@@ -89,6 +103,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens, max_model_len)
         self._inflight: tuple[ScheduledBatch, StepHandle] | None = None  # step()'s own pipeline
         self._unlanded: ScheduledBatch | None = None  # launched, not yet processed
+        self.step_timings: list[StepTiming] | None = None
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
         self._seq_ids = itertools.count()
@@ -250,11 +265,24 @@ class LLMEngine:
         deltas: list[RequestDelta] = []
         if self._inflight is not None and not self.can_schedule_ahead():
             deltas.extend(self._land())
+        t0 = time.perf_counter()
         batch = self.schedule()
+        t1 = time.perf_counter()
         launched = (batch, self.launch(batch)) if batch is not None else None
-        if self._inflight is not None:
-            deltas.extend(self._land())
-        self._inflight = launched
+        t2 = time.perf_counter()
+        previous, self._inflight = self._inflight, launched
+        if previous is not None:
+            output = self.collect(previous[1])
+            t3 = time.perf_counter()
+            deltas.extend(self.process(previous[0], output))
+        else:
+            t3 = t2
+        if self.step_timings is not None and batch is not None:
+            inputs = batch.inputs
+            self.step_timings.append(StepTiming(
+                len(inputs.query_lens), len(inputs.input_ids), inputs.is_decode_only,
+                t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3,
+            ))
         return deltas
 
     def _land(self) -> list[RequestDelta]:

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One lease of the H200: GPU correctness tests, then OFFLINE-256 on both presets.
+# Run from the repository root on the GPU machine: bash docs/benchmarks/run_h200.sh OUT_DIR [PEER]
+# (PEER=transformers adds the peer runs; each takes minutes.)
+set -u
+OUT=${1:?output directory}
+PEER=${2:-none}
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_triton_attention_gpu.py tests/test_gpu_engine.py -s \
+    2>&1 | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|error|Error|equal|tie" | tail -25
+fi
+for model in ${MODELS:-qwen3-0.6b llama3-8b}; do
+  trace=""
+  [ "$model" = qwen3-0.6b ] && trace="--trace $OUT/trace"
+  timeout ${BENCH_TIMEOUT:-400} python3 -m transport.cli bench throughput --model "$model" --path both --peer "$PEER" \
+    $trace --output-dir "$OUT" 2>&1 | tee "$OUT/bench-$model.log" | grep -vE "^\[(offline|actors|peer)\]" | tail -20
+done
