@@ -160,6 +160,9 @@ class BlockManager:
 
         Returns the (source, destination) block copies that copy-on-write requires.
         """
+        table = self.tables.get(seq_id)
+        if table is not None and num_tokens <= len(table) * self.block_size and not self._needs_cow(seq_id, num_tokens):
+            return []  # fits in the blocks it has: the common decode step
         need = self.blocks_needed(seq_id, num_tokens)
         if need > self.num_available:
             return None

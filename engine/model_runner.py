@@ -25,7 +25,7 @@ class StepInputs:
     slot_mapping: list[int]
     query_lens: list[int]
     seq_lens: list[int]
-    block_tables: list[tuple[int, ...]]
+    block_tables: list[list[int]]  # live tables: read them in launch, before the next schedule
     sample_indices: list[int]  # row of the hidden states each sample reads (repeats for n > 1)
     sampling_rows: list[SamplingRow]
     copies: tuple[tuple[int, int], ...]
@@ -68,9 +68,14 @@ def prepare_inputs(
             placeholder_rows.append(len(input_ids) + s.num_new_tokens - 1)
             placeholder_src.append(prev_row[seq.seq_id])
         input_ids.extend(seq.token_ids[s.start : s.end])
-        pos = range(s.start, s.end)
-        positions.extend(pos)
-        slots.extend(table[p // block_size] * block_size + p % block_size for p in pos)
+        if s.num_new_tokens == 1:  # decode: the common case, without a generator
+            p = s.start
+            positions.append(p)
+            slots.append(table[p // block_size] * block_size + p % block_size)
+        else:
+            pos = range(s.start, s.end)
+            positions.extend(pos)
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in pos)
         query_lens.append(s.num_new_tokens)
         seq_lens.append(s.end)
         tables.append(table)
@@ -138,7 +143,7 @@ class ModelRunner:
 
     def metadata(self, inputs: StepInputs) -> AttentionMetadata:
         return build_metadata(
-            inputs.query_lens, inputs.seq_lens, [list(t) for t in inputs.block_tables], inputs.slot_mapping, self.device
+            inputs.query_lens, inputs.seq_lens, inputs.block_tables, inputs.slot_mapping, self.device
         )
 
     def copy_blocks(self, copies: tuple[tuple[int, int], ...]) -> None:
