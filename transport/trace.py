@@ -70,7 +70,12 @@ def summarize(kernels: list[tuple[float, float, str]], steps: int) -> dict[str, 
     busy += cur_end - cur_start
     span = kernels[-1][1] - kernels[0][0]
     gaps.sort()
+    by_name: dict[str, float] = {}
+    for start, end, name in kernels:
+        by_name[name] = by_name.get(name, 0.0) + (end - start)
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:10]
     return {
+        "top_kernels_us_per_step": [(name[:80], round(t / steps, 1)) for name, t in top],
         "steps": steps,
         "span_us": round(span, 1),
         "gpu_busy_fraction": round(busy / span, 4),

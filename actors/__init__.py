@@ -1,0 +1,36 @@
+"""The trio shell around the engine: ingress, a scheduler and an executor thread per model, the
+block manager's KV split, and the embedding API (``open_service``)."""
+
+from actors.block_manager import BlockManagerStats, KvShare, plan_kv_budget
+from actors.errors import DuplicateRequest, ModelRequired, Overloaded, ServiceError, ShuttingDown, UnknownModel
+from actors.ingress import ModelInfo
+from actors.loop_lag import LagUnderLoad, LoopLagMonitor, LoopLagStats, measure_loop_lag_under_load
+from actors.request_stream import ErrorInfo, GenerationDelta, SampleOutput, Usage
+from actors.service import Generation, LoadProgress, Service, ServiceConfig, ServiceStats, open_service
+
+__all__ = [
+    "BlockManagerStats",
+    "DuplicateRequest",
+    "ErrorInfo",
+    "Generation",
+    "GenerationDelta",
+    "KvShare",
+    "LagUnderLoad",
+    "LoadProgress",
+    "LoopLagMonitor",
+    "LoopLagStats",
+    "ModelInfo",
+    "ModelRequired",
+    "Overloaded",
+    "SampleOutput",
+    "Service",
+    "ServiceConfig",
+    "ServiceError",
+    "ServiceStats",
+    "ShuttingDown",
+    "UnknownModel",
+    "Usage",
+    "measure_loop_lag_under_load",
+    "open_service",
+    "plan_kv_budget",
+]

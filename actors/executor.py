@@ -1,0 +1,110 @@
+"""The executor: one dedicated OS thread per model that runs the model steps.
+
+A long-lived thread (not trio's thread cache) so that the model runner, its CUDA streams and any
+thread-local device state always live on the same thread. The scheduler hands it one job at a
+time and awaits the result; the event loop keeps serving every other task meanwhile, because
+torch releases the GIL inside its kernels.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import attrs
+import outcome
+import trio
+
+T = TypeVar("T")
+
+
+@attrs.frozen
+class ExecutorStats:
+    name: str
+    alive: bool
+    jobs: int
+    busy_seconds: float  # wall time spent inside jobs
+    last_job_seconds: float
+    running: bool  # a job is in the thread right now
+
+
+@attrs.frozen
+class _Job:
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    token: trio.lowlevel.TrioToken
+    report: Callable[[outcome.Outcome[Any]], None]
+
+
+class ExecutorThread:
+    """Runs ``fn(*args)`` jobs one at a time on its own thread; ``await run(...)`` gets the result."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._main, name=f"mini-vllm-executor[{name}]", daemon=True)
+        self._count = 0
+        self._busy = 0.0
+        self._last = 0.0
+        self._running = False
+
+    def start(self) -> None:
+        self._thread.start()
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run one job in the thread. A model step cannot be interrupted halfway, so cancellation
+        takes effect when the job ends (as with ``trio.to_thread.run_sync``)."""
+        if not self._thread.is_alive():
+            raise RuntimeError(f"executor thread {self.name!r} is not running")
+        # The wait below is shielded, so this is where a cancelled caller stops (e.g. the loop that
+        # submits step after step would otherwise never see its cancellation).
+        await trio.lowlevel.checkpoint_if_cancelled()
+        done = trio.Event()
+        box: list[outcome.Outcome[T]] = []
+
+        def report(result: outcome.Outcome[T]) -> None:  # runs on the trio thread
+            box.append(result)
+            done.set()
+
+        self._running = True
+        started = time.perf_counter()
+        self._jobs.put(_Job(fn, args, trio.lowlevel.current_trio_token(), report))
+        try:
+            with trio.CancelScope(shield=True):
+                await done.wait()
+        finally:
+            self._running = False
+            self._last = time.perf_counter() - started
+            self._busy += self._last
+            self._count += 1
+        return box[0].unwrap()
+
+    def _main(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            result = outcome.capture(job.fn, *job.args)
+            try:
+                job.token.run_sync_soon(job.report, result)
+            except trio.RunFinishedError:  # the trio run ended while we worked: nobody to tell
+                pass
+
+    async def aclose(self) -> None:
+        """Stop the thread after its current job; waits for it without blocking the event loop."""
+        self._jobs.put(None)
+        if self._thread.is_alive():
+            await trio.to_thread.run_sync(self._thread.join)
+
+    def statistics(self) -> ExecutorStats:
+        return ExecutorStats(
+            name=self.name,
+            alive=self._thread.is_alive(),
+            jobs=self._count,
+            busy_seconds=self._busy,
+            last_job_seconds=self._last,
+            running=self._running,
+        )

@@ -1,0 +1,157 @@
+"""Ingress: the front door. Routes by model name, tokenizes, admits, and fans outputs out.
+
+Everything a request needs before it reaches a scheduler happens here, on the caller's task:
+pick the model (by name; optional when one model is served), turn the prompt or chat messages
+into token ids, refuse a duplicate id, then hand a ``RequestStream`` to the model's scheduler,
+whose admission control answers at once (``Overloaded`` beyond its bounded queue). The scheduler
+pushes outputs into that stream, which is the fan-out: one mailbox per request, no shared queue
+that a slow reader could clog. Detokenization already happened in the engine (stop strings need
+the text), so deltas carry ready text.
+
+Short prompts are tokenized right here on the event loop (well under a millisecond); long ones go
+to a worker thread, so a megabyte prompt cannot stall other clients.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+
+import attrs
+import trio
+
+from actors.errors import DuplicateRequest, ModelRequired, ShuttingDown, UnknownModel
+from actors.request_stream import RequestStream
+from actors.scheduler import SchedulerActor
+from engine.errors import MiniVllmError
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+
+INLINE_TOKENIZE_CHARS = 16384
+
+
+@attrs.frozen
+class ModelInfo:
+    name: str
+    max_model_len: int
+    vocab_size: int
+    has_chat_template: bool
+
+
+@attrs.frozen
+class IngressStats:
+    in_flight: int
+    submitted: int  # accepted by a scheduler
+    rejected: int  # refused before reaching a model (unknown model, overloaded, bad prompt, ...)
+    cancelled: int
+    rejections_by_code: tuple[tuple[str, int], ...]
+
+
+class Ingress:
+    def __init__(self, engines: Mapping[str, LLMEngine], schedulers: Mapping[str, SchedulerActor]) -> None:
+        self._engines = dict(engines)
+        self._schedulers = dict(schedulers)
+        self._streams: dict[str, RequestStream] = {}
+        self._ids = itertools.count()
+        self._submitted = 0
+        self._cancelled = 0
+        self._rejections: dict[str, int] = {}
+        self._closed: str | None = None
+
+    def new_request_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    def models(self) -> list[ModelInfo]:
+        return [
+            ModelInfo(
+                name=name,
+                max_model_len=e.max_model_len,
+                vocab_size=e.model_config.vocab_size,
+                has_chat_template=bool(getattr(e.tokenizer, "chat_template", None)),
+            )
+            for name, e in self._engines.items()
+        ]
+
+    def route(self, model: str | None) -> str:
+        if model is None:
+            if len(self._engines) == 1:
+                return next(iter(self._engines))
+            raise ModelRequired(f"several models are served ({', '.join(self._engines)}): name one in 'model'")
+        if model not in self._engines:
+            raise UnknownModel(f"unknown model {model!r}; served: {', '.join(self._engines)}")
+        return model
+
+    async def submit(
+        self,
+        request_id: str,
+        model: str | None,
+        params: SamplingParams,
+        priority: int,
+        *,
+        prompt: str | None = None,
+        prompt_token_ids: Sequence[int] | None = None,
+        messages: Sequence[Mapping[str, str]] | None = None,
+    ) -> RequestStream:
+        """Validate, tokenize and admit one request; raises a MiniVllmError if it cannot be taken."""
+        try:
+            if self._closed is not None:
+                raise ShuttingDown(self._closed)
+            if request_id in self._streams:
+                raise DuplicateRequest(f"request id {request_id!r} is already in flight")
+            name = self.route(model)
+            engine = self._engines[name]
+            if messages is not None:
+                ids = engine.apply_chat_template([dict(m) for m in messages])
+            elif prompt is not None:
+                if len(prompt) <= INLINE_TOKENIZE_CHARS:
+                    ids = engine.tokenize(prompt)
+                else:
+                    ids = await trio.to_thread.run_sync(engine.tokenize, prompt)
+            else:
+                ids = list(prompt_token_ids or ())
+            # Re-check after a possible await: another task may have taken the id meanwhile.
+            if request_id in self._streams:
+                raise DuplicateRequest(f"request id {request_id!r} is already in flight")
+            scheduler = self._schedulers[name]
+            stream = RequestStream(request_id, name, params.n, scheduler.abort)
+            scheduler.submit(stream, ids, params, priority, prompt)
+        except MiniVllmError as exc:
+            code = getattr(exc, "code", "invalid_request")
+            self._rejections[code] = self._rejections.get(code, 0) + 1
+            raise
+        self._streams[request_id] = stream
+        self._submitted += 1
+        return stream
+
+    def forget(self, stream: RequestStream) -> None:
+        """The consumer is done with ``stream`` (read to the end, or left): cancel it if it still runs."""
+        if not stream.done:
+            stream.cancel()
+            self._cancelled += 1
+        if self._streams.get(stream.request_id) is stream:
+            del self._streams[stream.request_id]
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request in flight; False if no such request is running."""
+        stream = self._streams.get(request_id)
+        if stream is None or stream.done or stream.cancel_requested:
+            return False
+        stream.cancel()
+        self._cancelled += 1
+        return True
+
+    def shutdown(self, message: str) -> None:
+        """Refuse new requests and end every running one with an error that says why."""
+        if self._closed is None:
+            self._closed = message
+            for scheduler in self._schedulers.values():
+                scheduler.fail_all("shutting_down", message)
+
+    def statistics(self) -> IngressStats:
+        return IngressStats(
+            in_flight=len(self._streams),
+            submitted=self._submitted,
+            rejected=sum(self._rejections.values()),
+            cancelled=self._cancelled,
+            rejections_by_code=tuple(sorted(self._rejections.items())),
+        )

@@ -1,0 +1,188 @@
+"""Per-request output streams: the scheduler pushes, one consumer reads, nobody ever waits on a reader.
+
+A stream is a mailbox of capacity one that *merges*: each step's delta is folded into the pending
+one (tokens appended, text concatenated), so a slow consumer receives fewer, larger deltas and the
+scheduler's push is always O(new tokens) and never blocks. Memory stays bounded by the request's
+own ``n * max_tokens``. A stream ends exactly once: finished by the engine, cancelled, failed after
+it started (finish reason ``error``), or rejected before it started (the consumer gets the error).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import attrs
+import trio
+
+from engine.outputs import RequestDelta, TokenLogprob
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@attrs.frozen
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int  # all samples together
+
+
+@attrs.frozen
+class ErrorInfo:
+    """Why a request that had started ended with ``finish_reason == "error"``."""
+
+    code: str
+    message: str
+
+
+@attrs.frozen
+class SampleOutput:
+    """One sample's news since the consumer's previous delta (possibly several steps merged)."""
+
+    index: int
+    token_ids: tuple[int, ...]
+    text: str
+    logprobs: tuple[TokenLogprob, ...] | None
+    finish_reason: FinishReason | None
+    completion_tokens: int  # this sample's tokens so far, these included
+
+
+@attrs.frozen
+class GenerationDelta:
+    """What ``Service.generate`` yields; the last one has ``finished`` set and every sample's reason."""
+
+    request_id: str
+    model: str
+    samples: tuple[SampleOutput, ...]
+    finished: bool
+    usage: Usage
+    error: ErrorInfo | None = None
+
+
+@attrs.define
+class _Pending:
+    token_ids: list[int] = attrs.field(factory=list)
+    text: list[str] = attrs.field(factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: FinishReason | None = None
+
+
+_ENGINE_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "cancelled"}
+
+
+class RequestStream:
+    """The mailbox between one request's scheduler and its consumer (see the module docstring)."""
+
+    def __init__(self, request_id: str, model: str, n: int, on_cancel: Callable[[RequestStream], None]) -> None:
+        self.request_id = request_id
+        self.model = model
+        self.n = n
+        self._on_cancel = on_cancel
+        self._pending: dict[int, _Pending] = {}
+        self._counts = [0] * n
+        self._finished = [False] * n
+        self._num_prompt_tokens = 0
+        self._ready = trio.Event()
+        self._rejection: BaseException | None = None
+        self._error: ErrorInfo | None = None
+        self._done = False  # no more input will come (finished, cancelled, failed or rejected)
+        self._delivered_last = False
+        self.cancel_requested = False
+
+    # ---- producer side (the scheduler's task) -----------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def push(self, delta: RequestDelta) -> None:
+        """Merge one engine delta. Ignored once cancelled: an aborted request shows no more output."""
+        if self._done or self.cancel_requested:
+            return
+        self._num_prompt_tokens = delta.num_prompt_tokens
+        for s in delta.samples:
+            if not 0 <= s.index < self.n or self._finished[s.index]:
+                continue
+            p = self._pending.setdefault(s.index, _Pending())
+            p.token_ids.extend(s.token_ids)
+            if s.text:
+                p.text.append(s.text)
+            if s.logprobs is not None:
+                p.logprobs = [*(p.logprobs or ()), *s.logprobs]
+            self._counts[s.index] += len(s.token_ids)
+            if s.finish_reason is not None:
+                p.finish_reason = _ENGINE_REASONS[s.finish_reason]
+                self._finished[s.index] = True
+        if delta.finished:
+            self._end_unfinished("cancelled")  # the engine finished the request: no sample stays open
+        self._ready.set()
+
+    def set_prompt_tokens(self, count: int) -> None:
+        self._num_prompt_tokens = count
+
+    def finish_cancelled(self) -> None:
+        """The request was aborted: every open sample ends with ``cancelled``."""
+        if self._done:
+            return
+        self._end_unfinished("cancelled")
+        self._ready.set()
+
+    def fail(self, code: str, message: str) -> None:
+        """The request had started and cannot go on (model failure, shutdown)."""
+        if self._done:
+            return
+        self._error = ErrorInfo(code, message)
+        self._end_unfinished("error")
+        self._ready.set()
+
+    def reject(self, exc: BaseException) -> None:
+        """The request never started: the consumer's next read raises ``exc``."""
+        if self._done:
+            return
+        self._rejection = exc
+        self._done = True
+        self._ready.set()
+
+    def _end_unfinished(self, reason: FinishReason) -> None:
+        for i in range(self.n):
+            if not self._finished[i]:
+                self._pending.setdefault(i, _Pending()).finish_reason = reason
+                self._finished[i] = True
+        self._done = True
+
+    # ---- consumer side ------------------------------------------------------------------------------
+    def cancel(self) -> None:
+        """Ask for an abort (idempotent, never blocks). The scheduler frees the blocks at once."""
+        if self._done or self.cancel_requested:
+            return
+        self.cancel_requested = True
+        self._on_cancel(self)
+
+    async def receive(self) -> GenerationDelta | None:
+        """The merged news since the last call; None after the last delta has been handed out."""
+        while not self._pending and not self._done:
+            await self._ready.wait()
+            self._ready = trio.Event()
+        if self._rejection is not None:
+            raise self._rejection
+        if self._delivered_last:
+            return None
+        pending, self._pending = self._pending, {}
+        self._delivered_last = self._done
+        samples = tuple(
+            SampleOutput(
+                index=i,
+                token_ids=tuple(p.token_ids),
+                text="".join(p.text),
+                logprobs=tuple(p.logprobs) if p.logprobs is not None else None,
+                finish_reason=p.finish_reason,
+                completion_tokens=self._counts[i],
+            )
+            for i, p in sorted(pending.items())
+        )
+        return GenerationDelta(
+            request_id=self.request_id,
+            model=self.model,
+            samples=samples,
+            finished=self._done,
+            usage=Usage(self._num_prompt_tokens, sum(self._counts)),
+            error=self._error if self._done else None,
+        )

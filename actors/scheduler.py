@@ -1,0 +1,309 @@
+"""The scheduler actor: one per model, the continuous-batching loop around the engine.
+
+It is the only task that calls the engine (the engine is not thread-safe and not re-entrant),
+except for the device work (``execute``, or its halves ``launch`` and ``collect``), which it hands
+to the model's executor thread. Its inbox is a bounded channel of submissions and aborts;
+admission control keeps the number of live requests at most ``max_pending``, and the inbox is
+sized so that sending into it never blocks the sender (see below). Outputs go straight into each
+request's ``RequestStream``, which merges instead of waiting: the loop never waits on a client.
+
+Why the inbox never fills: it holds the Submits of admitted requests not yet added (at most
+``max_pending``) and at most one Abort per cancelled request, whether still live (at most
+``max_pending``) or finished since the last drain with its Abort still queued (at most
+``max_pending`` more); hence a capacity of three per admitted request.
+
+Aborts that arrive while a step runs in the executor thread are applied right after the step:
+the stream was already marked cancelled, so the step's output for that request is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import attrs
+import trio
+
+from actors.errors import Overloaded, ServiceError, ShuttingDown
+from actors.executor import ExecutorThread
+from actors.request_stream import RequestStream
+from engine.block_manager import BlockStats
+from engine.errors import MiniVllmError
+from engine.llm_engine import EngineStats, LLMEngine, ScheduledBatch
+from engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+_SPARE_INBOX = 16  # room for the fail-all message, beyond three per admitted request
+
+
+@attrs.frozen
+class Submit:
+    stream: RequestStream
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int
+    prompt: str | None
+
+
+@attrs.frozen
+class Abort:
+    stream: RequestStream
+
+
+@attrs.frozen
+class FailAll:
+    code: str
+    message: str
+
+
+_Message = Submit | Abort | FailAll
+
+
+@attrs.frozen
+class _InFlight:
+    batch: ScheduledBatch
+    handle: Any  # the engine's StepHandle
+
+
+@attrs.frozen
+class SchedulerStats:
+    model: str
+    pending: int  # admitted and not yet finished (the admission-control count)
+    max_pending: int
+    inbox: int  # messages waiting to be applied
+    steps: int
+    step_errors: int
+    last_step_seconds: float
+    busy_seconds: float  # schedule + process on the event loop (the device work is the executor's)
+    pipelined: bool  # step N+1 is queued on the device before step N's tokens are processed
+    engine: EngineStats
+    blocks: BlockStats
+
+
+class SchedulerActor:
+    def __init__(
+        self, engine: LLMEngine, executor: ExecutorThread, max_pending: int, pipelined: bool | None = None
+    ) -> None:
+        self.engine = engine
+        self.model = engine.name
+        self.executor = executor
+        self.max_pending = max_pending
+        # On a GPU, launching is asynchronous: queue step N+1 before processing step N, so the device
+        # never waits for Python. On the CPU a launch *is* the whole step, so pipelining would only
+        # delay each token by a step: run schedule -> execute -> process in order there.
+        self.pipelined = pipelined if pipelined is not None else engine.runner.device.type == "cuda"
+        self._send, self._inbox = trio.open_memory_channel[_Message](3 * max_pending + _SPARE_INBOX)
+        self._streams: dict[str, RequestStream] = {}
+        self._pending = 0
+        self._closed_reason: str | None = None
+        self._steps = 0
+        self._step_errors = 0
+        self._last_step = 0.0
+        self._busy = 0.0
+        self._changed = trio.Event()
+        self._stats = self._snapshot()
+
+    # ---- called from other tasks (ingress); never block, never touch the engine ------------------
+    def submit(
+        self,
+        stream: RequestStream,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int,
+        prompt: str | None,
+    ) -> None:
+        """Admit a request or raise Overloaded / ShuttingDown at once."""
+        if self._closed_reason is not None:
+            raise ShuttingDown(self._closed_reason)
+        if self._pending >= self.max_pending:
+            raise Overloaded(
+                f"model {self.model!r} has {self._pending} requests queued or running (the limit); retry later"
+            )
+        self._pending += 1
+        self._send.send_nowait(Submit(stream, prompt_token_ids, params, priority, prompt))
+
+    def abort(self, stream: RequestStream) -> None:
+        self._send.send_nowait(Abort(stream))
+
+    def fail_all(self, code: str, message: str) -> None:
+        """End every request with an error and refuse new ones (shutdown)."""
+        if self._closed_reason is None:
+            self._closed_reason = message
+            self._send.send_nowait(FailAll(code, message))
+
+    def close(self, message: str) -> None:
+        """After the loop has stopped: end every request still here, queued ones included."""
+        self._closed_reason = self._closed_reason or message
+        while True:
+            try:
+                msg = self._inbox.receive_nowait()
+            except trio.WouldBlock:
+                break
+            if isinstance(msg, Submit):
+                msg.stream.reject(ShuttingDown(message))
+                self._pending -= 1
+        self._fail_everything("shutting_down", message)
+        self._publish()
+
+    def statistics(self) -> SchedulerStats:
+        return self._stats
+
+    async def wait_changed(self) -> None:
+        """Wait for the next statistics update (after a step or an inbox message)."""
+        await self._changed.wait()
+
+    # ---- the loop --------------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        in_flight: _InFlight | None = None
+        while True:
+            if in_flight is None and not self.engine.has_unfinished_requests():
+                self._handle(await self._inbox.receive())
+            self._drain()
+            try:
+                in_flight, progressed = await self._step(in_flight)
+            except Exception as exc:  # a failing step must not take the server down
+                in_flight = None
+                self._step_failed(exc)
+                continue
+            self._drain()  # aborts that arrived during the step take effect now
+            self._publish()
+            if not progressed:  # nothing can run until something changes: wait for a message
+                self._handle(await self._inbox.receive())
+
+    async def _step(self, in_flight: _InFlight | None) -> tuple[_InFlight | None, bool]:
+        """One turn of the loop; returns the launched step still in flight, and whether work was done."""
+        t0 = time.perf_counter()
+        if in_flight is not None and not self.engine.can_schedule_ahead():
+            # Penalties need the real tokens of the step in flight before the next can be scheduled.
+            self._deliver(in_flight.batch, await self.executor.run(self.engine.collect, in_flight.handle))
+            in_flight = None
+        t1 = time.perf_counter()
+        batch = self.engine.schedule() if self.engine.has_unfinished_requests() else None
+        self._busy += time.perf_counter() - t1
+        if not self.pipelined:
+            if batch is None:
+                return None, False
+            self._deliver(batch, await self.executor.run(self.engine.execute, batch))
+            self._last_step = time.perf_counter() - t0
+            return None, True
+        if batch is None and in_flight is None:
+            return None, False
+        # One executor job: queue step N+1 behind step N on the device, then wait for N's tokens.
+        handle, output = await self.executor.run(self._launch_then_collect, batch, in_flight)
+        if in_flight is not None and output is not None:
+            self._deliver(in_flight.batch, output)  # the device runs step N+1 meanwhile
+        self._last_step = time.perf_counter() - t0
+        return (_InFlight(batch, handle) if batch is not None else None), True
+
+    def _launch_then_collect(self, batch: ScheduledBatch | None, in_flight: _InFlight | None) -> tuple[Any, Any]:
+        # Runs on the executor thread: the only place that touches the device.
+        handle = self.engine.launch(batch) if batch is not None else None
+        output = self.engine.collect(in_flight.handle) if in_flight is not None else None
+        return handle, output
+
+    def _deliver(self, batch: ScheduledBatch, output: Any) -> None:
+        """Land a step's tokens (on this task) and push each request's delta into its stream."""
+        t0 = time.perf_counter()
+        for delta in self.engine.process(batch, output):
+            stream = self._streams.get(delta.request_id)
+            if stream is None:
+                continue
+            stream.push(delta)
+            if delta.finished:
+                self._forget(stream)
+        self._steps += 1
+        self._busy += time.perf_counter() - t0
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                message = self._inbox.receive_nowait()
+            except trio.WouldBlock:
+                return
+            self._handle(message)
+
+    def _handle(self, message: _Message) -> None:
+        if isinstance(message, Submit):
+            self._add(message)
+        elif isinstance(message, Abort):
+            self._abort(message.stream)
+        else:
+            self._fail_everything(message.code, message.message)
+        self._publish()
+
+    def _add(self, msg: Submit) -> None:
+        stream = msg.stream
+        if stream.cancel_requested:  # cancelled before it reached us
+            stream.finish_cancelled()
+            self._pending -= 1
+            return
+        if self._closed_reason is not None:
+            stream.reject(ShuttingDown(self._closed_reason))
+            self._pending -= 1
+            return
+        try:
+            self.engine.add_request(
+                stream.request_id, msg.prompt_token_ids, msg.params, msg.priority, prompt=msg.prompt
+            )
+        except MiniVllmError as exc:  # InvalidRequest: too long, ids out of vocabulary, ...
+            stream.reject(exc)
+            self._pending -= 1
+            return
+        except Exception as exc:  # a bug in the engine: refuse this request, keep the loop alive
+            log.exception("model %r: add_request failed", self.model)
+            stream.reject(ServiceError(f"internal error: {type(exc).__name__}: {exc}"))
+            self._pending -= 1
+            return
+        stream.set_prompt_tokens(len(msg.prompt_token_ids))
+        self._streams[stream.request_id] = stream
+
+    def _abort(self, stream: RequestStream) -> None:
+        if self._streams.get(stream.request_id) is not stream:
+            return  # finished already, or its Submit is still ahead in the inbox (handled there)
+        try:
+            self.engine.abort_request(stream.request_id)  # frees its blocks now
+        except Exception:  # a bug in the engine must not stop the loop; the request ends regardless
+            log.exception("model %r: abort_request failed", self.model)
+        stream.finish_cancelled()
+        self._forget(stream)
+
+    def _forget(self, stream: RequestStream) -> None:
+        del self._streams[stream.request_id]
+        self._pending -= 1
+
+    def _fail_everything(self, code: str, message: str) -> None:
+        for stream in list(self._streams.values()):
+            try:
+                self.engine.abort_request(stream.request_id)
+            except Exception:
+                log.exception("model %r: abort_request failed", self.model)
+            stream.fail(code, message)
+            self._forget(stream)
+
+    def _step_failed(self, exc: Exception) -> None:
+        self._step_errors += 1
+        log.error("model %r: a step failed; failing the requests in flight", self.model, exc_info=exc)
+        self._fail_everything("model_error", f"model {self.model!r} failed: {type(exc).__name__}: {exc}")
+        self._publish()
+
+    def _snapshot(self) -> SchedulerStats:
+        return SchedulerStats(
+            model=self.model,
+            pending=self._pending,
+            max_pending=self.max_pending,
+            inbox=self._inbox.statistics().current_buffer_used,
+            steps=self._steps,
+            step_errors=self._step_errors,
+            last_step_seconds=self._last_step,
+            busy_seconds=self._busy,
+            pipelined=self.pipelined,
+            engine=self.engine.statistics(),
+            blocks=self.engine.block_manager.statistics(),
+        )
+
+    def _publish(self) -> None:
+        self._stats = self._snapshot()
+        self._changed.set()
+        self._changed = trio.Event()

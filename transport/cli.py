@@ -1,0 +1,379 @@
+"""The ``mini-vllm`` command: ``serve`` and ``generate`` (add a subcommand: write ``add_X(subparsers)``
+that sets ``func`` and append it to ``SUBCOMMANDS``).
+
+Engine flags use vLLM's spellings (``--max-model-len``, ``--block-size``, ...) and are shared by
+every subcommand that builds engines, through ``add_engine_flags`` and ``engine_args_from``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import attrs
+import trio
+
+from transport.bench import add_bench
+from transport.server import DEFAULT_HOST, DEFAULT_PORT, ServerLimits
+
+# Imported lazily below: engine and actors pull in torch (seconds), which `--help` should not pay for.
+
+BROWSER_PAGE = Path(__file__).resolve().parent.parent / "examples" / "browser" / "index.html"
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+# ---- shared flags ---------------------------------------------------------------------------------
+
+
+def add_engine_flags(parser: argparse.ArgumentParser, seed: bool = True) -> None:
+    """The EngineArgs fields as flags; unset flags keep EngineArgs' defaults.
+
+    ``seed=False`` leaves ``--seed`` to the caller (``generate`` uses it for sampling).
+    """
+    g = parser.add_argument_group("engine (vLLM spellings; defaults are EngineArgs')")
+    g.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default=None)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--block-size", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=None)
+    g.add_argument("--max-num-batched-tokens", type=int, default=None)
+    g.add_argument("--gpu-memory-utilization", type=float, default=None)
+    g.add_argument("--cpu-kv-cache-bytes", type=int, default=None, help="KV budget on the CPU")
+    g.add_argument("--num-kv-blocks", type=int, default=None, help="fix the KV cache size (per model)")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--load-format", choices=["auto", "safetensors", "dummy"], default=None)
+    if seed:
+        g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs")
+
+
+_ENGINE_FLAGS = (
+    "dtype",
+    "max_model_len",
+    "block_size",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "gpu_memory_utilization",
+    "cpu_kv_cache_bytes",
+    "num_kv_blocks",
+    "enable_prefix_caching",
+    "load_format",
+    "seed",
+    "device",
+    "enforce_eager",
+)
+
+
+def parse_model_spec(spec: str | None) -> tuple[str | None, str | None]:
+    """``NAME=PATH`` -> (name, path); ``PATH`` or a preset -> (None, spec); None / "demo" -> the demo model."""
+    if spec is None:
+        return None, None
+    name, sep, path = spec.partition("=")
+    if sep and name and "/" not in name:
+        return name, (None if path in ("", "demo") else path)
+    return None, (None if spec == "demo" else spec)
+
+
+def engine_args_from(args: argparse.Namespace, spec: str | None) -> Any:  # -> engine.EngineArgs
+    from engine import EngineArgs
+
+    name, model = parse_model_spec(spec)
+    given = {f: getattr(args, f) for f in _ENGINE_FLAGS if getattr(args, f, None) is not None}
+    return EngineArgs(model=model, model_name=name, **given)
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sampling (SamplingParams' names)")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--min-p", type=float, default=None)
+    g.add_argument("--min-tokens", type=int, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=None)
+    g.add_argument("--presence-penalty", type=float, default=None)
+    g.add_argument("--frequency-penalty", type=float, default=None)
+    g.add_argument("--seed", dest="sampling_seed", type=int, default=None, help="per-request sampling seed")
+    g.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", default=None)
+
+
+_SAMPLING_FLAGS = {
+    "max_tokens": "max_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "min_tokens": "min_tokens",
+    "repetition_penalty": "repetition_penalty",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "sampling_seed": "seed",
+    "stop": "stop",
+    "ignore_eos": "ignore_eos",
+}
+
+
+def sampling_from(args: argparse.Namespace) -> dict[str, Any]:
+    return {field: getattr(args, flag) for flag, field in _SAMPLING_FLAGS.items() if getattr(args, flag) is not None}
+
+
+# ---- serve ----------------------------------------------------------------------------------------
+
+
+def add_serve(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve models over WebSockets",
+        description="Serve one or more models over WebSockets (JSON frames; see docs/protocol.md).",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        metavar="[NAME=]PATH",
+        help="a model directory, hub id or preset, optionally named (repeatable); default: the demo model",
+    )
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST})")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free port)")
+    p.add_argument("--max-pending-requests", type=int, default=256, help="per model, queued + running (admission)")
+    p.add_argument("--max-requests-per-connection", type=int, default=64)
+    p.add_argument("--max-frame-bytes", type=int, default=1 << 20)
+    p.add_argument("--slow-client-timeout", type=float, default=30.0, help="seconds a frame may wait for a client")
+    p.add_argument("--shutdown-grace", type=float, default=5.0, help="seconds to flush final frames on Ctrl-C")
+    add_engine_flags(p)
+    p.set_defaults(func=run_serve)
+
+
+@attrs.define
+class _ProgressDisplay:
+    """Model-loading progress on stderr: a live timer on a terminal, plain lines otherwise."""
+
+    out: TextIO
+    current: str | None = None
+    started: float = 0.0
+
+    def __call__(self, event: Any) -> None:  # an actors.LoadProgress
+        prefix = f"[{event.index + 1}/{event.total}] {event.model}"
+        if event.phase == "loading":
+            self.current, self.started = prefix, time.monotonic()
+            self._write(f"{prefix}: loading (KV: {event.kv_rule}) ...", final=not self.out.isatty())
+        else:
+            self.current = None
+            self._write(f"{prefix}: loaded in {event.seconds:.1f} s", final=True)
+
+    def _write(self, text: str, final: bool) -> None:
+        if self.out.isatty():
+            self.out.write("\r\x1b[K" + text + ("\n" if final else ""))
+        else:
+            self.out.write(text + "\n")
+        self.out.flush()
+
+    async def tick(self) -> None:
+        if not self.out.isatty():
+            return
+        while True:
+            await trio.sleep(0.25)
+            if self.current is not None:
+                self._write(f"{self.current}: loading ... {time.monotonic() - self.started:.1f} s", final=False)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from actors import ServiceConfig
+    from engine import MiniVllmError
+
+    try:
+        models = [engine_args_from(args, spec) for spec in (args.model or [None])]
+        config = ServiceConfig(max_pending_per_model=args.max_pending_requests)
+        limits = ServerLimits(
+            max_frame_bytes=args.max_frame_bytes,
+            hard_max_frame_bytes=max(16 << 20, args.max_frame_bytes),
+            max_requests_per_connection=args.max_requests_per_connection,
+            slow_client_timeout=args.slow_client_timeout,
+        )
+    except MiniVllmError as exc:
+        print(f"mini-vllm serve: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        trio.run(_serve, models, config, limits, args.host, args.port, args.shutdown_grace)
+    except (Exception, KeyboardInterrupt) as exc:  # nurseries wrap errors in groups: report the leaves
+        leaves = _leaves(exc)
+        if all(isinstance(e, KeyboardInterrupt) for e in leaves):  # Ctrl-C before the handler was set
+            return EXIT_OK
+        if not all(isinstance(e, MiniVllmError | OSError | KeyboardInterrupt) for e in leaves):
+            raise
+        for e in leaves:
+            if isinstance(e, OSError):
+                print(f"mini-vllm serve: error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+            elif isinstance(e, MiniVllmError):
+                print(f"mini-vllm serve: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if not isinstance(exc, BaseExceptionGroup):
+        return [exc]
+    return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+
+
+async def _serve(models: list[Any], config: Any, limits: ServerLimits, host: str, port: int, grace: float) -> None:
+    from actors import open_service
+    from transport.server import Server
+
+    progress = _ProgressDisplay(sys.stderr)
+    stop = trio.Event()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            serving = False
+
+            async def watch_signals() -> None:
+                async for _ in signals:
+                    if serving and not stop.is_set():
+                        print("\nmini-vllm: stopping (press Ctrl-C again to force) ...", file=sys.stderr, flush=True)
+                        stop.set()
+                    else:  # while loading, or a second Ctrl-C: stop now
+                        nursery.cancel_scope.cancel()
+                        return
+
+            nursery.start_soon(watch_signals)
+            nursery.start_soon(progress.tick)
+            async with open_service(models, config, on_progress=progress) as service:
+                progress.current = None
+                server = Server(service, limits)
+                async with trio.open_nursery() as listening:
+                    await listening.start(server.run, host, port)
+                    serving = True
+                    names = ", ".join(m.name for m in service.models())
+                    print(f"mini-vllm: serving {names} on {server.url}", flush=True)
+                    if BROWSER_PAGE.is_file():
+                        print(f"mini-vllm: browser page: {BROWSER_PAGE.as_uri()}?server={server.url}", flush=True)
+                    await stop.wait()
+                    await server.shutdown("the server is shutting down (interrupted)", grace)
+                    listening.cancel_scope.cancel()
+            print("mini-vllm: stopped", file=sys.stderr, flush=True)
+            nursery.cancel_scope.cancel()
+
+
+# ---- generate -------------------------------------------------------------------------------------
+
+
+def add_generate(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "generate",
+        help="generate text from a running server (--url) or in-process",
+        description="Stream a completion of PROMPT to stdout; usage goes to stderr.",
+    )
+    p.add_argument("prompt", metavar="PROMPT")
+    p.add_argument("--url", default=None, help="a running server (ws://HOST:PORT); default: run in-process")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="with --url: the served model's name; without: a model directory, hub id or preset (default: demo)",
+    )
+    p.add_argument("--chat", action="store_true", help="send PROMPT as a user message through the chat template")
+    add_sampling_flags(p)
+    add_engine_flags(p, seed=False)
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from engine import MiniVllmError
+
+    sampling = sampling_from(args)
+    try:
+        if args.url:
+            return trio.run(_generate_remote, args.url, args.prompt, args.model, args.chat, sampling)
+        return _generate_local(args, sampling)
+    except MiniVllmError as exc:
+        print(f"\nmini-vllm generate: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("\nmini-vllm generate: interrupted", file=sys.stderr)
+        return EXIT_OK
+
+
+async def _generate_remote(url: str, prompt: str, model: str | None, chat: bool, sampling: dict[str, Any]) -> int:
+    from transport.client import ClientError, connect
+
+    try:
+        async with connect(url) as client:
+            if chat:
+                stream = client.chat([{"role": "user", "content": prompt}], model=model, **sampling)
+            else:
+                stream = client.generate(prompt, model=model, **sampling)
+            async with stream:
+                async for delta in stream:
+                    sys.stdout.write(delta.text)
+                    sys.stdout.flush()
+                    if delta.finish_reason is not None and delta.usage is not None:
+                        _report(delta.finish_reason, delta.usage.prompt_tokens, delta.usage.completion_tokens)
+    except ClientError as exc:
+        print(f"\nmini-vllm generate: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def _generate_local(args: argparse.Namespace, sampling: dict[str, Any]) -> int:
+    from engine import LLMEngine, SamplingParams
+
+    engine = LLMEngine.from_engine_args(engine_args_from(args, args.model))
+    params = SamplingParams.from_dict(sampling)
+    if args.chat:
+        ids = engine.apply_chat_template([{"role": "user", "content": args.prompt}])
+    else:
+        ids = engine.tokenize(args.prompt)
+    engine.add_request("cli-0", ids, params)
+    completion = 0
+    while engine.has_unfinished_requests():
+        for delta in engine.step():
+            for s in delta.samples:
+                if s.index != 0:
+                    continue
+                sys.stdout.write(s.text)
+                sys.stdout.flush()
+                completion += len(s.token_ids)
+                if s.finish_reason is not None:
+                    _report(s.finish_reason, delta.num_prompt_tokens, completion)
+    return EXIT_OK
+
+
+def _report(finish_reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    print(
+        f"[finish_reason={finish_reason} prompt_tokens={prompt_tokens} completion_tokens={completion_tokens}]",
+        file=sys.stderr,
+    )
+
+
+# ---- entry point ----------------------------------------------------------------------------------
+
+# Each adds one subcommand (and sets ``func``): the place to register a new one, e.g. ``bench``.
+SUBCOMMANDS: tuple[Callable[[Any], None], ...] = (add_serve, add_generate, add_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mini-vllm", description="A small vLLM: serve and run LLMs.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""The bundled async client (trio): many concurrent requests over one WebSocket connection.
+
+    async with connect("ws://127.0.0.1:8000") as client:
+        async for delta in client.generate("Hello", max_tokens=16, temperature=0):
+            print(delta.text, end="")
+
+A background task reads frames and routes them by request id to bounded per-request queues; when
+one is full the reader waits, which is backpressure all the way to the server (the server then
+merges tokens into fewer frames). Errors arrive as typed exceptions. Leaving an ``async for``
+early, or cancelling the task that iterates, sends ``cancel`` for that request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import threading
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+import attrs
+import trio
+from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, open_websocket_url
+
+from actors.task_group import open_task_group
+from engine.outputs import TokenLogprob
+from transport import protocol
+from transport.protocol import DoneEvent, ErrorEvent, ModelInfo, ModelsEvent, ServerEvent, TokenEvent, Usage
+
+log = logging.getLogger(__name__)
+_REQUEST_QUEUE = 256  # frames buffered per request before the reader waits for its consumer
+
+
+class ClientError(Exception):
+    """Base of the client's errors."""
+
+
+class ConnectionLost(ClientError):
+    """The connection closed (or could not be opened) before the answer was complete."""
+
+
+class ServerError(ClientError):
+    """The server answered with an error; ``code`` is one of ``protocol.ERROR_CODES``."""
+
+    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
+        super().__init__(f"[{code}] {message}")
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+class RequestRejected(ServerError):
+    """The server refused the request before generating anything."""
+
+
+class InvalidRequestError(RequestRejected):
+    """A field is missing, unknown or out of range, or the model cannot take the prompt."""
+
+
+class UnknownModelError(RequestRejected):
+    pass
+
+
+class OverloadedError(RequestRejected):
+    """The model's queue or the connection's request limit is full: retry later."""
+
+
+class ShuttingDownError(RequestRejected):
+    pass
+
+
+class GenerationFailed(ServerError):
+    """The request had started and ended with finish reason ``error`` (the server says why)."""
+
+
+_REJECTIONS: dict[str, type[RequestRejected]] = {
+    "unknown_model": UnknownModelError,
+    "overloaded": OverloadedError,
+    "too_many_requests": OverloadedError,
+    "shutting_down": ShuttingDownError,
+}
+
+
+def _rejection(event: ErrorEvent) -> RequestRejected:
+    return _REJECTIONS.get(event.code, InvalidRequestError)(event.code, event.message, event.id)
+
+
+@attrs.frozen
+class ClientDelta:
+    """New text of one sample; the sample's last delta carries ``finish_reason`` and ``usage``."""
+
+    request_id: str
+    index: int
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+@attrs.frozen
+class Completion:
+    """A whole answer (sample 0), as ``Client.complete`` returns it."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str
+    usage: Usage
+
+
+class ClientGeneration:
+    """One request's deltas. The frame is sent on the first ``__anext__``."""
+
+    def __init__(self, client: Client, request_id: str, frame: str, n: int) -> None:
+        self.request_id = request_id
+        self._client = client
+        self._frame = frame
+        self._open = n  # samples not yet done
+        self._events: trio.MemoryReceiveChannel[ServerEvent] | None = None
+        self._ended = False
+        self._thread = threading.get_ident()
+
+    def __aiter__(self) -> ClientGeneration:
+        return self
+
+    async def __anext__(self) -> ClientDelta:
+        if self._ended:
+            raise StopAsyncIteration
+        try:
+            if self._events is None:
+                self._events = self._client._register(self.request_id)
+                await self._client._send(self._frame)
+            try:
+                event = await self._events.receive()
+            except trio.EndOfChannel:
+                raise ConnectionLost(f"connection closed while request {self.request_id!r} was running") from None
+        except BaseException:
+            self._end(send_cancel=True)
+            raise
+        if isinstance(event, ErrorEvent):
+            self._end(send_cancel=False)
+            raise _rejection(event)
+        if isinstance(event, TokenEvent):
+            return ClientDelta(self.request_id, event.index, event.text, event.token_ids, event.logprobs)
+        if not isinstance(event, DoneEvent):
+            raise ClientError(f"unexpected frame for request {self.request_id!r}: {event!r}")
+        self._open -= 1
+        if self._open <= 0:
+            self._end(send_cancel=False)
+        if event.finish_reason == "error":
+            self._end(send_cancel=True)
+            raise GenerationFailed(event.error_code or "error", event.error_message or "generation failed", event.id)
+        return ClientDelta(self.request_id, event.index, "", (), None, event.finish_reason, event.usage)
+
+    async def __aenter__(self) -> ClientGeneration:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._end(send_cancel=True)
+        await trio.lowlevel.checkpoint()
+
+    def cancel(self) -> None:
+        """Ask the server to stop; iteration then ends with finish reason ``cancelled``."""
+        if not self._ended and self._events is not None:
+            self._client._send_soon(protocol.cancel_request(self.request_id))
+
+    def _end(self, send_cancel: bool) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        if self._events is not None:
+            self._client._unregister(self.request_id)
+            if send_cancel:
+                self._client._send_soon(protocol.cancel_request(self.request_id))
+
+    def __del__(self) -> None:
+        # Dropped mid-iteration (``break``): tell the server, from the trio thread only.
+        if not self._ended and self._events is not None and threading.get_ident() == self._thread:
+            with contextlib.suppress(Exception):
+                self._end(send_cancel=True)
+
+
+class Client:
+    """A connection to a mini-vllm server. Make one with ``connect(url)``."""
+
+    def __init__(self, ws: WebSocketConnection, nursery: trio.Nursery) -> None:
+        self._ws = ws
+        self._nursery = nursery
+        self._ids = itertools.count(1)
+        self._routes: dict[str, trio.MemorySendChannel[ServerEvent]] = {}
+        self._closed: str | None = None
+
+    # ---- requests ---------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        model: str | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+        **sampling: Any,
+    ) -> ClientGeneration:
+        """Stream a completion; sampling fields (``max_tokens``, ``temperature``, ...) as keywords."""
+        rid = request_id or self._new_id()
+        text, ids = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
+        frame = protocol.generate_request(
+            rid, prompt=text, prompt_token_ids=ids, model=model, priority=priority, sampling=sampling
+        )
+        return ClientGeneration(self, rid, frame, int(sampling.get("n", 1)))
+
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        *,
+        model: str | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+        **sampling: Any,
+    ) -> ClientGeneration:
+        """Like ``generate``, the prompt made from ``messages`` by the model's chat template."""
+        rid = request_id or self._new_id()
+        frame = protocol.chat_request(rid, messages, model=model, priority=priority, sampling=sampling)
+        return ClientGeneration(self, rid, frame, int(sampling.get("n", 1)))
+
+    async def complete(self, prompt: str | Sequence[int], **kwargs: Any) -> Completion:
+        """The whole answer of sample 0 (``n`` must be 1)."""
+        text: list[str] = []
+        ids: list[int] = []
+        async for d in self.generate(prompt, **kwargs):
+            text.append(d.text)
+            ids.extend(d.token_ids)
+            if d.finish_reason is not None and d.usage is not None:
+                return Completion("".join(text), tuple(ids), d.finish_reason, d.usage)
+        raise ConnectionLost("the request ended without a done frame")
+
+    async def cancel(self, request_id: str) -> None:
+        await self._send(protocol.cancel_request(request_id))
+
+    async def models(self) -> list[ModelInfo]:
+        rid = self._new_id()
+        events = self._register(rid)
+        try:
+            await self._send(protocol.models_request(rid))
+            try:
+                event = await events.receive()
+            except trio.EndOfChannel:
+                raise ConnectionLost("connection closed before the model list arrived") from None
+        finally:
+            self._unregister(rid)
+        if isinstance(event, ErrorEvent):
+            raise _rejection(event)
+        if not isinstance(event, ModelsEvent):
+            raise ClientError(f"unexpected answer to 'models': {event!r}")
+        return list(event.models)
+
+    # ---- plumbing ---------------------------------------------------------------------------------
+    def _new_id(self) -> str:
+        return str(next(self._ids))
+
+    def _register(self, request_id: str) -> trio.MemoryReceiveChannel[ServerEvent]:
+        if self._closed is not None:
+            raise ConnectionLost(self._closed)
+        if request_id in self._routes:
+            raise ClientError(f"request id {request_id!r} is already in use on this connection")
+        send, receive = trio.open_memory_channel[ServerEvent](_REQUEST_QUEUE)
+        self._routes[request_id] = send
+        return receive
+
+    def _unregister(self, request_id: str) -> None:
+        send = self._routes.pop(request_id, None)
+        if send is not None:
+            send.close()
+
+    async def _send(self, frame: str) -> None:
+        try:
+            await self._ws.send_message(frame)
+        except ConnectionClosed as exc:
+            raise ConnectionLost(f"connection closed: {exc.reason}") from None
+
+    def _send_soon(self, frame: str) -> None:
+        """Send without waiting (from finalizers and cancelled tasks)."""
+        if self._closed is None:
+            self._nursery.start_soon(self._send_quietly, frame)
+
+    async def _send_quietly(self, frame: str) -> None:
+        with contextlib.suppress(ConnectionLost):
+            await self._send(frame)
+
+    async def _reader(self) -> None:
+        try:
+            while True:
+                try:
+                    message = await self._ws.get_message()
+                except ConnectionClosed as exc:
+                    self._closed = f"connection closed: {exc.reason}"
+                    return
+                event = protocol.parse_server_frame(message)
+                route = self._routes.get(event.id) if event.id is not None else None
+                if route is None:
+                    if isinstance(event, ErrorEvent):
+                        log.warning("server error not tied to a request: [%s] %s", event.code, event.message)
+                    continue  # e.g. frames of a request we stopped listening to
+                with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+                    await route.send(event)
+        finally:
+            self._closed = self._closed or "connection closed"
+            for send in self._routes.values():
+                send.close()
+            self._routes.clear()
+
+    @property
+    def close_reason(self) -> str | None:
+        return self._closed
+
+
+@contextlib.asynccontextmanager
+async def connect(url: str, *, max_frame_bytes: int = 64 << 20) -> AsyncIterator[Client]:
+    """Open a connection; raises ConnectionLost if the server cannot be reached."""
+    opened = False
+    try:
+        async with open_websocket_url(url, max_message_size=max_frame_bytes, disconnect_timeout=2) as ws:
+            opened = True
+            async with open_task_group() as nursery:
+                client = Client(ws, nursery)
+                nursery.start_soon(client._reader)
+                yield client
+    except (HandshakeError, OSError) as exc:
+        if opened:
+            raise
+        raise ConnectionLost(f"cannot connect to {url}: {exc}") from None
