@@ -530,6 +530,7 @@ def decode_attention_triton(
     out: torch.Tensor | None = None,
     *,
     block_n: int | None = None,
+    num_warps: int = 8,
 ) -> torch.Tensor:
     """Flash-decoding: one query per sequence (``query`` ``[B, heads, head_dim]``).
 
@@ -584,7 +585,7 @@ def decode_attention_triton(
         BLOCK_SIZE=k_cache.shape[1],
         DOT_PRECISION=_dot_precision(query.dtype),
         UPCAST_DOT=INTERPRETED,
-        num_warps=8,  # 4 warps spill at BLOCK_N=64, head_dim 128 (sm_90)
+        num_warps=num_warps,  # 8 by default: 4 warps spill at BLOCK_N=64, head_dim 128 (sm_90)
     )
     _decode_reduce_kernel[(batch, num_heads)](
         part_out,
