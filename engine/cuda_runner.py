@@ -30,6 +30,7 @@ from engine.triton_attention import (
     prefill_tokens_per_tile,
     store_kv_triton,
 )
+from engine.triton_norm import rms_norm_triton
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -91,6 +92,9 @@ class CudaModelRunner(ModelRunner):
         self.max_blocks = -(-max_model_len // block_size)
         self.num_splits = num_splits_for(max_model_len)
         self.tokens_per_tile = prefill_tokens_per_tile(config.num_attention_heads, config.num_key_value_heads)
+        self.num_kv_heads = config.num_key_value_heads
+        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+        model.use_fused_norm(rms_norm_triton)
         self._schedule: PrefillSchedule | None = None  # the current eager step's prefill tile map
         rows = max(max_num_batched_tokens, max_num_seqs)
         self._sets = [_Buffers(max_num_batched_tokens, max_num_seqs, rows, self.max_blocks, device) for _ in range(2)]
@@ -119,8 +123,17 @@ class CudaModelRunner(ModelRunner):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, scale: float
     ) -> torch.Tensor:
         if meta.max_query_len == 1 and q.shape[0] == meta.seq_lens.shape[0]:
-            return decode_attention_triton(q, k, v, meta.seq_lens, meta.block_tables, scale, self.num_splits)
+            return decode_attention_triton(
+                q, k, v, meta.seq_lens, meta.block_tables, scale, self._decode_splits(q.shape[0]), num_warps=4
+            )
         return prefill_attention_triton(q, k, v, meta, scale, schedule=self._schedule)
+
+    def _decode_splits(self, batch: int) -> int:
+        """Split the context only as much as needed to give every SM a few programs: at 256
+        sequences one partition is fastest (measured: docs/gpu-execution.md), at batch 1 the
+        context is cut into up to ``num_splits`` pieces. Fixed per batch size, so graphs keep it."""
+        want = -(-4 * self.num_sms // (batch * self.num_kv_heads))
+        return max(1, min(self.num_splits, want))
 
     # ---- CUDA graphs ------------------------------------------------------------------------------
     def _graph_meta(self, bs: int) -> AttentionMetadata:

@@ -22,18 +22,34 @@ AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetad
 StoreKvFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
+# A fused implementation (x, weight, eps, residual) -> (normed, sum); the GPU runner installs one.
+FusedNorm = Callable[[torch.Tensor, torch.Tensor, float, "torch.Tensor | None"], tuple[torch.Tensor, "torch.Tensor | None"]]
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.fused: FusedNorm | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None:
+            return self.fused(x, self.weight, self.eps, None)[0]
         # Same op order as transformers (normalize in fp32, cast back, then scale) for exactness.
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(norm(residual + x), residual + x)``: the residual stream's add fused with the norm."""
+        if self.fused is not None:
+            normed, total = self.fused(x, self.weight, self.eps, residual)
+            if total is not None:
+                return normed, total
+        total = residual + x
+        return self(total), total
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -163,17 +179,26 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         """Hidden states ``[T, hidden]`` of the new tokens; ``kv_cache`` is ``[L, 2, blocks, ...]``."""
         hidden = self.embed_tokens(input_ids)
+        residual: torch.Tensor | None = None
         for i, layer in enumerate(self.layers):
-            residual = hidden
-            hidden = layer.input_layernorm(hidden)
+            if residual is None:
+                residual = hidden
+                hidden = layer.input_layernorm(hidden)
+            else:
+                hidden, residual = layer.input_layernorm.add_forward(hidden, residual)
             hidden = layer.self_attn(
                 positions, hidden, self.rotary, kv_cache[i, 0], kv_cache[i, 1], meta, attention_fn, store_kv_fn
             )
-            hidden = residual + hidden
-            residual = hidden
-            hidden = layer.mlp(layer.post_attention_layernorm(hidden))
-            hidden = residual + hidden
-        return self.norm(hidden)
+            hidden, residual = layer.post_attention_layernorm.add_forward(hidden, residual)
+            hidden = layer.mlp(hidden)
+        if residual is None:
+            return self.norm(hidden)
+        return self.norm.add_forward(hidden, residual)[0]
+
+    def use_fused_norm(self, fused: FusedNorm) -> None:
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.fused = fused
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

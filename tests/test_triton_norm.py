@@ -1,0 +1,59 @@
+"""The fused RMSNorm (+ residual add) kernel against the eager module, through Triton's interpreter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from engine.model import RMSNorm  # noqa: E402
+from engine.triton_norm import rms_norm_triton  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="interpreter test (CPU tensors); the GPU path is covered by test_gpu_engine"
+)
+
+
+def eager(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    norm = RMSNorm(x.shape[-1], eps).to(x.dtype)
+    norm.weight.data.copy_(w)
+    if residual is None:
+        return norm(x), None
+    return norm.add_forward(x, residual)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("shape", [(5, 64), (3, 4, 32), (7, 100)])
+def test_fused_norm_matches_eager(dtype: torch.dtype, with_residual: bool, shape: tuple[int, ...]) -> None:
+    gen = torch.Generator().manual_seed(hash(shape) & 0xFFFF)
+    x = torch.randn(shape, generator=gen).to(dtype)
+    w = (1 + 0.3 * torch.randn(shape[-1], generator=gen)).to(dtype)
+    res = torch.randn(shape, generator=gen).to(dtype) if with_residual else None
+    got, got_sum = rms_norm_triton(x, w, 1e-6, res)
+    want, want_sum = eager(x, w, 1e-6, res)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    # One rounding apart at most (fp32 sum order; the interpreter rounds bf16 toward zero).
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 1.6e-2}
+    torch.testing.assert_close(got, want, **tol)
+    if with_residual:
+        assert got_sum is not None and want_sum is not None
+        torch.testing.assert_close(got_sum, want_sum, **tol)
+    else:
+        assert got_sum is None
+
+
+@pytest.mark.timeout(60)
+def test_strided_input_is_normalized_per_row() -> None:
+    base = torch.randn(6, 3 * 32)
+    q = base[:, :64].view(6, 2, 32)  # a non-contiguous view, like q split out of a fused qkv
+    w = torch.ones(32)
+    got, _ = rms_norm_triton(q, w, 1e-6)
+    torch.testing.assert_close(got, eager(q.contiguous(), w, 1e-6, None)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_dtype_mismatch_is_an_error() -> None:
+    with pytest.raises(ValueError, match="share a dtype"):
+        rms_norm_triton(torch.randn(2, 8), torch.ones(8, dtype=torch.bfloat16), 1e-6)
