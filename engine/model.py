@@ -26,6 +26,11 @@ StoreKvFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, to
 FusedNorm = Callable[[torch.Tensor, torch.Tensor, float, "torch.Tensor | None"], tuple[torch.Tensor, "torch.Tensor | None"]]
 
 
+FusedRotary = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
+]
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -83,8 +88,11 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
+        self.fused: FusedRotary | None = None  # the GPU runner installs a one-kernel version
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fused is not None:
+            return self.fused(positions, q, k, self.cos, self.sin)
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
@@ -195,10 +203,11 @@ class CausalLM(nn.Module):
             return self.norm(hidden)
         return self.norm.add_forward(hidden, residual)[0]
 
-    def use_fused_norm(self, fused: FusedNorm) -> None:
+    def use_fused_kernels(self, norm: FusedNorm, rotary: FusedRotary) -> None:
         for module in self.modules():
             if isinstance(module, RMSNorm):
-                module.fused = fused
+                module.fused = norm
+        self.rotary.fused = rotary
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

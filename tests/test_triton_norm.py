@@ -57,3 +57,31 @@ def test_strided_input_is_normalized_per_row() -> None:
 def test_dtype_mismatch_is_an_error() -> None:
     with pytest.raises(ValueError, match="share a dtype"):
         rms_norm_triton(torch.randn(2, 8), torch.ones(8, dtype=torch.bfloat16), 1e-6)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rotary_matches_eager(dtype: torch.dtype) -> None:
+    from engine.config import ModelConfig
+    from engine.model import RotaryEmbedding
+    from engine.triton_norm import rotary_triton
+
+    cfg = ModelConfig.from_dict(
+        {"architectures": ["LlamaForCausalLM"], "hidden_size": 128, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "intermediate_size": 64, "num_hidden_layers": 1, "vocab_size": 10,
+         "head_dim": 32, "rope_theta": 10000.0},
+        "test",
+    )
+    rope = RotaryEmbedding(cfg, 64)
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(9, 8 * 32, generator=gen).to(dtype)  # q (4 heads) | k (2) | v (2), as the model splits it
+    q = qkv[:, : 4 * 32].view(9, 4, 32)
+    k = qkv[:, 4 * 32 : 6 * 32].view(9, 2, 32)
+    positions = torch.tensor([0, 1, 2, 3, 17, 33, 40, 62, 63])
+    want_q, want_k = rope(positions, q.clone(), k.clone())
+    v_before = qkv[:, 6 * 32 :].clone()
+    got_q, got_k = rotary_triton(positions, q, k, rope.cos, rope.sin)
+    tol = {"atol": 1e-6, "rtol": 1e-6} if dtype == torch.float32 else {"atol": 1.6e-2, "rtol": 1.6e-2}
+    torch.testing.assert_close(got_q, want_q, **tol)
+    torch.testing.assert_close(got_k, want_k, **tol)
+    assert torch.equal(qkv[:, 6 * 32 :], v_before), "v must be untouched"

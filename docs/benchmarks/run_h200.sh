@@ -10,8 +10,10 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  set -o pipefail
   timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_triton_attention_gpu.py tests/test_gpu_engine.py -s \
-    2>&1 | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|error|Error|equal|tie" | tail -25
+    2>&1 | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|error|Error|equal|tie" | tail -25 \
+    || { echo "GPU tests failed: no benchmark on a wrong engine"; exit 1; }
 fi
 for model in ${MODELS:-qwen3-0.6b llama3-8b}; do
   trace=""
