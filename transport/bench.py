@@ -26,6 +26,7 @@ from engine.config import PRESETS, EngineArgs, ModelConfig
 from engine.llm_engine import LLMEngine, StepTiming
 from engine.sampling_params import SamplingParams
 from engine.workloads import WorkloadRequest, offline_256, physical_floor
+from transport.bench_kv import add_bench_kv
 
 
 def add_bench(subparsers: Any) -> None:
@@ -49,6 +50,7 @@ def add_bench(subparsers: Any) -> None:
     t.add_argument("--tag", default="", help="a suffix for the JSON file name")
     t.set_defaults(func=run_throughput)
     add_bench_attention(sub)
+    add_bench_kv(sub)
 
 
 def _log(msg: str) -> None:
