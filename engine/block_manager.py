@@ -66,6 +66,9 @@ class BlockManager:
         self._hashes: dict[int, list[int]] = {}  # seq id -> hashes of its leading full blocks
         self._queries = 0
         self._hits = 0
+        # A lookup counts once its sequence is admitted (allocation succeeds); a lookup undone by
+        # a failed admission and retried later would otherwise count its hits again and again.
+        self._pending_lookup: dict[int, tuple[int, int]] = {}
         self._evictions = 0
 
     # ---- queries -------------------------------------------------------------------------------
@@ -136,23 +139,22 @@ class BlockManager:
             return 0
         bs = self.block_size
         parent: int | None = None
-        for i in range((len(token_ids) - 1) // bs):
+        full_blocks = (len(token_ids) - 1) // bs
+        for i in range(full_blocks):
             tokens = tuple(token_ids[i * bs : (i + 1) * bs])
             h = self._chain(parent, tokens)
-            self._queries += 1
             block = self._by_hash.get(h)
             content = self._content.get(block) if block is not None else None
             if content is None or content.tokens != tokens or content.parent != parent:
-                # Count the rest of the prompt's full blocks as misses too: the hit rate is per block.
-                self._queries += (len(token_ids) - 1) // bs - i - 1
                 break
-            self._hits += 1
             if self._ref[block] == 0:
                 del self._evictable[block]
             self._ref[block] += 1
             self.tables[seq_id].append(block)
             self._hashes[seq_id].append(h)
             parent = h
+        # Every full prompt block is one query (the hit rate is per block); the rest are misses.
+        self._pending_lookup[seq_id] = (full_blocks, len(self.tables[seq_id]))
         return len(self.tables[seq_id]) * bs
 
     def allocate(self, seq_id: int, num_tokens: int) -> list[tuple[int, int]] | None:
@@ -162,6 +164,7 @@ class BlockManager:
         """
         table = self.tables.get(seq_id)
         if table is not None and num_tokens <= len(table) * self.block_size and not self._needs_cow(seq_id, num_tokens):
+            self._commit_lookup(seq_id)
             return []  # fits in the blocks it has: the common decode step
         need = self.blocks_needed(seq_id, num_tokens)
         if need > self.num_available:
@@ -177,7 +180,14 @@ class BlockManager:
             copies.append((old, new))
         while len(table) * self.block_size < num_tokens:
             table.append(self._take_block())
+        self._commit_lookup(seq_id)
         return copies
+
+    def _commit_lookup(self, seq_id: int) -> None:
+        lookup = self._pending_lookup.pop(seq_id, None)
+        if lookup is not None:
+            self._queries += lookup[0]
+            self._hits += lookup[1]
 
     def cache_full_blocks(self, seq_id: int, token_ids: list[int], num_computed: int) -> None:
         """Publish the hashes of blocks that are now full and computed, for later requests."""
@@ -209,6 +219,7 @@ class BlockManager:
         """Drop a sequence's hold on its blocks (finished, aborted or preempted)."""
         table = self.tables.pop(seq_id, None)
         self._hashes.pop(seq_id, None)
+        self._pending_lookup.pop(seq_id, None)
         if table is None:
             return
         # Reverse order: the tail of a prefix is the least likely to be shared, so evict it first.

@@ -53,7 +53,7 @@ class EngineArgs:
     seed: int = 0
     device: str = "auto"
     enforce_eager: bool = False
-    preemption_mode: Literal["recompute", "swap"] = "recompute"
+    preemption_mode: Literal["recompute"] = "recompute"  # swapping to host memory is not built yet
     model_name: str | None = None  # the name clients use to pick this model
 
     def __attrs_post_init__(self) -> None:
@@ -71,8 +71,10 @@ class EngineArgs:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise ConfigError(f"load_format must be auto, safetensors or dummy, got {self.load_format!r}")
-        if self.preemption_mode not in ("recompute", "swap"):
-            raise ConfigError(f"preemption_mode must be recompute or swap, got {self.preemption_mode!r}")
+        if self.preemption_mode == "swap":
+            raise ConfigError("preemption_mode must be recompute: swap (KV blocks to host memory) is not implemented yet")
+        if self.preemption_mode != "recompute":
+            raise ConfigError(f"preemption_mode must be recompute, got {self.preemption_mode!r}")
         if not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

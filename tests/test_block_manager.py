@@ -123,3 +123,26 @@ def test_random_operations_keep_invariants(ops: list[tuple[str, int, int]], cach
     stats = bm.statistics()
     assert stats.used_blocks == 0
     assert stats.free_blocks + stats.cached_blocks == 12
+
+
+def test_hits_count_once_when_a_failed_admission_is_retried() -> None:
+    bm = BlockManager(4, BS, True, "m")
+    tokens = list(range(9))  # 2 full blocks + 1 token
+    bm.match_prefix(1, tokens)
+    bm.allocate(1, 9)
+    bm.cache_full_blocks(1, tokens, 8)
+    bm.free(1)  # two cached blocks, two free
+    hog = [50] * 8
+    bm.match_prefix(2, hog)
+    bm.allocate(2, 8)  # takes the two free blocks
+    for _ in range(3):  # admission of the same prompt fails (needs a third block) and is retried
+        assert bm.match_prefix(3, tokens) == 8
+        assert bm.allocate(3, 9) is None
+        bm.free(3)
+    assert bm.statistics().prefix_hits == 0
+    bm.free(2)
+    assert bm.match_prefix(3, tokens) == 8
+    assert bm.allocate(3, 9) is not None
+    stats = bm.statistics()
+    # Queries: seq 1's 2 blocks, the hog's 1, and seq 3's 2 once (not once per failed try).
+    assert (stats.prefix_hits, stats.prefix_queries) == (2, 5)

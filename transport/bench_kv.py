@@ -374,7 +374,7 @@ class PoolRun:
     preemptions: int
     tokens_computed: int  # recomputation after preemption included
     tokens_reused: int  # a preempted sequence may find its own blocks still cached
-    prefix_hits: int  # BlockManager's count: also counts lookups of admissions that then failed
+    prefix_hits: int  # BlockManager's count: hits of admitted sequences
     peak_running: int
     mean_running: float  # sequences holding KV, per step
 
