@@ -100,6 +100,9 @@ class CudaModelRunner(ModelRunner):
         self._sets = [_Buffers(max_num_batched_tokens, max_num_seqs, rows, self.max_blocks, device) for _ in range(2)]
         self._parity = 0
         self.copy_stream = torch.cuda.Stream(device)
+        # Its own compute stream too: two models' executors then overlap on one GPU instead of
+        # queueing behind each other on the default stream.
+        self.compute_stream = torch.cuda.Stream(device)
         self._out_host = [torch.zeros(rows, dtype=torch.int64, pin_memory=True) for _ in range(2)]
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_stats = GraphStats((), 0.0, 0)
@@ -111,6 +114,7 @@ class CudaModelRunner(ModelRunner):
         self._g_tables = torch.zeros((max_num_seqs, self.max_blocks), dtype=torch.int32, device=device)
         self._g_qsl = torch.arange(max_num_seqs + 1, dtype=torch.int32, device=device)
         self.enforce_eager = enforce_eager
+        self._stream_ready = False
 
     def set_kv_cache(self, kv_cache: torch.Tensor) -> None:
         """Install the cache (sized after profiling) and capture the decode graphs over it."""
@@ -179,8 +183,16 @@ class CudaModelRunner(ModelRunner):
         return None
 
     # ---- a step ------------------------------------------------------------------------------
-    @torch.inference_mode()
     def launch(self, inputs: StepInputs) -> StepHandle:
+        # Start-up work (weights, cache, graphs) ran on the default stream: order after it once.
+        if not self._stream_ready:
+            self.compute_stream.wait_stream(torch.cuda.current_stream(self.device))
+            self._stream_ready = True
+        with torch.cuda.stream(self.compute_stream):
+            return self._launch(inputs)
+
+    @torch.inference_mode()
+    def _launch(self, inputs: StepInputs) -> StepHandle:
         buf = self._sets[self._parity]
         out_host = self._out_host[self._parity]
         self._parity ^= 1

@@ -1,0 +1,57 @@
+"""On a GPU: two models served at once, each on its own streams, their KV shares within budget."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import trio
+
+from actors import open_service
+from engine import LLM, EngineArgs, ModelConfig, SamplingParams
+from engine.kv_cache import bytes_per_block
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+PROMPTS = [[5, 6, 7], [9] * 40, list(range(3, 200)), [42] * 17]
+
+
+@pytest.mark.timeout(600)
+async def test_two_models_on_one_gpu_stream_like_each_alone(tiny_model: Callable[..., Path]) -> None:
+    paths = {"llama": tiny_model("LlamaForCausalLM"), "qwen3": tiny_model("Qwen3ForCausalLM")}
+    params = SamplingParams(temperature=0, max_tokens=24)
+    alone = {}
+    for name, path in paths.items():
+        llm = LLM(str(path), dtype="float32", num_kv_blocks=256)
+        alone[name] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
+        del llm
+    torch.cuda.empty_cache()
+
+    util = 0.5
+    args = [EngineArgs(model=str(p), model_name=n, dtype="float32", gpu_memory_utilization=util) for n, p in paths.items()]
+    got: dict[tuple[str, int], list[int]] = {}
+    async with open_service(args) as service:
+
+        async def one(name: str, i: int) -> None:
+            ids: list[int] = []
+            async for delta in service.generate(PROMPTS[i], model=name, params=params):
+                for s in delta.samples:
+                    ids.extend(s.token_ids)
+            got[(name, i)] = ids
+
+        async with trio.open_nursery() as nursery:
+            for name in paths:
+                for i in range(len(PROMPTS)):
+                    nursery.start_soon(one, name, i)
+        kv_bytes = 0
+        for sched in service.statistics().schedulers:
+            config = ModelConfig.from_file(paths[sched.model] / "config.json")
+            kv_bytes += sched.engine.num_kv_blocks * bytes_per_block(config, sched.engine.block_size, torch.float32)
+        assert kv_bytes <= util * torch.cuda.get_device_properties(0).total_memory
+    for name in paths:
+        assert [got[(name, i)] for i in range(len(PROMPTS))] == alone[name]
