@@ -17,8 +17,6 @@ if not os.environ.get("TRITON_INTERPRET"):
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
 
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
@@ -107,5 +105,17 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     return make
 
 
-def make_tiny_model(tmp_path: Path, architecture: str = "LlamaForCausalLM", seed: int = 0, **overrides: Any) -> Path:
-    return build_tiny_model(tmp_path / architecture, architecture, seed, **overrides)
+@pytest.fixture(scope="module")
+def reference(demo_model_dir: Path) -> Any:
+    """The offline engine's greedy output for the serving tests to compare with."""
+    from conftest_serving import Reference
+
+    return Reference(demo_model_dir)
+
+
+@pytest.fixture
+def engine(demo_model_dir: Path) -> Any:
+    """A fresh demo-model engine for one serving test."""
+    from conftest_serving import build_engine
+
+    return build_engine(demo_model_dir)

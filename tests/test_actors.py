@@ -35,16 +35,6 @@ from engine import EngineArgs, InvalidRequest, LLMEngine, SamplingParams
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(scope="module")
-def reference(demo_model_dir: Path) -> Reference:
-    return Reference(demo_model_dir)
-
-
-@pytest.fixture
-def engine(demo_model_dir: Path) -> LLMEngine:
-    return build_engine(demo_model_dir)
-
-
 @pytest.fixture(params=[False, True], ids=["serial", "pipelined"])
 def config(request: pytest.FixtureRequest) -> ServiceConfig:
     """Both scheduler loops: serial (the CPU default) and pipelined (the GPU default)."""

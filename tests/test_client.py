@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import trio
-from conftest_serving import PROMPTS, GatedEngine, Reference, build_engine, greedy, running_server, wait_blocks_released
+from conftest_serving import PROMPTS, GatedEngine, Reference, greedy, running_server, wait_blocks_released
 
 from actors import ServiceConfig
 from engine import LLMEngine
@@ -20,16 +18,6 @@ from transport.client import (
 )
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def reference(demo_model_dir: Path) -> Reference:
-    return Reference(demo_model_dir)
-
-
-@pytest.fixture
-def engine(demo_model_dir: Path) -> LLMEngine:
-    return build_engine(demo_model_dir)
 
 
 async def test_generate_complete_chat_and_models(engine: LLMEngine, reference: Reference) -> None:

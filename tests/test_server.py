@@ -28,16 +28,6 @@ from transport.server import ServerLimits
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(scope="module")
-def reference(demo_model_dir: Path) -> Reference:
-    return Reference(demo_model_dir)
-
-
-@pytest.fixture
-def engine(demo_model_dir: Path) -> LLMEngine:
-    return build_engine(demo_model_dir)
-
-
 def gen(rid: str, prompt: str, **fields: Any) -> dict[str, Any]:
     return {"type": "generate", "id": rid, "prompt": prompt, **fields}
 
