@@ -35,10 +35,6 @@ class BlockStats:
     def hit_rate(self) -> float:
         return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
 
-    @property
-    def available_blocks(self) -> int:
-        return self.free_blocks + self.cached_blocks
-
 
 @attrs.define
 class _CachedBlock:

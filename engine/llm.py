@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
+
+import attrs
 
 from engine.config import EngineArgs
 from engine.errors import InvalidRequest
 from engine.llm_engine import LLMEngine
-from engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from engine.outputs import CompletionOutput, FinishReason, RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -19,6 +22,7 @@ class LLM:
 
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
         self.engine = LLMEngine.from_engine_args(EngineArgs(model=model, **engine_args))
+        self._calls = itertools.count()  # request ids stay unique across generate() calls
 
     @property
     def tokenizer(self) -> Any:
@@ -51,9 +55,9 @@ class LLM:
             token_ids = engine.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
             engine.validate_request(token_ids, params)
             encoded.append((prompt if isinstance(prompt, str) else None, token_ids, params))
-        base = engine.statistics().steps
+        call = next(self._calls)
         for i, (text, token_ids, params) in enumerate(encoded):
-            request_id = f"offline-{base}-{i}"
+            request_id = f"offline-{call}-{i}"
             engine.add_request(request_id, token_ids, params, prompt=text)
             ids.append(request_id)
         collected: dict[str, dict[int, _Collected]] = {rid: {} for rid in ids}
@@ -84,9 +88,11 @@ class LLM:
         return results
 
 
+@attrs.define
 class _Collected:
-    def __init__(self) -> None:
-        self.token_ids: list[int] = []
-        self.text: list[str] = []
-        self.logprobs: list[TokenLogprob] = []
-        self.finish_reason: Any = None
+    """One sample's deltas, gathered until it finishes."""
+
+    token_ids: list[int] = attrs.field(factory=list)
+    text: list[str] = attrs.field(factory=list)
+    logprobs: list[TokenLogprob] = attrs.field(factory=list)
+    finish_reason: FinishReason | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -90,11 +91,14 @@ def versions() -> dict[str, str]:
             out[name] = __import__(name).__version__
         except ImportError:
             out[name] = "not installed"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
-        out["mini-vllm"] = commit.stdout.strip() or "unknown"
-    except OSError:
-        out["mini-vllm"] = "unknown"
+    # The GPU machine gets a copy of the tree without git: the caller may pass the commit along.
+    out["mini-vllm"] = os.environ.get("MINI_VLLM_COMMIT", "")
+    if not out["mini-vllm"]:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+            out["mini-vllm"] = commit.stdout.strip() or "unknown"
+        except OSError:
+            out["mini-vllm"] = "unknown"
     return out
 
 
