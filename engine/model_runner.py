@@ -95,7 +95,7 @@ def prepare_inputs(
                 SamplingRow(
                     params=params,
                     prompt_token_ids=prompt,
-                    output_token_ids=seq.token_ids[seq.num_prompt_tokens :]
+                    output_token_ids=seq.token_ids[seq.num_prompt_tokens : s.end]  # not the placeholder at end
                     if (params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0)
                     else [],
                     blocked_token_ids=blocked,

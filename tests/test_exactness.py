@@ -170,3 +170,23 @@ def test_greedy_n_samples_after_copy_on_write_all_equal_transformers(tiny_model:
     out = LLM(str(path), num_kv_blocks=64).generate([prompt], SamplingParams(n=3, temperature=0, max_tokens=12))[0]
     want = hf_greedy(path, prompt, 12)
     assert [o.token_ids for o in out.outputs] == [want] * 3
+
+
+@pytest.mark.timeout(240)
+def test_repetition_penalty_matches_transformers(tiny_model: Callable[..., Path]) -> None:
+    # Same definition on both sides: over prompt and output tokens, divide positive logits by the
+    # penalty and multiply negative ones.
+    path = tiny_model("LlamaForCausalLM")
+    prompts = prompts_of_mixed_lengths()[:4]
+    llm = LLM(str(path), num_kv_blocks=128)
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12,
+                                                                                 repetition_penalty=1.3))]
+    model = _hf_model(str(path))
+    want = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                                 repetition_penalty=1.3)
+        want.append(out[0, len(p) :].tolist())
+    assert got == want
