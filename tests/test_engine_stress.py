@@ -26,13 +26,14 @@ def alone(demo_model_dir: Path) -> LLM:
 def random_params(rng: random.Random) -> SamplingParams:
     if rng.random() < 0.6:
         return SamplingParams(temperature=0, max_tokens=rng.randint(1, 40), ignore_eos=rng.random() < 0.5)
+    max_tokens = rng.randint(1, 30)
     return SamplingParams(
         n=rng.choice([1, 2, 3]),
         temperature=rng.choice([0.7, 1.0]),
         top_p=rng.choice([1.0, 0.9]),
         seed=rng.randrange(1000),
-        max_tokens=rng.randint(1, 30),
-        min_tokens=rng.choice([0, 2]),
+        max_tokens=max_tokens,
+        min_tokens=min(max_tokens, rng.choice([0, 2])),
         stop=rng.choice([(), ("a",), ("\n", "xy")]),
         presence_penalty=rng.choice([0.0, 0.5]),
     )
