@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import LLM, SamplingParams
+from engine import LLM, LLMEngine, SamplingParams
 from engine.outputs import RequestDelta
 
 pytestmark = pytest.mark.timeout(240)
@@ -39,8 +39,15 @@ def random_params(rng: random.Random) -> SamplingParams:
     )
 
 
+def serial_step(engine: LLMEngine) -> list[RequestDelta]:
+    """The actors' CPU loop: schedule, execute, process, nothing in flight between calls."""
+    batch = engine.schedule()
+    return [] if batch is None else engine.process(batch, engine.execute(batch))
+
+
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "serial"])
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
-def test_random_mix_keeps_books_and_outputs(seed: int, alone: LLM) -> None:
+def test_random_mix_keeps_books_and_outputs(seed: int, pipelined: bool, alone: LLM) -> None:
     rng = random.Random(seed)
     # A small pool and budget: preemption and chunked prefill happen all the time.
     llm = LLM(num_kv_blocks=24, max_model_len=384, max_num_batched_tokens=48, max_num_seqs=8)
@@ -74,7 +81,7 @@ def test_random_mix_keeps_books_and_outputs(seed: int, alone: LLM) -> None:
             assert final is not None
             aborted.add(victim)
             take([final])
-        take(engine.step())
+        take(engine.step() if pipelined else serial_step(engine))
         engine.block_manager.check_invariants()
         steps += 1
         assert steps < 5000, "the engine stopped making progress"
