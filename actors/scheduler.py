@@ -92,7 +92,7 @@ class SchedulerActor:
         # On a GPU, launching is asynchronous: queue step N+1 before processing step N, so the device
         # never waits for Python. On the CPU a launch *is* the whole step, so pipelining would only
         # delay each token by a step: run schedule -> execute -> process in order there.
-        self.pipelined = pipelined if pipelined is not None else engine.runner.device.type == "cuda"
+        self.pipelined = pipelined if pipelined is not None else engine.async_scheduling
         self._send, self._inbox = trio.open_memory_channel[_Message](3 * max_pending + _SPARE_INBOX)
         self._streams: dict[str, RequestStream] = {}
         self._pending = 0

@@ -53,6 +53,12 @@ class EngineArgs:
     seed: int = 0
     device: str = "auto"
     enforce_eager: bool = False
+    # False: prompts are computed whole, in prefill-only steps that pause the decodes (vLLM's
+    # original policy); max_num_batched_tokens must then hold the longest prompt.
+    enable_chunked_prefill: bool = True
+    # The CPU schedules step N+1 while the device runs step N. None: on GPUs, where a launch is
+    # asynchronous; off on the CPU, where a launch is the whole step and it would only add a step of delay.
+    async_scheduling: bool | None = None
     preemption_mode: Literal["recompute"] = "recompute"  # swapping to host memory is not built yet
     model_name: str | None = None  # the name clients use to pick this model
 
@@ -75,6 +81,11 @@ class EngineArgs:
             raise ConfigError("preemption_mode must be recompute: swap (KV blocks to host memory) is not implemented yet")
         if self.preemption_mode != "recompute":
             raise ConfigError(f"preemption_mode must be recompute, got {self.preemption_mode!r}")
+        for flag in ("enable_prefix_caching", "enforce_eager", "enable_chunked_prefill"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
+        if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
+            raise ConfigError(f"async_scheduling must be true, false or None (auto), got {self.async_scheduling!r}")
         if not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

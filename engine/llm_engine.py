@@ -100,8 +100,14 @@ class LLMEngine:
         self.eos_ids = eos_ids
         self.max_model_len = max_model_len
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching, namespace=source.name)
-        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens, max_model_len)
+        self.scheduler = Scheduler(
+            self.block_manager, args.max_num_seqs, args.max_num_batched_tokens, max_model_len,
+            chunked_prefill=args.enable_chunked_prefill,
+        )
         self._inflight: tuple[ScheduledBatch, StepHandle] | None = None  # step()'s own pipeline
+        self.async_scheduling = (
+            args.async_scheduling if args.async_scheduling is not None else runner.device.type == "cuda"
+        )
         self._unlanded: ScheduledBatch | None = None  # launched, not yet processed
         self.step_timings: list[StepTiming] | None = None
         self.requests: dict[str, Request] = {}
@@ -123,6 +129,12 @@ class LLMEngine:
             raise ConfigError(
                 f"max_model_len must be <= the model's max_position_embeddings ({config.max_position_embeddings}), "
                 f"got {args.max_model_len}"
+            )
+        if not args.enable_chunked_prefill and args.max_num_batched_tokens < max_len:
+            raise ConfigError(
+                f"with enable_chunked_prefill=False every prompt is computed in one step, so "
+                f"max_num_batched_tokens ({args.max_num_batched_tokens}) must be >= max_model_len ({max_len}): "
+                f"raise it or lower max_model_len"
             )
         tokenizer = load_tokenizer(source.directory)
         eos_ids = generation_eos_ids(source.directory, config)
@@ -263,7 +275,7 @@ class LLMEngine:
         tokens), the step in flight is landed first.
         """
         deltas: list[RequestDelta] = []
-        if self._inflight is not None and not self.can_schedule_ahead():
+        if self._inflight is not None and (not self.async_scheduling or not self.can_schedule_ahead()):
             deltas.extend(self._land())
         t0 = time.perf_counter()
         batch = self.schedule()
@@ -271,6 +283,8 @@ class LLMEngine:
         launched = (batch, self.launch(batch)) if batch is not None else None
         t2 = time.perf_counter()
         previous, self._inflight = self._inflight, launched
+        if not self.async_scheduling:  # land this very step: nothing is scheduled ahead
+            previous, self._inflight = self._inflight, None
         if previous is not None:
             output = self.collect(previous[1])
             t3 = time.perf_counter()

@@ -3,7 +3,9 @@
 Each step has a token budget (``max_num_batched_tokens``). Running sequences go first, in
 (priority, arrival) order: a decode costs one token, an unfinished prompt takes what is left of
 the budget (chunked prefill, so a long prompt never stalls the decodes). Then waiting sequences
-are admitted while the budget, ``max_num_seqs`` and free blocks allow. When a running sequence
+are admitted while the budget, ``max_num_seqs`` and free blocks allow. Without chunked prefill
+(vLLM's original policy) waiting prompts go first, whole, in a prefill-only step that pauses the
+decodes: a newcomer's first token comes sooner, everyone else's next one later. When a running sequence
 cannot get a block, the latest-arrived (lowest-priority) running sequence is preempted: its
 blocks are freed and it goes back to the waiting queue to be recomputed later; no request is lost.
 """
@@ -15,6 +17,7 @@ import bisect
 import attrs
 
 from engine.block_manager import BlockManager
+from engine.errors import ConfigError
 from engine.sequence import PLACEHOLDER, SeqStatus, Sequence
 
 
@@ -48,9 +51,20 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(
-        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        chunked_prefill: bool = True,
     ) -> None:
         self.block_manager = block_manager
+        if not chunked_prefill and max_num_batched_tokens < max_model_len:
+            raise ConfigError(
+                f"without chunked prefill max_num_batched_tokens ({max_num_batched_tokens}) must be >= "
+                f"max_model_len ({max_model_len}), or a long prompt could never be scheduled"
+            )
+        self.chunked_prefill = chunked_prefill
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -91,6 +105,11 @@ class Scheduler:
         chosen: dict[int, tuple[Sequence, int, list[tuple[int, int]]]] = {}  # seq_id -> (seq, n, copies)
         preempted: list[Sequence] = []
 
+        if not self.chunked_prefill:
+            budget -= self._admit_whole(chosen, budget)
+            if chosen:
+                return self._output(chosen, preempted)
+
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -116,7 +135,7 @@ class Scheduler:
             i += 1
 
         # Admit new work only when nothing had to be preempted: otherwise we would thrash.
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.chunked_prefill and not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.token_ids[-1] == PLACEHOLDER:
                 break  # preempted with a token in flight: recompute once it has landed
@@ -133,7 +152,34 @@ class Scheduler:
             self.add_running(seq)
             chosen[seq.seq_id] = (seq, num_new, copies)
             budget -= num_new
+        return self._output(chosen, preempted)
 
+    def _admit_whole(self, chosen: dict[int, tuple[Sequence, int, list[tuple[int, int]]]], budget: int) -> int:
+        """Admit waiting sequences whose whole remaining prompt fits the budget; the tokens used."""
+        bm = self.block_manager
+        used = 0
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if seq.token_ids[-1] == PLACEHOLDER:
+                break
+            if seq.seq_id not in bm.tables:
+                seq.num_computed_tokens = bm.match_prefix(seq.seq_id, seq.token_ids)
+            num_new = len(seq.token_ids) - seq.num_computed_tokens
+            copies = bm.allocate(seq.seq_id, seq.num_computed_tokens + num_new) if num_new <= budget - used else None
+            if copies is None:  # first come, first served: nobody overtakes the head of the queue
+                bm.free(seq.seq_id)
+                seq.num_computed_tokens = 0
+                break
+            self.waiting.pop(0)
+            self.add_running(seq)
+            chosen[seq.seq_id] = (seq, num_new, copies)
+            used += num_new
+        return used
+
+    def _output(
+        self, chosen: dict[int, tuple[Sequence, int, list[tuple[int, int]]]], preempted: list[Sequence]
+    ) -> SchedulerOutput:
+        bm = self.block_manager
         scheduled = []
         all_copies: list[tuple[int, int]] = []
         for seq in self.running:  # running order keeps the batch deterministic

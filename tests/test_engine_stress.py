@@ -50,7 +50,8 @@ def serial_step(engine: LLMEngine) -> list[RequestDelta]:
 def test_random_mix_keeps_books_and_outputs(seed: int, pipelined: bool, alone: LLM) -> None:
     rng = random.Random(seed)
     # A small pool and budget: preemption and chunked prefill happen all the time.
-    llm = LLM(num_kv_blocks=24, max_model_len=384, max_num_batched_tokens=48, max_num_seqs=8)
+    llm = LLM(num_kv_blocks=24, max_model_len=384, max_num_batched_tokens=48, max_num_seqs=8,
+              async_scheduling=pipelined)
     engine = llm.engine
     requests = {}
     for i in range(24):

@@ -48,10 +48,20 @@ def engine_greedy(llm: LLM, prompts: list[list[int]], max_tokens: int = MAX_TOKE
 def test_greedy_equals_transformers(arch: str, tiny_model: Callable[..., Path]) -> None:
     path = tiny_model(arch)
     prompts = prompts_of_mixed_lengths()
-    llm = LLM(str(path), num_kv_blocks=128)
+    llm = LLM(str(path), num_kv_blocks=128, async_scheduling=True)  # the GPU's pipelined loop, on the CPU
     got = engine_greedy(llm, prompts)
     want = [hf_greedy(path, p) for p in prompts]
     assert got == want
+
+
+@pytest.mark.timeout(240)
+def test_greedy_exact_without_chunked_prefill_or_async_scheduling(tiny_model: Callable[..., Path]) -> None:
+    path = tiny_model("LlamaForCausalLM")
+    prompts = prompts_of_mixed_lengths()
+    # A budget of one long prompt: prompts go whole, in prefill-only steps, one or two at a time.
+    llm = LLM(str(path), num_kv_blocks=128, max_model_len=128, max_num_batched_tokens=128,
+              enable_chunked_prefill=False, async_scheduling=False)
+    assert engine_greedy(llm, prompts) == [hf_greedy(path, p) for p in prompts]
 
 
 @pytest.mark.timeout(240)
@@ -68,7 +78,7 @@ def test_greedy_exact_under_preemption(arch: str, tiny_model: Callable[..., Path
     path = tiny_model(arch)
     prompts = prompts_of_mixed_lengths()
     # 14 blocks of 16 = 224 tokens: the longest request alone needs 7 blocks, all six need ~20.
-    llm = LLM(str(path), num_kv_blocks=14, max_model_len=200, enable_prefix_caching=False)
+    llm = LLM(str(path), num_kv_blocks=14, max_model_len=200, enable_prefix_caching=False, async_scheduling=True)
     got = engine_greedy(llm, prompts, max_tokens=20)
     assert llm.engine.statistics().num_preemptions > 0, "the pool was meant to be too small"
     assert got == [hf_greedy(path, p, 20) for p in prompts]
@@ -81,7 +91,8 @@ def test_greedy_exact_under_preemption(arch: str, tiny_model: Callable[..., Path
 def test_greedy_exact_with_chunked_prefill(arch: str, tiny_model: Callable[..., Path]) -> None:
     path = tiny_model(arch)
     prompts = prompts_of_mixed_lengths()
-    llm = LLM(str(path), num_kv_blocks=128, max_num_batched_tokens=8)  # every prompt > 8 tokens is chunked
+    # Every prompt > 8 tokens is chunked.
+    llm = LLM(str(path), num_kv_blocks=128, max_num_batched_tokens=8, async_scheduling=True)
     got = engine_greedy(llm, prompts)
     assert llm.engine.statistics().steps > sum(len(p) for p in prompts) // 8
     assert got == [hf_greedy(path, p) for p in prompts]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from engine.block_manager import BlockManager
+from engine.errors import ConfigError
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import PLACEHOLDER, Request, SeqStatus, Sequence
@@ -92,3 +95,26 @@ def test_length_capped_sequence_is_not_scheduled_again() -> None:
     sched.schedule()
     assert seq.length_capped  # its only token is in flight
     assert sched.schedule().seqs == ()
+
+
+def test_without_chunked_prefill_prompts_go_whole_in_prefill_only_steps() -> None:
+    sched = Scheduler(BlockManager(64, 4, False, "t"), 8, 40, max_model_len=40, chunked_prefill=False)
+    a = add(sched, 0, 10)
+    out = sched.schedule()
+    assert [(s.seq, s.num_new_tokens, s.num_samples) for s in out.seqs] == [(a, 10, 1)]
+    land(sched)
+    b, c = add(sched, 1, 25), add(sched, 2, 20)
+    out = sched.schedule()
+    # b whole, alone: a's decode waits, and c (which would fit only as a chunk) waits for the next step
+    assert [(s.seq, s.num_new_tokens) for s in out.seqs] == [(b, 25)]
+    land(sched)
+    out = sched.schedule()
+    assert [(s.seq, s.num_new_tokens) for s in out.seqs] == [(c, 20)]
+    land(sched)
+    out = sched.schedule()  # nothing waits: everyone decodes
+    assert [(s.seq, s.num_new_tokens) for s in out.seqs] == [(a, 1), (b, 1), (c, 1)]
+
+
+def test_without_chunked_prefill_the_budget_must_hold_a_whole_prompt() -> None:
+    with pytest.raises(ConfigError, match="max_num_batched_tokens .* must be >= max_model_len"):
+        Scheduler(BlockManager(64, 4, False, "t"), 8, 40, max_model_len=1024, chunked_prefill=False)

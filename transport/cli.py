@@ -50,6 +50,10 @@ def add_engine_flags(parser: argparse.ArgumentParser, seed: bool = True) -> None
         g.add_argument("--seed", type=int, default=None)
     g.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
     g.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs")
+    g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=None,
+                   help="split long prompts over steps beside the decodes (default on)")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="CPU schedules step N+1 while the GPU runs step N (default: on GPUs only)")
 
 
 _ENGINE_FLAGS = (
@@ -66,6 +70,8 @@ _ENGINE_FLAGS = (
     "seed",
     "device",
     "enforce_eager",
+    "enable_chunked_prefill",
+    "async_scheduling",
 )
 
 
