@@ -33,7 +33,7 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 
 
 class LoopLagMonitor:
-    def __init__(self, interval: float = 0.01, window: int = 6000) -> None:
+    def __init__(self, interval: float = 0.01, window: int = 30_000) -> None:  # 5 min at 10 ms
         self.interval = interval
         self._lags: collections.deque[float] = collections.deque(maxlen=window)
 

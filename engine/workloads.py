@@ -4,10 +4,16 @@ OFFLINE-256: 256 requests; for each, in order, ``random.Random(0)`` draws the pr
 then the output length, each ``randint(100, 1024)``; prompt ids come from
 ``random.Random(1).randrange(vocab_size)``, request by request. Every request generates exactly
 its output length (EOS ignored).
+
+ONLINE-1000 (the serving benchmark): 1000 requests; ``random.Random(0)`` draws, request by
+request, ``randint(128, 1024)`` for the prompt length and then ``randint(32, 512)`` for the output
+length; prompt ids from ``random.Random(1).randrange(vocab_size)``; exact output lengths. Arrivals
+are gamma-distributed gaps (``arrival_times``).
 """
 
 from __future__ import annotations
 
+import math
 import random
 
 import attrs
@@ -34,6 +40,40 @@ def offline_256(vocab_size: int, num_requests: int = 256) -> list[WorkloadReques
         prompt = [ids.randrange(vocab_size) for _ in range(prompt_len)]
         requests.append(WorkloadRequest(prompt, output_len))
     return requests
+
+
+def online_1000(vocab_size: int, num_requests: int = 1000) -> list[WorkloadRequest]:
+    lengths = random.Random(0)
+    ids = random.Random(1)
+    requests = []
+    for _ in range(num_requests):
+        prompt_len = lengths.randint(128, 1024)
+        output_len = lengths.randint(32, 512)
+        prompt = [ids.randrange(vocab_size) for _ in range(prompt_len)]
+        requests.append(WorkloadRequest(prompt, output_len))
+    return requests
+
+
+def arrival_times(num_requests: int, request_rate: float, burstiness: float = 1.0) -> list[float]:
+    """Seconds after the start at which each request arrives, as vLLM's serving benchmark draws them.
+
+    Gaps are gamma-distributed with mean ``1 / request_rate`` and shape ``burstiness`` (1 is a
+    Poisson process; below 1 burstier, above 1 more regular), drawn from ``random.Random(2)``; a
+    request is sent, then the gap to the next is drawn. ``inf`` sends everything at once. The same
+    seed at every rate gives the same pattern, only stretched.
+    """
+    if not request_rate > 0:
+        raise ValueError(f"request_rate must be > 0 (or inf), got {request_rate}")
+    if not burstiness > 0:
+        raise ValueError(f"burstiness must be > 0, got {burstiness}")
+    if math.isinf(request_rate):
+        return [0.0] * num_requests
+    gaps = random.Random(2)
+    times, clock = [], 0.0
+    for _ in range(num_requests):
+        times.append(clock)
+        clock += gaps.gammavariate(burstiness, 1.0 / (request_rate * burstiness))
+    return times
 
 
 @attrs.frozen

@@ -263,3 +263,23 @@ async def test_a_bug_in_a_handler_costs_an_error_frame_not_the_server(engine: LL
         async with raw_client(server.url) as second:  # the server still accepts connections
             frames = await second.request(gen("ok", "Hello", **greedy(3)))
             assert frames[-1]["type"] == "done"
+
+
+async def test_stats_frame_reports_counters_and_resets_the_lag_window(engine: LLMEngine) -> None:
+    from transport.client import connect
+
+    async with running_server([engine]) as (_, server), connect(server.url) as client:
+        await client.complete("Hello", **greedy(4))
+        stats = await client.stats()
+        assert stats["server"]["connections_open"] == 1 and stats["server"]["frames_sent"] >= 2
+        (sched,) = stats["service"]["schedulers"]
+        assert sched["model"] == engine.name and sched["engine"]["generation_tokens"] >= 4
+        assert stats["service"]["loop_lag"]["samples"] >= 0
+        await client.stats(reset_loop_lag=True)
+        after = await client.stats()
+        # The window restarted: it holds only what the monitor saw since (a handful of samples at most).
+        assert after["service"]["loop_lag"]["samples"] <= stats["service"]["loop_lag"]["samples"] + 1
+    async with running_server([engine]) as (_, server), raw_client(server.url) as raw:
+        await raw.send({"type": "stats", "id": "s", "reset_loop_lag": "yes"})
+        frame = await raw.receive()
+        assert frame["type"] == "error" and frame["code"] == "invalid_field" and "reset_loop_lag" in frame["message"]

@@ -11,10 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -27,7 +24,9 @@ from engine.config import PRESETS, EngineArgs, ModelConfig
 from engine.llm_engine import LLMEngine, StepTiming
 from engine.sampling_params import SamplingParams
 from engine.workloads import WorkloadRequest, offline_256, physical_floor
+from transport.bench_env import versions
 from transport.bench_kv import add_bench_kv
+from transport.bench_serve import add_bench_plot, add_bench_serve
 
 
 def add_bench(subparsers: Any) -> None:
@@ -52,6 +51,8 @@ def add_bench(subparsers: Any) -> None:
     t.set_defaults(func=run_throughput)
     add_bench_attention(sub)
     add_bench_kv(sub)
+    add_bench_serve(sub)
+    add_bench_plot(sub)
 
 
 def _log(msg: str) -> None:
@@ -82,24 +83,6 @@ def measure_gpu_peaks(device: torch.device) -> tuple[float, float]:
     bandwidth = 2 * x.numel() * x.element_size() / timed(lambda: y.copy_(x))
     flops = 2 * 8192**3 / timed(lambda: a @ b)
     return bandwidth, flops
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("transformers", "triton", "trio"):
-        try:
-            out[name] = __import__(name).__version__
-        except ImportError:
-            out[name] = "not installed"
-    # The GPU machine gets a copy of the tree without git: the caller may pass the commit along.
-    out["mini-vllm"] = os.environ.get("MINI_VLLM_COMMIT", "")
-    if not out["mini-vllm"]:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
-            out["mini-vllm"] = commit.stdout.strip() or "unknown"
-        except OSError:
-            out["mini-vllm"] = "unknown"
-    return out
 
 
 # ---- the runs ------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import contextlib
 import itertools
 import logging
 import threading
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -26,7 +26,16 @@ from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 from actors.task_group import open_task_group
 from engine.outputs import TokenLogprob
 from transport import protocol
-from transport.protocol import DoneEvent, ErrorEvent, ModelInfo, ModelsEvent, ServerEvent, TokenEvent, Usage
+from transport.protocol import (
+    DoneEvent,
+    ErrorEvent,
+    ModelInfo,
+    ModelsEvent,
+    ServerEvent,
+    StatsEvent,
+    TokenEvent,
+    Usage,
+)
 
 log = logging.getLogger(__name__)
 _REQUEST_QUEUE = 256  # frames buffered per request before the reader waits for its consumer
@@ -238,21 +247,33 @@ class Client:
         await self._send(protocol.cancel_request(request_id))
 
     async def models(self) -> list[ModelInfo]:
+        event = await self._ask(protocol.models_request, "the model list")
+        if not isinstance(event, ModelsEvent):
+            raise ClientError(f"unexpected answer to 'models': {event!r}")
+        return list(event.models)
+
+    async def stats(self, reset_loop_lag: bool = False) -> dict[str, Any]:
+        """The server's counters: ``server`` (connections, frames) and ``service`` (queues, KV
+        blocks, steps, event-loop lag). ``reset_loop_lag`` starts a new lag window afterwards."""
+        event = await self._ask(lambda rid: protocol.stats_request(rid, reset_loop_lag), "the statistics")
+        if not isinstance(event, StatsEvent):
+            raise ClientError(f"unexpected answer to 'stats': {event!r}")
+        return event.stats
+
+    async def _ask(self, frame: Callable[[str], str], what: str) -> ServerEvent:
         rid = self._new_id()
         events = self._register(rid)
         try:
-            await self._send(protocol.models_request(rid))
+            await self._send(frame(rid))
             try:
                 event = await events.receive()
             except trio.EndOfChannel:
-                raise ConnectionLost("connection closed before the model list arrived") from None
+                raise ConnectionLost(f"connection closed before {what} arrived") from None
         finally:
             self._unregister(rid)
         if isinstance(event, ErrorEvent):
             raise _rejection(event)
-        if not isinstance(event, ModelsEvent):
-            raise ClientError(f"unexpected answer to 'models': {event!r}")
-        return list(event.models)
+        return event
 
     # ---- plumbing ---------------------------------------------------------------------------------
     def _new_id(self) -> str:

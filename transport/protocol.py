@@ -48,7 +48,12 @@ _REQUEST_FIELDS = {
     "generate": frozenset({"type", "id", "model", "prompt", "prompt_token_ids", "priority"}),
     "chat": frozenset({"type", "id", "model", "messages", "priority"}),
 }
-_SIMPLE_FIELDS = {"cancel": frozenset({"type", "id"}), "models": frozenset({"type", "id"})}
+_SIMPLE_FIELDS = {
+    "cancel": frozenset({"type", "id"}),
+    "models": frozenset({"type", "id"}),
+    "stats": frozenset({"type", "id", "reset_loop_lag"}),
+}
+_TYPES = "generate, chat, cancel, models, stats"
 # Sampling fields that hold lists in JSON but tuples in SamplingParams.
 _LIST_FIELDS = frozenset({"stop", "stop_token_ids"})
 
@@ -101,7 +106,15 @@ class ModelsFrame:
     id: str | None  # echoed in the reply, so a client can match replies to questions
 
 
-ClientFrame = GenerateFrame | ChatFrame | CancelFrame | ModelsFrame
+@attrs.frozen
+class StatsFrame:
+    """The server's counters; ``reset_loop_lag`` starts a new loop-lag window (a benchmark's run)."""
+
+    id: str | None
+    reset_loop_lag: bool = False
+
+
+ClientFrame = GenerateFrame | ChatFrame | CancelFrame | ModelsFrame | StatsFrame
 
 
 def _reject_constant(name: str) -> float:
@@ -131,16 +144,23 @@ def parse_client_frame(message: str | bytes, max_bytes: int = DEFAULT_MAX_FRAME_
     kind = raw.get("type")
     if kind is None:
         raise ProtocolError(
-            "missing_field", "missing field 'type' (one of: generate, chat, cancel, models)", request_id
+            "missing_field", f"missing field 'type' (one of: {_TYPES})", request_id
         )
     if not isinstance(kind, str) or kind not in {*_REQUEST_FIELDS, *_SIMPLE_FIELDS}:
         raise ProtocolError(
-            "unknown_type", f"unknown type {kind!r}; expected one of: generate, chat, cancel, models", request_id
+            "unknown_type", f"unknown type {kind!r}; expected one of: {_TYPES}", request_id
         )
     if kind in _SIMPLE_FIELDS:
         _check_unknown(raw, _SIMPLE_FIELDS[kind], kind, request_id)
         if kind == "models":
             return ModelsFrame(_parse_id(raw, required=False))
+        if kind == "stats":
+            reset = raw.get("reset_loop_lag", False)
+            if not isinstance(reset, bool):
+                raise ProtocolError(
+                    "invalid_field", f"'reset_loop_lag' must be true or false, got {_json_type(reset)}", request_id
+                )
+            return StatsFrame(_parse_id(raw, required=False), reset)
         return CancelFrame(_parse_id(raw, required=True) or "")
     _check_unknown(raw, _REQUEST_FIELDS[kind] | _SAMPLING_FIELDS, kind, request_id)
     rid = _parse_id(raw, required=True) or ""
@@ -327,6 +347,13 @@ def models_frame(request_id: str | None, models: Sequence[ModelInfo]) -> str:
     return _dump(frame)
 
 
+def stats_frame(request_id: str | None, stats: Mapping[str, Any]) -> str:
+    frame: dict[str, Any] = {"type": "stats", **stats}
+    if request_id is not None:
+        frame["id"] = request_id
+    return _dump(frame)
+
+
 # ---- server frames as the client reads them -----------------------------------------------------
 
 
@@ -368,7 +395,13 @@ class ModelsEvent:
     models: tuple[ModelInfo, ...]
 
 
-ServerEvent = TokenEvent | DoneEvent | ErrorEvent | ModelsEvent
+@attrs.frozen
+class StatsEvent:
+    id: str | None
+    stats: dict[str, Any]  # "server", "service" (ServerStats and ServiceStats as JSON objects)
+
+
+ServerEvent = TokenEvent | DoneEvent | ErrorEvent | ModelsEvent | StatsEvent
 
 
 class MalformedServerFrame(ValueError):
@@ -411,6 +444,8 @@ def parse_server_frame(message: str | bytes) -> ServerEvent:
             return ErrorEvent(raw.get("id"), str(raw["code"]), str(raw["message"]))
         if kind == "models":
             return ModelsEvent(raw.get("id"), tuple(ModelInfo(**m) for m in raw["models"]))
+        if kind == "stats":
+            return StatsEvent(raw.get("id"), {k: v for k, v in raw.items() if k not in ("type", "id")})
     except (ValueError, KeyError, TypeError) as exc:
         raise MalformedServerFrame(f"malformed server frame ({exc!r}): {str(message)[:200]}") from None
     raise MalformedServerFrame(f"unknown server frame type {kind!r}")
@@ -460,6 +495,15 @@ def chat_request(
 
 def cancel_request(request_id: str) -> str:
     return _dump({"type": "cancel", "id": request_id})
+
+
+def stats_request(request_id: str | None = None, reset_loop_lag: bool = False) -> str:
+    frame: dict[str, Any] = {"type": "stats"}
+    if request_id is not None:
+        frame["id"] = request_id
+    if reset_loop_lag:
+        frame["reset_loop_lag"] = True
+    return _dump(frame)
 
 
 def models_request(request_id: str | None = None) -> str:

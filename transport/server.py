@@ -26,7 +26,7 @@ from actors.request_stream import GenerationDelta
 from actors.service import Generation, Service
 from engine.errors import ConfigError, MiniVllmError
 from transport import protocol
-from transport.protocol import ChatFrame, ClientFrame, GenerateFrame, ModelsFrame, ProtocolError
+from transport.protocol import ChatFrame, ClientFrame, GenerateFrame, ModelsFrame, ProtocolError, StatsFrame
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,12 @@ class Connection:
         if isinstance(frame, ModelsFrame):
             models = [protocol.ModelInfo(**attrs.asdict(m)) for m in self._service.models()]
             await self._send(protocol.models_frame(frame.id, models))
+            return
+        if isinstance(frame, StatsFrame):
+            if frame.reset_loop_lag and self._service.loop_lag is not None:
+                self._service.loop_lag.reset()
+            stats = {"server": attrs.asdict(_stats(self._counters)), "service": attrs.asdict(self._service.statistics())}
+            await self._send(protocol.stats_frame(frame.id, stats))
             return
         if isinstance(frame, protocol.CancelFrame):
             generation = self._requests.get(frame.id)
@@ -334,16 +340,19 @@ class Server:
                 await ws.aclose(*conn.close_reason)  # idempotent; cuts TCP if the close frame is stuck
 
     def statistics(self) -> ServerStats:
-        c = self._counters
-        return ServerStats(
-            connections_open=c.connections_open,
-            connections_total=c.connections_total,
-            requests_in_flight=c.requests_in_flight,
-            frames_received=c.frames_received,
-            frames_sent=c.frames_sent,
-            errors_sent=c.errors_sent,
-            slow_clients_dropped=c.slow_clients_dropped,
-        )
+        return _stats(self._counters)
+
+
+def _stats(c: _Counters) -> ServerStats:
+    return ServerStats(
+        connections_open=c.connections_open,
+        connections_total=c.connections_total,
+        requests_in_flight=c.requests_in_flight,
+        frames_received=c.frames_received,
+        frames_sent=c.frames_sent,
+        errors_sent=c.errors_sent,
+        slow_clients_dropped=c.slow_clients_dropped,
+    )
 
 
 async def serve(

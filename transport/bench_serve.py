@@ -1,0 +1,826 @@
+"""``mini-vllm bench serve``: latency against load, measured at the client over the WebSocket protocol.
+
+A load generator opens several connections to a server (``--url``, or one it starts in this
+process when no URL is given), sends requests at their arrival times and timestamps every frame
+that comes back. The workload is ONLINE-1000 (``engine/workloads.py``) or the user's own JSONL
+(``--dataset``); arrivals are gamma-distributed gaps (``--request-rate``, ``--burstiness``; 1 is
+Poisson) and ``--max-concurrency`` caps the requests in flight.
+
+The metrics are vLLM's serving benchmark's, measured at the client:
+
+- TTFT: from sending the request to the first frame that carries a token;
+- TPOT, per request: (E2E - TTFT) / (output tokens - 1);
+- ITL: every gap between two token frames of a request (the server merges tokens into one frame
+  when a client falls behind, so a gap may cover several tokens, as in vLLM's benchmark);
+- E2E: from sending to the ``done`` frame;
+- each as mean, median, p90 and p99; request and output-token throughput over the wall time from
+  the first send to the last ``done``; goodput: requests per second that met every ``--goodput``
+  target (``ttft:MS tpot:MS e2el:MS``).
+
+Around each run it asks the server for its statistics (the ``stats`` frame): the event loop's lag
+while the run lasted (every frame goes through that loop), engine steps and preemptions.
+
+``--sweep`` runs a ladder of request rates (``--request-rate`` given several times, or found from
+an all-at-once run's throughput) and draws output tok/s against p50 and p99 TPOT and TTFT as a PNG
+(``bench plot`` redraws it from the JSON, and overlays several runs, e.g. one per knob setting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+
+from engine.errors import ConfigError
+from engine.workloads import arrival_times, online_1000
+from transport.bench_env import device_description, versions
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+ONLINE_1000 = "ONLINE-1000"
+SLO_METRICS = ("ttft", "tpot", "e2el")
+# The rate ladder of a sweep without explicit rates: fractions of the all-at-once throughput.
+SWEEP_FRACTIONS = (0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 1.0)
+
+
+# ---- the workload ---------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class ServeRequest:
+    prompt: str | None
+    prompt_token_ids: tuple[int, ...] | None
+    output_len: int
+
+    def frame(self, request_id: str, model: str | None, ignore_eos: bool) -> str:
+        body: dict[str, Any] = {"type": "generate", "id": request_id, "max_tokens": self.output_len, "temperature": 0}
+        if ignore_eos:
+            body["ignore_eos"] = True
+        if model is not None:
+            body["model"] = model
+        if self.prompt is not None:
+            body["prompt"] = self.prompt
+        else:
+            body["prompt_token_ids"] = list(self.prompt_token_ids or ())
+        return json.dumps(body)
+
+
+def online_requests(vocab_size: int, num_prompts: int) -> list[ServeRequest]:
+    return [
+        ServeRequest(None, tuple(r.prompt_token_ids), r.output_len) for r in online_1000(vocab_size, num_prompts)
+    ]
+
+
+def load_dataset(path: Path, num_prompts: int | None, default_max_tokens: int) -> list[ServeRequest]:
+    """A JSONL file: one object per line with ``prompt`` (text) or ``prompt_token_ids``, and
+    optionally ``max_tokens``. Blank lines are skipped; anything else is an error naming the line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read dataset {path}: {exc}") from None
+    out: list[ServeRequest] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{where}: not JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{where}: each line must be a JSON object")
+        prompt, ids = row.get("prompt"), row.get("prompt_token_ids")
+        if (prompt is None) == (ids is None):
+            raise ConfigError(f"{where}: give exactly one of 'prompt' (text) or 'prompt_token_ids'")
+        if prompt is not None and (not isinstance(prompt, str) or not prompt):
+            raise ConfigError(f"{where}: 'prompt' must be a non-empty string")
+        if ids is not None and (
+            not isinstance(ids, list) or not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
+        ):
+            raise ConfigError(f"{where}: 'prompt_token_ids' must be a non-empty list of integers")
+        max_tokens = row.get("max_tokens", default_max_tokens)
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise ConfigError(f"{where}: 'max_tokens' must be an integer >= 1")
+        out.append(ServeRequest(prompt, None if ids is None else tuple(ids), max_tokens))
+        if num_prompts is not None and len(out) == num_prompts:
+            break
+    if not out:
+        raise ConfigError(f"dataset {path} holds no requests")
+    return out
+
+
+def parse_goodput(items: Sequence[str]) -> dict[str, float]:
+    """``["ttft:500", "tpot:50"]`` -> ``{"ttft": 500.0, "tpot": 50.0}`` (milliseconds)."""
+    targets: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition(":")
+        if not sep or name not in SLO_METRICS:
+            raise ConfigError(f"--goodput takes METRIC:MS with METRIC one of {', '.join(SLO_METRICS)}, got {item!r}")
+        try:
+            ms = float(value)
+        except ValueError:
+            raise ConfigError(f"--goodput {item!r}: {value!r} is not a number of milliseconds") from None
+        if not ms > 0:
+            raise ConfigError(f"--goodput {item!r}: the target must be > 0 ms")
+        targets[name] = ms
+    return targets
+
+
+# ---- what one request saw ---------------------------------------------------------------------------------
+
+
+@attrs.define
+class Tracker:
+    """The client's view of one request: when it was sent and when each frame came back."""
+
+    index: int
+    prompt_len: int | None
+    output_len: int
+    sent: float = math.nan
+    token_times: list[float] = attrs.field(factory=list)  # one per token frame
+    tokens: int = 0
+    done: float = math.nan
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    error: str | None = None
+    finished: trio.Event = attrs.field(factory=trio.Event)
+
+    def on_frame(self, now: float, frame: dict[str, Any]) -> None:
+        kind = frame.get("type")
+        if kind == "token":
+            n = len(frame.get("token_ids") or ())
+            if n:
+                self.token_times.append(now)
+                self.tokens += n
+        elif kind == "done":
+            self.done = now
+            self.finish_reason = frame.get("finish_reason")
+            usage = frame.get("usage") or {}
+            self.prompt_tokens = usage.get("prompt_tokens")
+            if self.finish_reason == "error":
+                err = frame.get("error") or {}
+                self.error = f"{err.get('code', 'error')}: {err.get('message', '')}"
+            self.finished.set()
+        elif kind == "error":
+            self.error = f"{frame.get('code')}: {frame.get('message')}"
+            self.done = now
+            self.finished.set()
+
+    def fail(self, reason: str) -> None:
+        if not self.finished.is_set():
+            self.error = reason
+            self.finished.set()
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.finish_reason in ("length", "stop") and self.tokens > 0
+
+    @property
+    def ttft_ms(self) -> float:
+        return 1e3 * (self.token_times[0] - self.sent)
+
+    @property
+    def e2e_ms(self) -> float:
+        return 1e3 * (self.done - self.sent)
+
+    @property
+    def tpot_ms(self) -> float | None:
+        return (self.e2e_ms - self.ttft_ms) / (self.tokens - 1) if self.tokens > 1 else None
+
+    def itls_ms(self) -> list[float]:
+        return [1e3 * (b - a) for a, b in zip(self.token_times, self.token_times[1:], strict=False)]
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default, as vLLM's benchmark uses)."""
+    if not values:
+        return math.nan
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def distribution(values: Sequence[float]) -> dict[str, float | None]:
+    if not values:
+        return {"mean": None, "median": None, "p90": None, "p99": None, "max": None}
+    return {
+        "mean": round(sum(values) / len(values), 3),
+        "median": round(percentile(values, 50), 3),
+        "p90": round(percentile(values, 90), 3),
+        "p99": round(percentile(values, 99), 3),
+        "max": round(max(values), 3),
+    }
+
+
+def meets(t: Tracker, targets: dict[str, float]) -> bool:
+    values = {"ttft": t.ttft_ms, "tpot": t.tpot_ms or 0.0, "e2el": t.e2e_ms}
+    return all(values[k] <= v for k, v in targets.items())
+
+
+def summarize(trackers: Sequence[Tracker], targets: dict[str, float]) -> dict[str, Any]:
+    """The run's metrics from what the client saw (the accounting is in the module docstring)."""
+    ok = [t for t in trackers if t.ok]
+    sent = [t.sent for t in trackers if not math.isnan(t.sent)]
+    ends = [t.done for t in trackers if not math.isnan(t.done)]
+    duration = (max(ends) - min(sent)) if sent and ends else 0.0
+    output_tokens = sum(t.tokens for t in ok)
+    prompt_tokens = sum(t.prompt_tokens or t.prompt_len or 0 for t in ok)
+    itls = [gap for t in ok for gap in t.itls_ms()]
+    good = sum(1 for t in ok if meets(t, targets)) if targets else None
+    errors: dict[str, int] = {}
+    for t in trackers:
+        if not t.ok:
+            key = (t.error or f"finish_reason={t.finish_reason}").split(":")[0]
+            errors[key] = errors.get(key, 0) + 1
+    per_s = (lambda x: round(x / duration, 3)) if duration > 0 else (lambda x: 0.0)
+    return {
+        "num_requests": len(trackers),
+        "completed": len(ok),
+        "failed": len(trackers) - len(ok),
+        "errors": errors,
+        "duration_s": round(duration, 3),
+        "prompt_tokens": prompt_tokens,
+        "output_tokens": output_tokens,
+        "request_throughput": per_s(len(ok)),
+        "output_throughput": per_s(output_tokens),
+        "total_token_throughput": per_s(output_tokens + prompt_tokens),
+        "goodput": None if good is None else per_s(good),
+        "goodput_targets_ms": targets,
+        "ttft_ms": distribution([t.ttft_ms for t in ok]),
+        "tpot_ms": distribution([x for t in ok if (x := t.tpot_ms) is not None]),
+        "itl_ms": distribution(itls),
+        "e2el_ms": distribution([t.e2e_ms for t in ok]),
+        "token_frames": sum(len(t.token_times) for t in ok),
+        "requests": {  # per request, for other analyses (ms; null where undefined)
+            "ttft_ms": [round(t.ttft_ms, 2) if t.ok else None for t in trackers],
+            "tpot_ms": [round(x, 3) if t.ok and (x := t.tpot_ms) is not None else None for t in trackers],
+            "e2el_ms": [round(t.e2e_ms, 2) if t.ok else None for t in trackers],
+        },
+    }
+
+
+# ---- the load generator -------------------------------------------------------------------------------------
+
+
+@attrs.define
+class _Reply:
+    """The answer to a question frame (``stats``)."""
+
+    frame: dict[str, Any] = attrs.field(factory=dict)
+    finished: trio.Event = attrs.field(factory=trio.Event)
+
+    def on_frame(self, now: float, frame: dict[str, Any]) -> None:
+        self.frame = frame
+        self.finished.set()
+
+    def fail(self, reason: str) -> None:
+        self.finished.set()
+
+
+class _Connection:
+    """One WebSocket; a reader task routes frames by request id to their trackers."""
+
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self.ws = ws
+        self.routes: dict[str, Tracker | _Reply] = {}
+        self.closed: str | None = None
+
+    async def reader(self) -> None:
+        try:
+            while True:
+                message = await self.ws.get_message()
+                now = trio.current_time()
+                frame = json.loads(message)
+                tracker = self.routes.get(frame.get("id")) if isinstance(frame, dict) else None
+                if tracker is None:
+                    continue
+                tracker.on_frame(now, frame)
+                if tracker.finished.is_set():
+                    del self.routes[frame["id"]]
+        except ConnectionClosed as exc:
+            self.closed = f"connection closed: {exc.reason}"
+        finally:
+            self.closed = self.closed or "connection closed"
+            for tracker in self.routes.values():
+                tracker.fail(self.closed)
+            self.routes.clear()
+
+
+@attrs.define
+class _Progress:
+    label: str
+    total: int
+    done: int = 0
+    tokens: int = 0
+    in_flight: int = 0
+
+    async def run(self, start: float, interval: float) -> None:
+        while True:
+            await trio.sleep(interval)
+            elapsed = trio.current_time() - start
+            print(
+                f"[{self.label}] {self.done:,}/{self.total:,} done, {self.in_flight:,} in flight, "
+                f"{self.tokens / elapsed if elapsed else 0:,.0f} output tok/s, {elapsed:.0f} s",
+                file=sys.stderr, flush=True,
+            )
+
+
+async def _server_stats(conn: _Connection, reset: bool) -> dict[str, Any] | None:
+    """Ask the server for its statistics; None when it does not answer the ``stats`` frame."""
+    reply = _Reply()
+    rid = f"stats-{time.monotonic_ns()}"
+    conn.routes[rid] = reply
+    body: dict[str, Any] = {"type": "stats", "id": rid}
+    if reset:
+        body["reset_loop_lag"] = True
+    await conn.ws.send_message(json.dumps(body))
+    with trio.move_on_after(10):
+        await reply.finished.wait()
+    conn.routes.pop(rid, None)
+    return reply.frame if reply.frame.get("type") == "stats" else None
+
+
+def _lag_and_engine(before: dict[str, Any] | None, after: dict[str, Any] | None, model: str | None) -> dict[str, Any]:
+    if before is None or after is None:
+        return {}
+    service = after["service"]
+    out: dict[str, Any] = {"loop_lag_ms": service.get("loop_lag")}
+    schedulers = {s["model"]: s for s in service["schedulers"]}
+    earlier = {s["model"]: s for s in before["service"]["schedulers"]}
+    name = model if model in schedulers else next(iter(schedulers), None)
+    if name is not None and name in earlier:
+        a, b = earlier[name]["engine"], schedulers[name]["engine"]
+        out["engine"] = {k: b[k] - a[k] for k in b if isinstance(b[k], int | float) and k in a}
+    out["frames_sent"] = after["server"]["frames_sent"] - before["server"]["frames_sent"]
+    return out
+
+
+async def run_one_rate(
+    url: str,
+    requests: Sequence[ServeRequest],
+    *,
+    model: str | None,
+    request_rate: float,
+    burstiness: float,
+    max_concurrency: int | None,
+    connections: int,
+    targets: dict[str, float],
+    ignore_eos: bool = True,
+    label: str = "run",
+    progress_interval: float | None = 5.0,
+) -> dict[str, Any]:
+    """Replay ``requests`` against ``url`` open-loop at one rate; the run's summary."""
+    offsets = arrival_times(len(requests), request_rate, burstiness)
+    trackers = [
+        Tracker(i, None if r.prompt_token_ids is None else len(r.prompt_token_ids), r.output_len)
+        for i, r in enumerate(requests)
+    ]
+    limit = trio.Semaphore(max_concurrency) if max_concurrency else None
+    progress = _Progress(label, len(requests))
+    async with trio.open_nursery() as outer:
+        conns: list[_Connection] = []
+        for _ in range(connections):
+            ws = await outer.start(_open_ws, url)
+            conn = _Connection(ws)
+            conns.append(conn)
+            outer.start_soon(conn.reader)
+        before = await _server_stats(conns[0], reset=True)
+
+        async def one(i: int) -> None:
+            tracker = trackers[i]
+            if limit is not None:
+                await limit.acquire()
+            try:
+                conn = min(conns, key=lambda c: len(c.routes))
+                rid = f"{label}-{i}"
+                conn.routes[rid] = tracker
+                frame = requests[i].frame(rid, model, ignore_eos)
+                progress.in_flight += 1
+                tracker.sent = trio.current_time()
+                try:
+                    await conn.ws.send_message(frame)
+                except ConnectionClosed as exc:
+                    tracker.fail(f"connection closed: {exc.reason}")
+                await tracker.finished.wait()
+            finally:
+                progress.in_flight -= 1
+                progress.done += 1
+                progress.tokens += tracker.tokens
+                if limit is not None:
+                    limit.release()
+
+        start = trio.current_time()
+        async with trio.open_nursery() as runs:
+            if progress_interval:
+                runs.start_soon(progress.run, start, progress_interval)
+            async with trio.open_nursery() as senders:
+                for i, offset in enumerate(offsets):
+                    await trio.sleep_until(start + offset)
+                    senders.start_soon(one, i)
+            runs.cancel_scope.cancel()
+        after = await _server_stats(conns[0], reset=False)
+        for conn in conns:
+            await conn.ws.aclose()
+        outer.cancel_scope.cancel()
+    summary = summarize(trackers, targets)
+    summary = {
+        "request_rate": None if math.isinf(request_rate) else request_rate,  # null: all at once
+        "burstiness": burstiness,
+        "max_concurrency": max_concurrency,
+        "send_lag_ms": distribution([1e3 * (t.sent - start - o) for t, o in zip(trackers, offsets, strict=True)
+                                     if not math.isnan(t.sent)]),
+        **summary,
+        "server": _lag_and_engine(before, after, model),
+    }
+    return summary
+
+
+async def _open_ws(url: str, *, task_status: trio.TaskStatus[WebSocketConnection] = trio.TASK_STATUS_IGNORED) -> None:
+    """Hold one connection open inside the caller's nursery until it is cancelled."""
+    async with open_websocket_url(url, max_message_size=64 << 20, disconnect_timeout=2) as ws:
+        task_status.started(ws)
+        await trio.sleep_forever()
+
+
+# ---- the command -----------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class ServeBenchConfig:
+    url: str | None
+    model: str | None  # the name to send (the server's default model when None)
+    dataset: Path | None
+    num_prompts: int | None
+    dataset_max_tokens: int
+    request_rates: tuple[float, ...]
+    burstiness: float
+    max_concurrency: int | None
+    connections: int
+    targets: dict[str, float]
+    sweep: bool
+    label: str
+    warmup_requests: int = 16
+
+    def __attrs_post_init__(self) -> None:
+        if self.num_prompts is not None and self.num_prompts < 1:
+            raise ConfigError(f"--num-prompts must be >= 1, got {self.num_prompts}")
+        if not self.request_rates or any(not r > 0 for r in self.request_rates):
+            raise ConfigError(f"--request-rate must be > 0 or inf, got {list(self.request_rates)}")
+        if not self.burstiness > 0:
+            raise ConfigError(f"--burstiness must be > 0, got {self.burstiness}")
+        if self.max_concurrency is not None and self.max_concurrency < 1:
+            raise ConfigError(f"--max-concurrency must be >= 1, got {self.max_concurrency}")
+        if self.connections < 1:
+            raise ConfigError(f"--connections must be >= 1, got {self.connections}")
+        if self.warmup_requests < 0:
+            raise ConfigError(f"--warmup-requests must be >= 0, got {self.warmup_requests}")
+        if self.dataset_max_tokens < 1:
+            raise ConfigError(f"--dataset-max-tokens must be >= 1, got {self.dataset_max_tokens}")
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a rate: {text!r} (requests/s, or inf)") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"a rate must be > 0 (or inf), got {text!r}")
+    return value
+
+
+def add_bench_serve(bench_subparsers: Any) -> None:
+    from transport.cli import add_engine_flags
+
+    p = bench_subparsers.add_parser(
+        "serve", help="ONLINE-1000 over WebSockets: TTFT, TPOT, ITL, E2E, goodput; --sweep draws the curves",
+        description=(__doc__ or "").split("\n\n")[0],
+    )
+    s = p.add_argument_group("server")
+    s.add_argument("--url", default=None, help="a running server (ws://HOST:PORT); default: start one in this process")
+    s.add_argument("--model", default=None,
+                   help="the model: its name on a running server, or what to load in-process (path, preset, demo)")
+    s.add_argument("--connections", type=int, default=32, help="WebSocket connections to spread requests over")
+    w = p.add_argument_group("workload")
+    w.add_argument("--dataset", type=Path, default=None,
+                   help="JSONL, one {\"prompt\": ...} or {\"prompt_token_ids\": [...]} (+ \"max_tokens\") per line; "
+                        "default: ONLINE-1000")
+    w.add_argument("--num-prompts", type=int, default=None, help="the first N requests (default: all 1000 / the file)")
+    w.add_argument("--dataset-max-tokens", type=int, default=256, help="output length of dataset lines without one")
+    w.add_argument("--request-rate", type=_rate, action="append", default=None, metavar="RATE",
+                   help="requests/s, or inf for all at once (default inf); repeat for several runs")
+    w.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps: 1 Poisson, <1 burstier")
+    w.add_argument("--max-concurrency", type=int, default=None, help="at most this many requests in flight")
+    w.add_argument("--warmup-requests", type=int, default=16,
+                   help="unmeasured short requests first (a fresh server compiles kernels on first use)")
+    w.add_argument("--goodput", nargs="+", default=[], metavar="METRIC:MS",
+                   help="targets for goodput, e.g. ttft:500 tpot:50 (also the sweep's p99 targets)")
+    w.add_argument("--sweep", action="store_true",
+                   help="a ladder of rates up to saturation (the given --request-rate values, or fractions of the "
+                        "all-at-once throughput) and a PNG of throughput against latency")
+    p.add_argument("--label", default=None, help="what this run is, for tables and plots (default: the model)")
+    p.add_argument("--output", default=None, help="the JSON file (default: docs/benchmarks/serve-LABEL-DATE.json)")
+    p.add_argument("--plot", default=None, help="the PNG of a sweep (default: next to the JSON)")
+    e = p.add_argument_group("in-process server (without --url)")
+    add_engine_flags(e)  # type: ignore[arg-type]
+    e.add_argument("--max-requests-per-connection", type=int, default=256)
+    p.set_defaults(func=run)
+
+
+def config_from(args: argparse.Namespace) -> ServeBenchConfig:
+    model = args.model
+    label = args.label or (Path(model).name if model else "demo")
+    return ServeBenchConfig(
+        url=args.url, model=model if args.url else None, dataset=args.dataset, num_prompts=args.num_prompts,
+        dataset_max_tokens=args.dataset_max_tokens, request_rates=tuple(args.request_rate or (math.inf,)),
+        burstiness=args.burstiness, max_concurrency=args.max_concurrency, connections=args.connections,
+        targets=parse_goodput(args.goodput), sweep=args.sweep, label=label, warmup_requests=args.warmup_requests,
+    )
+
+
+async def _models(url: str) -> list[dict[str, Any]]:
+    async with open_websocket_url(url, disconnect_timeout=2) as ws:
+        await ws.send_message(json.dumps({"type": "models", "id": "m"}))
+        reply = json.loads(await ws.get_message())
+    if reply.get("type") != "models":
+        raise ConfigError(f"the server at {url} answered 'models' with {reply}")
+    return list(reply["models"])
+
+
+async def _bench(config: ServeBenchConfig, url: str) -> dict[str, Any]:
+    models = await _models(url)
+    if config.model is None and len(models) != 1:
+        raise ConfigError(f"the server serves {len(models)} models: pick one with --model")
+    info = models[0] if config.model is None else next((m for m in models if m["name"] == config.model), None)
+    if info is None:
+        raise ConfigError(f"the server has no model {config.model!r} (it has {', '.join(m['name'] for m in models)})")
+    if config.dataset is not None:
+        requests = load_dataset(config.dataset, config.num_prompts, config.dataset_max_tokens)
+        workload = f"dataset:{config.dataset.name}"
+    else:
+        requests = online_requests(int(info["vocab_size"]), config.num_prompts or 1000)
+        workload = ONLINE_1000 if len(requests) == 1000 else f"{ONLINE_1000}[:{len(requests)}]"
+    too_long = [i for i, r in enumerate(requests)
+                if r.prompt_token_ids is not None and len(r.prompt_token_ids) + r.output_len > info["max_model_len"]]
+    if too_long:
+        raise ConfigError(
+            f"{len(too_long)} requests need more than the model's max_model_len ({info['max_model_len']}) "
+            f"for prompt + output: serve it with a larger --max-model-len"
+        )
+
+    async def at(rate: float, k: int) -> dict[str, Any]:
+        label = f"{config.label} @ {'inf' if math.isinf(rate) else f'{rate:g}'} req/s"
+        print(f"[bench serve] {label}: {len(requests)} requests ...", file=sys.stderr, flush=True)
+        run = await run_one_rate(
+            url, requests, model=info["name"], request_rate=rate, burstiness=config.burstiness,
+            max_concurrency=config.max_concurrency, connections=config.connections, targets=config.targets,
+            label=f"r{k}",
+        )
+        print(_row(run), file=sys.stderr, flush=True)
+        return run
+
+    warmup: dict[str, Any] | None = None
+    if config.warmup_requests:
+        # Unmeasured: the first requests of a fresh server pay for kernel compilation and allocations.
+        warm = [attrs.evolve(r, output_len=min(r.output_len, 8)) for r in requests[: config.warmup_requests]]
+        print(f"[bench serve] warm-up: {len(warm)} short requests ...", file=sys.stderr, flush=True)
+        w = await run_one_rate(
+            url, warm, model=info["name"], request_rate=math.inf, burstiness=1.0, max_concurrency=None,
+            connections=min(config.connections, len(warm)), targets={}, label="warmup", progress_interval=None,
+        )
+        warmup = {"num_requests": w["num_requests"], "completed": w["completed"], "duration_s": w["duration_s"]}
+
+    runs: list[dict[str, Any]] = []
+    rates = list(config.request_rates)
+    if config.sweep and rates == [math.inf]:  # find saturation first, then a ladder below it
+        saturated = await at(math.inf, 0)
+        runs.append(saturated)
+        top = saturated["request_throughput"]
+        if not top > 0:
+            raise ConfigError("the all-at-once run completed no request: nothing to sweep")
+        rates = [round(f * top, 2) for f in SWEEP_FRACTIONS]
+    for k, rate in enumerate(rates, start=len(runs)):
+        runs.append(await at(rate, k))
+    runs.sort(key=lambda r: math.inf if r["request_rate"] is None else r["request_rate"])
+    return {"model_info": info, "workload": workload, "warmup": warmup, "runs": runs}
+
+
+async def _bench_in_process(config: ServeBenchConfig, args: argparse.Namespace) -> dict[str, Any]:
+    from actors import ServiceConfig, open_service
+    from actors.task_group import open_task_group
+    from engine.config import PRESETS
+    from transport.cli import engine_args_from
+    from transport.server import ServerLimits, serve
+
+    engine_args = engine_args_from(args, args.model)
+    if args.model in PRESETS and engine_args.load_format == "auto":
+        engine_args = attrs.evolve(engine_args, load_format="dummy")
+    # Admit every request: queueing under overload is what is measured, not refusals.
+    service_config = ServiceConfig(max_pending_per_model=max(config.num_prompts or 1000, 256) + 16)
+    limits = ServerLimits(max_requests_per_connection=args.max_requests_per_connection)
+    async with open_service([engine_args], service_config) as service, open_task_group() as nursery:
+        server = await nursery.start(serve, service, "127.0.0.1", 0, limits)
+        record = await _bench(config, server.url)
+        record["server_config"] = {"in_process": True, "engine_args": _jsonable(attrs.asdict(engine_args)),
+                                   "max_requests_per_connection": args.max_requests_per_connection}
+        nursery.cancel_scope.cancel()
+    return record
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v if isinstance(v, str | int | float | bool | type(None)) else str(v) for k, v in d.items()}
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = config_from(args)
+    except ConfigError as exc:
+        print(f"mini-vllm bench serve: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    started = dt.datetime.now(dt.UTC)
+    try:
+        if config.url is not None:
+            record = trio.run(_bench, config, config.url)
+            record["server_config"] = {"in_process": False, "url": config.url}
+        else:
+            record = trio.run(_bench_in_process, config, args)
+    except (ConfigError, OSError) as exc:
+        print(f"mini-vllm bench serve: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as exc:  # a failed engine load or a handshake refusal arrive wrapped in groups
+        from engine.errors import MiniVllmError
+
+        leaves = exc.exceptions if isinstance(exc, BaseExceptionGroup) else (exc,)
+        if not all(isinstance(e, MiniVllmError | OSError) for e in leaves):
+            raise
+        print(f"mini-vllm bench serve: error: {'; '.join(str(e) for e in leaves)}", file=sys.stderr)
+        return EXIT_FAILED
+    record = {
+        "benchmark": "serve",
+        "label": config.label,
+        "model": record["model_info"]["name"],
+        "date": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": "mini-vllm bench " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("serve"):])
+        if "serve" in sys.argv else "mini-vllm bench serve",
+        "versions": versions(),
+        **device_description(),
+        "burstiness": config.burstiness,
+        "goodput_targets_ms": config.targets,
+        **record,
+    }
+    if config.sweep:
+        record["sweep"] = sweep_summary(record["runs"], config.targets)
+    out = Path(args.output or f"docs/benchmarks/serve-{_slug(config.label)}-{started:%Y%m%d-%H%M}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print_table(record)
+    print(f"wrote {out}")
+    if config.sweep:
+        png = Path(args.plot) if args.plot else out.with_suffix(".png")
+        if plot_sweeps([record], png, title=f"{record['model']} under {record['workload']}"):
+            print(f"wrote {png}")
+    return EXIT_OK if all(r["completed"] for r in record["runs"]) else EXIT_FAILED
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-._" else "-" for c in text).strip("-") or "run"
+
+
+def sweep_summary(runs: Sequence[dict[str, Any]], targets: dict[str, float]) -> dict[str, Any]:
+    """The saturation throughput, and the highest rate whose p99s met every target."""
+    within = [
+        r for r in runs
+        if r["request_rate"] is not None and r["failed"] == 0
+        and all((r[f"{k}_ms"]["p99"] or math.inf) <= v for k, v in targets.items())
+    ]
+    best = max(within, key=lambda r: r["request_rate"], default=None)
+    return {
+        "max_output_throughput": max(r["output_throughput"] for r in runs),
+        "max_request_throughput": max(r["request_throughput"] for r in runs),
+        "p99_targets_ms": targets,
+        "highest_rate_within_p99_targets": None if best is None or not targets else best["request_rate"],
+        "its_output_throughput": None if best is None or not targets else best["output_throughput"],
+    }
+
+
+# ---- output ---------------------------------------------------------------------------------------------------
+
+_HEADER = (
+    f"{'rate':>7} {'done':>9} {'req/s':>7} {'out tok/s':>10} {'TTFT p50':>9} {'p99':>8} {'TPOT p50':>9} {'p99':>7} "
+    f"{'ITL p99':>8} {'E2E p50':>8} {'p99':>8} {'goodput':>8} {'lag p99':>8}"
+)
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _row(r: dict[str, Any]) -> str:
+    lag = (r.get("server") or {}).get("loop_lag_ms") or {}
+    rate = "inf" if r["request_rate"] is None else f"{r['request_rate']:g}"
+    return (
+        f"{rate:>7} {r['completed']:>4}/{r['num_requests']:<4} {r['request_throughput']:>7.2f} "
+        f"{r['output_throughput']:>10,.0f} {_fmt(r['ttft_ms']['median']):>9} {_fmt(r['ttft_ms']['p99']):>8} "
+        f"{_fmt(r['tpot_ms']['median'], 2):>9} {_fmt(r['tpot_ms']['p99'], 2):>7} {_fmt(r['itl_ms']['p99']):>8} "
+        f"{_fmt(r['e2el_ms']['median'], 0):>8} {_fmt(r['e2el_ms']['p99'], 0):>8} {_fmt(r['goodput'], 2):>8} "
+        f"{_fmt(lag.get('p99_ms'), 2):>8}"
+    )
+
+
+def print_table(record: dict[str, Any], out: Any = None) -> None:
+    out = out or sys.stdout
+    where = record.get("gpu") or record.get("cpu")
+    print(f"\n{record['label']}: {record['workload']} on {where}, latencies in ms, burstiness {record['burstiness']}",
+          file=out)
+    print(_HEADER, file=out)
+    for r in record["runs"]:
+        print(_row(r), file=out)
+    if "sweep" in record:
+        s = record["sweep"]
+        print(f"max output throughput {s['max_output_throughput']:,.0f} tok/s; ", end="", file=out)
+        if s["p99_targets_ms"]:
+            targets = " and ".join(f"p99 {k.upper()} <= {v:g} ms" for k, v in s["p99_targets_ms"].items())
+            best = s["highest_rate_within_p99_targets"]
+            print(f"highest rate with {targets}: {'none' if best is None else f'{best:g} req/s'}", file=out)
+        else:
+            print("no --goodput targets given", file=out)
+
+
+def plot_sweeps(records: Sequence[dict[str, Any]], path: Path, title: str) -> bool:
+    """Output tok/s against p50/p99 TPOT and TTFT, one line per record; False if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no PNG: matplotlib is not installed (pip install 'mini-vllm[bench]'); "
+              "'mini-vllm bench plot FILE.json' draws it later", file=sys.stderr)
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for record, color in zip(records, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4, strict=False):
+        runs = [r for r in record["runs"] if r["completed"]]
+        x = [r["output_throughput"] for r in runs]
+        for ax, metric in zip(axes, ("tpot_ms", "ttft_ms"), strict=True):
+            ax.plot(x, [r[metric]["median"] for r in runs], "o-", color=color, label=f"{record['label']} p50")
+            ax.plot(x, [r[metric]["p99"] for r in runs], "s--", color=color, alpha=0.7, label=f"{record['label']} p99")
+    for ax, name in zip(axes, ("TPOT (ms)", "TTFT (ms)"), strict=True):
+        ax.set_xlabel("output tokens/s")
+        ax.set_ylabel(name)
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    targets = records[0].get("goodput_targets_ms") or {}
+    for ax, key in zip(axes, ("tpot", "ttft"), strict=True):
+        if key in targets:
+            ax.axhline(targets[key], color="grey", linestyle=":", label=f"target {targets[key]:g} ms")
+    axes[1].legend(fontsize=7, loc="upper left")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def add_bench_plot(bench_subparsers: Any) -> None:
+    p = bench_subparsers.add_parser("plot", help="draw (or overlay) bench serve sweeps from their JSON files")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE.json")
+    p.add_argument("--output", required=True, type=Path, help="the PNG")
+    p.add_argument("--title", default=None)
+    p.add_argument("--labels", nargs="+", default=None, help="one per file (default: each run's label)")
+    p.set_defaults(func=run_plot)
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    records = []
+    for f in args.files:
+        try:
+            record = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            print(f"mini-vllm bench plot: error: cannot read {f}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        if record.get("benchmark") != "serve":
+            print(f"mini-vllm bench plot: error: {f} is not a bench serve result", file=sys.stderr)
+            return EXIT_USAGE
+        records.append(record)
+    if args.labels is not None:
+        if len(args.labels) != len(records):
+            print("mini-vllm bench plot: error: give one --labels entry per file", file=sys.stderr)
+            return EXIT_USAGE
+        records = [{**r, "label": label} for r, label in zip(records, args.labels, strict=True)]
+    title = args.title or f"{records[0]['model']} under {records[0]['workload']}"
+    if not plot_sweeps(records, args.output, title):
+        return EXIT_FAILED
+    print(f"wrote {args.output}")
+    return EXIT_OK
