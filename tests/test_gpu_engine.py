@@ -83,6 +83,12 @@ def test_graphs_chunking_and_preemption_stay_exact(tiny_model: Callable[..., Pat
     assert tight.engine.statistics().num_preemptions > 0
     assert got == want
     assert tight.engine.block_manager.statistics().used_blocks == 0
+    del tight
+    # The serving study's knobs: whole prompts in prefill-only steps, and no scheduling ahead.
+    plain = LLM(str(path), dtype="float32", num_kv_blocks=512, max_model_len=512, max_num_batched_tokens=512,
+                enable_chunked_prefill=False, async_scheduling=False)
+    got = [o.outputs[0].token_ids for o in plain.generate(ps, SamplingParams(temperature=0, max_tokens=40))]
+    assert got == want
 
 
 @pytest.mark.timeout(600)
