@@ -30,7 +30,7 @@ from engine.triton_attention import (
     prefill_tokens_per_tile,
     store_kv_triton,
 )
-from engine.triton_norm import rms_norm_triton, rotary_triton
+from engine.triton_norm import rms_norm_triton, rotary_triton, silu_mul_triton
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -94,7 +94,7 @@ class CudaModelRunner(ModelRunner):
         self.tokens_per_tile = prefill_tokens_per_tile(config.num_attention_heads, config.num_key_value_heads)
         self.num_kv_heads = config.num_key_value_heads
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
-        model.use_fused_kernels(rms_norm_triton, rotary_triton)
+        model.use_fused_kernels(rms_norm_triton, rotary_triton, silu_mul_triton)
         self._schedule: PrefillSchedule | None = None  # the current eager step's prefill tile map
         rows = max(max_num_batched_tokens, max_num_seqs)
         self._sets = [_Buffers(max_num_batched_tokens, max_num_seqs, rows, self.max_blocks, device) for _ in range(2)]

@@ -29,6 +29,7 @@ FusedNorm = Callable[[torch.Tensor, torch.Tensor, float, "torch.Tensor | None"],
 FusedRotary = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
 ]
+FusedSiluMul = Callable[[torch.Tensor, int], torch.Tensor]  # ([gate | up], intermediate) -> silu(gate) * up
 
 
 class RMSNorm(nn.Module):
@@ -147,8 +148,11 @@ class MLP(nn.Module):
         self.intermediate = config.intermediate_size
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.fused: FusedSiluMul | None = None  # the GPU runner installs a one-kernel version
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None:
+            return self.down_proj(self.fused(self.gate_up_proj(x), self.intermediate))
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
         return self.down_proj(nn.functional.silu(gate) * up)
 
@@ -203,10 +207,12 @@ class CausalLM(nn.Module):
             return self.norm(hidden)
         return self.norm.add_forward(hidden, residual)[0]
 
-    def use_fused_kernels(self, norm: FusedNorm, rotary: FusedRotary) -> None:
+    def use_fused_kernels(self, norm: FusedNorm, rotary: FusedRotary, silu_mul: FusedSiluMul) -> None:
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.fused = norm
+            elif isinstance(module, MLP):
+                module.fused = silu_mul
         self.rotary.fused = rotary
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Fused RMSNorm (optionally with the residual add before it) in Triton.
+"""Fused RMSNorm (optionally with the residual add before it), rotary and SiLU-multiply in Triton.
 
 The eager model spends ~7 small kernels per RMSNorm (cast, square, mean, rsqrt, multiply, cast,
 scale) and one more for the residual add; at decode batch sizes each is a full pass over a small
@@ -115,8 +115,15 @@ def rotary_triton(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate-half RoPE on ``q`` ``[T, heads, D]`` and ``k`` ``[T, kv_heads, D]`` in place (one
-    launch each instead of ~7 kernels each); ``cos``/``sin`` are the fp32 ``[positions, D]`` tables."""
-    for t in (q, k):
+    launch instead of ~14 kernels); ``cos``/``sin`` are the fp32 ``[positions, D]`` tables."""
+    tensors: tuple[torch.Tensor, ...] = (q, k)
+    if (
+        q.dtype == k.dtype and q.stride() == (q.stride(0), q.shape[2], 1) and k.stride() == (q.stride(0), q.shape[2], 1)
+        and k.data_ptr() == q.data_ptr() + q.shape[1] * q.shape[2] * q.element_size()
+    ):
+        # k's heads follow q's in each row (both views of the qkv projection): one launch for both.
+        tensors = (q.as_strided((q.shape[0], q.shape[1] + k.shape[1], q.shape[2]), q.stride()),)
+    for t in tensors:
         if t.stride(-1) != 1:
             raise ValueError("rotary needs the head dimension contiguous")
         tokens, heads, dim = t.shape
@@ -126,3 +133,32 @@ def rotary_triton(
                 HALF=dim // 2, BLOCK_H=triton.next_power_of_2(heads), num_warps=4,
             )
     return q, k
+
+
+@triton.jit
+def _silu_mul_kernel(gate_up, out, stride_in, stride_out, n_cols, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < n_cols
+    g = tl.load(gate_up + row * stride_in + cols, mask=ok, other=0.0)
+    u = tl.load(gate_up + row * stride_in + n_cols + cols, mask=ok, other=0.0)
+    ty = g.dtype
+    g32 = g.to(tl.float32)
+    # Eager: silu in fp32 rounded to the dtype, then the product rounded again.
+    s = (g32 / (1.0 + tl.exp(-g32))).to(ty).to(tl.float32)
+    tl.store(out + row * stride_out + cols, (s * u.to(tl.float32)).to(ty), mask=ok)
+
+
+def silu_mul_triton(gate_up: torch.Tensor, intermediate: int) -> torch.Tensor:
+    """``silu(gate) * up`` for ``gate_up = [gate | up]`` of shape ``[T, 2 * intermediate]``: one
+    kernel and one pass instead of two kernels and an intermediate tensor."""
+    if gate_up.dim() != 2 or gate_up.shape[1] != 2 * intermediate or gate_up.stride(1) != 1:
+        raise ValueError(f"silu_mul needs a [T, 2 * {intermediate}] row-major tensor, got {tuple(gate_up.shape)}")
+    tokens = gate_up.shape[0]
+    out = torch.empty((tokens, intermediate), dtype=gate_up.dtype, device=gate_up.device)
+    if tokens:
+        block = min(1024, triton.next_power_of_2(intermediate))
+        _silu_mul_kernel[(tokens, triton.cdiv(intermediate, block))](
+            gate_up, out, gate_up.stride(0), out.stride(0), intermediate, BLOCK=block, num_warps=4,
+        )
+    return out

@@ -38,7 +38,9 @@ start_server() {  # NAME MODEL [serve flags...]: start, wait for its URL (or fai
   local log="$OUT/server-$name.log"
   local load=()
   [ "$model" != demo ] && load=(--load-format dummy)
-  $PY -m transport.cli serve --model "$model" "${load[@]}" --port 0 --max-model-len $MAXLEN \
+  # No prefix caching: every rate replays the same random prompts, so a cache would serve later
+  # runs' prompts from earlier runs' KV and flatter their TTFT.
+  $PY -m transport.cli serve --model "$model" "${load[@]}" --port 0 --max-model-len $MAXLEN --no-enable-prefix-caching \
     --max-pending-requests 2048 --max-requests-per-connection 256 "$@" < /dev/null > "$log" 2>&1 &
   SERVER_PID=$!
   for _ in $(seq 1 600); do
