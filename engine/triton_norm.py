@@ -78,6 +78,19 @@ def rms_norm_triton(
 
 
 @triton.jit
+def _round_to(x, ty: tl.constexpr, IS_BF16: tl.constexpr):
+    """Round fp32 ``x`` to ``ty`` and back. For bf16 in integer arithmetic (round to nearest even):
+    on the H200 the compiler dropped a plain ``.to(bf16).to(fp32)`` round trip inside the rotary
+    sum, which left a fifth of the outputs one rounding away from the eager ops."""
+    if IS_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(ty).to(tl.float32)
+
+
+@triton.jit
 def _rotary_kernel(
     x,
     positions,
@@ -89,6 +102,7 @@ def _rotary_kernel(
     num_heads,
     HALF: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    IS_BF16: tl.constexpr,
 ):
     tok = tl.program_id(0)
     pos = tl.load(positions + tok).to(tl.int64)
@@ -101,12 +115,13 @@ def _rotary_kernel(
     x2 = tl.load(base + HALF + d[None, :], mask=ok, other=0.0)
     ty = x1.dtype
     # The table is cat(freqs, freqs): both halves share cos/sin; rounded to x's dtype as eager does.
-    c = tl.load(cos + pos * stride_cos + d).to(ty).to(tl.float32)[None, :]
-    s = tl.load(sin + pos * stride_cos + d).to(ty).to(tl.float32)[None, :]
+    c = _round_to(tl.load(cos + pos * stride_cos + d), ty, IS_BF16)[None, :]
+    s = _round_to(tl.load(sin + pos * stride_cos + d), ty, IS_BF16)[None, :]
     f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
     # Eager: x * cos + rotate_half(x) * sin, each product and the sum rounded to the dtype.
-    o1 = ((f1 * c).to(ty).to(tl.float32) + (-f2 * s).to(ty).to(tl.float32)).to(ty)
-    o2 = ((f2 * c).to(ty).to(tl.float32) + (f1 * s).to(ty).to(tl.float32)).to(ty)
+    # The sum is rounded here too, so the final cast is exact (value already representable).
+    o1 = _round_to(_round_to(f1 * c, ty, IS_BF16) + _round_to(-f2 * s, ty, IS_BF16), ty, IS_BF16).to(ty)
+    o2 = _round_to(_round_to(f2 * c, ty, IS_BF16) + _round_to(f1 * s, ty, IS_BF16), ty, IS_BF16).to(ty)
     tl.store(base + d[None, :], o1, mask=ok)
     tl.store(base + HALF + d[None, :], o2, mask=ok)
 
@@ -130,7 +145,8 @@ def rotary_triton(
         if tokens:
             _rotary_kernel[(tokens,)](
                 t, positions, cos, sin, t.stride(0), t.stride(1), cos.stride(0), heads,
-                HALF=dim // 2, BLOCK_H=triton.next_power_of_2(heads), num_warps=4,
+                HALF=dim // 2, BLOCK_H=triton.next_power_of_2(heads), IS_BF16=t.dtype == torch.bfloat16,
+                num_warps=4,
             )
     return q, k
 
