@@ -31,6 +31,7 @@ import argparse
 import datetime as dt
 import json
 import math
+import random
 import shlex
 import sys
 import time
@@ -40,7 +41,7 @@ from typing import Any
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, open_websocket_url
 
 from engine.errors import ConfigError
 from engine.workloads import arrival_times, online_1000
@@ -78,6 +79,15 @@ class ServeRequest:
 def online_requests(vocab_size: int, num_prompts: int) -> list[ServeRequest]:
     return [
         ServeRequest(None, tuple(r.prompt_token_ids), r.output_len) for r in online_1000(vocab_size, num_prompts)
+    ]
+
+
+def warmup_requests(like: Sequence[ServeRequest], vocab_size: int) -> list[ServeRequest]:
+    rng = random.Random(3)
+    return [
+        ServeRequest(None, tuple(rng.randrange(vocab_size) for _ in range(
+            len(r.prompt_token_ids) if r.prompt_token_ids is not None else 256)), min(r.output_len, 8))
+        for r in like
     ]
 
 
@@ -550,9 +560,12 @@ def config_from(args: argparse.Namespace) -> ServeBenchConfig:
 
 
 async def _models(url: str) -> list[dict[str, Any]]:
-    async with open_websocket_url(url, disconnect_timeout=2) as ws:
-        await ws.send_message(json.dumps({"type": "models", "id": "m"}))
-        reply = json.loads(await ws.get_message())
+    try:
+        async with open_websocket_url(url, disconnect_timeout=2) as ws:
+            await ws.send_message(json.dumps({"type": "models", "id": "m"}))
+            reply = json.loads(await ws.get_message())
+    except HandshakeError as exc:  # not an OSError: it would escape run() as a traceback
+        raise ConfigError(f"cannot connect to {url}: {exc.__cause__ or exc!r}") from None
     if reply.get("type") != "models":
         raise ConfigError(f"the server at {url} answered 'models' with {reply}")
     return list(reply["models"])
@@ -593,7 +606,9 @@ async def _bench(config: ServeBenchConfig, url: str) -> dict[str, Any]:
     warmup: dict[str, Any] | None = None
     if config.warmup_requests:
         # Unmeasured: the first requests of a fresh server pay for kernel compilation and allocations.
-        warm = [attrs.evolve(r, output_len=min(r.output_len, 8)) for r in requests[: config.warmup_requests]]
+        # Their prompts are fresh random ids of the workload's lengths, never the measured prompts,
+        # which a prefix cache would then serve for free.
+        warm = warmup_requests(requests[: config.warmup_requests], int(info["vocab_size"]))
         print(f"[bench serve] warm-up: {len(warm)} short requests ...", file=sys.stderr, flush=True)
         w = await run_one_rate(
             url, warm, model=info["name"], request_rate=math.inf, burstiness=1.0, max_concurrency=None,
