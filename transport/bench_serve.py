@@ -542,9 +542,8 @@ def add_bench_serve(bench_subparsers: Any) -> None:
     p.add_argument("--label", default=None, help="what this run is, for tables and plots (default: the model)")
     p.add_argument("--output", default=None, help="the JSON file (default: docs/benchmarks/serve-LABEL-DATE.json)")
     p.add_argument("--plot", default=None, help="the PNG of a sweep (default: next to the JSON)")
-    e = p.add_argument_group("in-process server (without --url)")
-    add_engine_flags(e)  # type: ignore[arg-type]
-    e.add_argument("--max-requests-per-connection", type=int, default=256)
+    add_engine_flags(p)  # for the in-process server (without --url)
+    p.add_argument("--max-requests-per-connection", type=int, default=256, help="in-process server only")
     p.set_defaults(func=run)
 
 
