@@ -11,12 +11,15 @@ the request, and its KV blocks return to the pool before that model's next step.
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import attrs
+import torch
 import trio
 
 from actors.block_manager import BlockManagerActor, BlockManagerStats, plan_kv_budget
@@ -31,12 +34,23 @@ from engine.errors import ConfigError
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
+log = logging.getLogger(__name__)
+
 
 @attrs.frozen
 class ServiceConfig:
     max_pending_per_model: int = attrs.field(default=256)  # admitted and unfinished requests per model
     loop_lag_interval: float | None = 0.01  # None: do not run the lag monitor
     pipelined: bool | None = None  # queue step N+1 before processing step N; None: on GPUs only
+    # torch's intra-op threads when a model runs on the CPU. None: one fewer than the cores, so the
+    # event loop keeps a core (on 2 cores, 2 torch threads tripled the demo's TPOT under load:
+    # 22 ms against 6.5 ms with 1, docs/serving.md). Process-wide, as torch's setting is.
+    cpu_threads: int | None = attrs.field(default=None)
+
+    @cpu_threads.validator
+    def _check_threads(self, _: Any, value: int | None) -> None:
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"cpu_threads must be an integer >= 1 or None (auto), got {value!r}")
 
     @max_pending_per_model.validator
     def _check_pending(self, _: Any, value: int) -> None:
@@ -297,6 +311,11 @@ async def open_service(
         raise ConfigError("open_service needs at least one model")
     config = config or ServiceConfig()
     engines, rules = await load_engines(models, on_progress)
+    if any(e.runner.device.type == "cpu" for e in engines):
+        threads = config.cpu_threads or max(1, (os.cpu_count() or 1) - 1)
+        if threads != torch.get_num_threads():
+            log.info("torch intra-op threads: %d -> %d (a core for the event loop)", torch.get_num_threads(), threads)
+            torch.set_num_threads(threads)
     executors = [ExecutorThread(e.name) for e in engines]
     schedulers = {
         e.name: SchedulerActor(e, x, config.max_pending_per_model, config.pipelined)

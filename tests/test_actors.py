@@ -30,7 +30,7 @@ from actors import (
     plan_kv_budget,
 )
 from actors.executor import ExecutorThread
-from engine import EngineArgs, InvalidRequest, LLMEngine, SamplingParams
+from engine import ConfigError, EngineArgs, InvalidRequest, LLMEngine, SamplingParams
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -344,3 +344,17 @@ async def test_sampling_params_and_keywords_are_exclusive(engine: LLMEngine) -> 
             service.generate("x", params=SamplingParams(), max_tokens=3)
         with pytest.raises(ConfigError, match="temperature"):
             service.generate("x", temperature=-1)
+
+
+async def test_cpu_threads_leave_the_event_loop_a_core(engine: LLMEngine) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        async with open_service([engine], ServiceConfig(cpu_threads=2)):
+            assert torch.get_num_threads() == 2
+        with pytest.raises(ConfigError, match="cpu_threads must be an integer >= 1"):
+            ServiceConfig(cpu_threads=0)
+    finally:
+        torch.set_num_threads(before)

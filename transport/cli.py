@@ -152,6 +152,8 @@ def add_serve(subparsers: Any) -> None:
     p.add_argument("--max-frame-bytes", type=int, default=1 << 20)
     p.add_argument("--slow-client-timeout", type=float, default=30.0, help="seconds a frame may wait for a client")
     p.add_argument("--shutdown-grace", type=float, default=5.0, help="seconds to flush final frames on Ctrl-C")
+    p.add_argument("--cpu-threads", type=int, default=None,
+                   help="torch threads for models on the CPU (default: cores - 1, a core for the event loop)")
     add_engine_flags(p)
     p.set_defaults(func=run_serve)
 
@@ -195,7 +197,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     try:
         models = [engine_args_from(args, spec) for spec in (args.model or [None])]
-        config = ServiceConfig(max_pending_per_model=args.max_pending_requests)
+        config = ServiceConfig(max_pending_per_model=args.max_pending_requests, cpu_threads=args.cpu_threads)
         limits = ServerLimits(
             max_frame_bytes=args.max_frame_bytes,
             hard_max_frame_bytes=max(16 << 20, args.max_frame_bytes),
