@@ -610,7 +610,8 @@ def test_sweep_with_explicit_rates_writes_json_and_png(
     assert f"wrote {png}" in stdout and "highest rate with p99 TPOT <= 600000 ms: 400 req/s" in stdout
     assert png.read_bytes()[:8] == PNG_MAGIC
     record = json.loads(out.read_text())
-    assert record["command"] == "mini-vllm bench serve" and record["warmup"] is None
+    # The record holds the arguments given to main, not the test runner's sys.argv.
+    assert record["command"].startswith("mini-vllm bench serve --dataset ") and record["warmup"] is None
     assert [r["request_rate"] for r in record["runs"]] == [100.0, 400.0]  # sorted by rate
     assert all(r["completed"] == 3 and r["output_tokens"] == 6 + 3 + 4 for r in record["runs"])
     sweep = record["sweep"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -249,7 +250,7 @@ def run_throughput(args: argparse.Namespace) -> int:
         "model": args.model,
         "gpu": torch.cuda.get_device_name(device) if cuda else "none (CPU)",
         "versions": versions(),
-        "command": "mini-vllm " + " ".join(sys.argv[1:]),
+        "command": "mini-vllm " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:])),
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
     if cuda:

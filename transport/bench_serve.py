@@ -685,8 +685,7 @@ def run(args: argparse.Namespace) -> int:
         "label": config.label,
         "model": record["model_info"]["name"],
         "date": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "command": "mini-vllm bench " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("serve"):])
-        if "serve" in sys.argv else "mini-vllm bench serve",
+        "command": "mini-vllm " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:])),
         "versions": versions(),
         **device_description(),
         "burstiness": config.burstiness,
