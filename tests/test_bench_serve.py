@@ -689,6 +689,7 @@ def test_bench_plot_bad_inputs_exit_2(tmp_path: Path, capsys: pytest.CaptureFixt
         (["--max-concurrency", "0"], "--max-concurrency must be >= 1"),
         (["--warmup-requests", "-1"], "--warmup-requests must be >= 0"),
         (["--dataset-max-tokens", "0"], "--dataset-max-tokens must be >= 1"),
+        (["--no-ignore-eos"], "--no-ignore-eos needs --dataset"),
     ],
 )
 def test_config_errors_exit_2(

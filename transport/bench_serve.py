@@ -482,8 +482,11 @@ class ServeBenchConfig:
     sweep: bool
     label: str
     warmup_requests: int = 16
+    ignore_eos: bool = True  # exact output lengths, as ONLINE-1000 defines them
 
     def __attrs_post_init__(self) -> None:
+        if not self.ignore_eos and self.dataset is None:
+            raise ConfigError("--no-ignore-eos needs --dataset: ONLINE-1000 defines exact output lengths")
         if self.num_prompts is not None and self.num_prompts < 1:
             raise ConfigError(f"--num-prompts must be >= 1, got {self.num_prompts}")
         if not self.request_rates or any(not r > 0 for r in self.request_rates):
@@ -532,6 +535,9 @@ def add_bench_serve(bench_subparsers: Any) -> None:
                    help="requests/s, or inf for all at once (default inf); repeat for several runs")
     w.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps: 1 Poisson, <1 burstier")
     w.add_argument("--max-concurrency", type=int, default=None, help="at most this many requests in flight")
+    w.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                   help="generate exactly max_tokens (default; ONLINE-1000 requires it); --no-ignore-eos lets a "
+                        "real model stop at EOS on your --dataset")
     w.add_argument("--warmup-requests", type=int, default=16,
                    help="unmeasured short requests first (a fresh server compiles kernels on first use)")
     w.add_argument("--goodput", nargs="+", default=[], metavar="METRIC:MS",
@@ -555,6 +561,7 @@ def config_from(args: argparse.Namespace) -> ServeBenchConfig:
         dataset_max_tokens=args.dataset_max_tokens, request_rates=tuple(args.request_rate or (math.inf,)),
         burstiness=args.burstiness, max_concurrency=args.max_concurrency, connections=args.connections,
         targets=parse_goodput(args.goodput), sweep=args.sweep, label=label, warmup_requests=args.warmup_requests,
+        ignore_eos=args.ignore_eos,
     )
 
 
@@ -597,7 +604,7 @@ async def _bench(config: ServeBenchConfig, url: str) -> dict[str, Any]:
         run = await run_one_rate(
             url, requests, model=info["name"], request_rate=rate, burstiness=config.burstiness,
             max_concurrency=config.max_concurrency, connections=config.connections, targets=config.targets,
-            label=f"r{k}",
+            ignore_eos=config.ignore_eos, label=f"r{k}",
         )
         print(_row(run), file=sys.stderr, flush=True)
         return run
