@@ -106,7 +106,7 @@ class Scheduler:
         preempted: list[Sequence] = []
 
         if not self.chunked_prefill:
-            budget -= self._admit_whole(chosen, budget)
+            budget -= self._admit(chosen, budget, whole=True)
             if chosen:
                 return self._output(chosen, preempted)
 
@@ -135,38 +135,27 @@ class Scheduler:
             i += 1
 
         # Admit new work only when nothing had to be preempted: otherwise we would thrash.
-        while self.chunked_prefill and not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        if self.chunked_prefill and not preempted:
+            self._admit(chosen, budget, whole=False)
+        return self._output(chosen, preempted)
+
+    def _admit(self, chosen: dict[int, tuple[Sequence, int, list[tuple[int, int]]]], budget: int, whole: bool) -> int:
+        """Admit waiting sequences in order while the budget, ``max_num_seqs`` and free blocks
+        allow; ``whole``: only a prompt whose whole remaining part fits. Returns the tokens used."""
+        bm = self.block_manager
+        used = 0
+        while self.waiting and used < budget and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.token_ids[-1] == PLACEHOLDER:
                 break  # preempted with a token in flight: recompute once it has landed
             if seq.seq_id not in bm.tables:
                 seq.num_computed_tokens = bm.match_prefix(seq.seq_id, seq.token_ids)
-            num_new = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
-            copies = bm.allocate(seq.seq_id, seq.num_computed_tokens + num_new)
-            if copies is None:
-                # Keep no cached blocks pinned while waiting; look the prefix up again next time.
-                bm.free(seq.seq_id)
-                seq.num_computed_tokens = 0
-                break
-            self.waiting.pop(0)
-            self.add_running(seq)
-            chosen[seq.seq_id] = (seq, num_new, copies)
-            budget -= num_new
-        return self._output(chosen, preempted)
-
-    def _admit_whole(self, chosen: dict[int, tuple[Sequence, int, list[tuple[int, int]]]], budget: int) -> int:
-        """Admit waiting sequences whose whole remaining prompt fits the budget; the tokens used."""
-        bm = self.block_manager
-        used = 0
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            if seq.token_ids[-1] == PLACEHOLDER:
-                break
-            if seq.seq_id not in bm.tables:
-                seq.num_computed_tokens = bm.match_prefix(seq.seq_id, seq.token_ids)
-            num_new = len(seq.token_ids) - seq.num_computed_tokens
+            remaining = len(seq.token_ids) - seq.num_computed_tokens
+            num_new = remaining if whole else min(remaining, budget - used)
             copies = bm.allocate(seq.seq_id, seq.num_computed_tokens + num_new) if num_new <= budget - used else None
-            if copies is None:  # first come, first served: nobody overtakes the head of the queue
+            if copies is None:
+                # First come, first served: nobody overtakes the head of the queue. Keep no cached
+                # blocks pinned while waiting; look the prefix up again next time.
                 bm.free(seq.seq_id)
                 seq.num_computed_tokens = 0
                 break
