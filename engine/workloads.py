@@ -30,28 +30,28 @@ class WorkloadRequest:
     output_len: int
 
 
-def offline_256(vocab_size: int, num_requests: int = 256) -> list[WorkloadRequest]:
+def _random_requests(
+    vocab_size: int, num_requests: int, prompt_lens: tuple[int, int], output_lens: tuple[int, int]
+) -> list[WorkloadRequest]:
+    """``random.Random(0)`` draws each request's prompt length, then its output length;
+    ``random.Random(1)`` the prompt ids, request by request."""
     lengths = random.Random(0)
     ids = random.Random(1)
     requests = []
     for _ in range(num_requests):
-        prompt_len = lengths.randint(100, 1024)
-        output_len = lengths.randint(100, 1024)
+        prompt_len = lengths.randint(*prompt_lens)
+        output_len = lengths.randint(*output_lens)
         prompt = [ids.randrange(vocab_size) for _ in range(prompt_len)]
         requests.append(WorkloadRequest(prompt, output_len))
     return requests
+
+
+def offline_256(vocab_size: int, num_requests: int = 256) -> list[WorkloadRequest]:
+    return _random_requests(vocab_size, num_requests, (100, 1024), (100, 1024))
 
 
 def online_1000(vocab_size: int, num_requests: int = 1000) -> list[WorkloadRequest]:
-    lengths = random.Random(0)
-    ids = random.Random(1)
-    requests = []
-    for _ in range(num_requests):
-        prompt_len = lengths.randint(128, 1024)
-        output_len = lengths.randint(32, 512)
-        prompt = [ids.randrange(vocab_size) for _ in range(prompt_len)]
-        requests.append(WorkloadRequest(prompt, output_len))
-    return requests
+    return _random_requests(vocab_size, num_requests, (128, 1024), (32, 512))
 
 
 def arrival_times(num_requests: int, request_rate: float, burstiness: float = 1.0) -> list[float]:
