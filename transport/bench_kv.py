@@ -46,7 +46,6 @@ import math
 import os
 import platform
 import random
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -62,6 +61,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import PLACEHOLDER, Request, SeqStatus, Sequence
 from engine.workloads import offline_256
+from transport.bench_env import cpu_name, git_revision
 
 # ---- the configuration -------------------------------------------------------------------------------
 
@@ -758,23 +758,8 @@ def command_line(config: KvBenchConfig, output: str | None, plot: str | None = N
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
-                                cwd=Path(__file__).resolve().parent)
-        revision = commit.stdout.strip() or "unknown"
-    except OSError:
-        revision = "unknown"
-    return {"cpu": cpu, "cpus": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "attrs": attrs.__version__, "mini-vllm": revision}
+    return {"cpu": cpu_name(), "cpus": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "attrs": attrs.__version__, "mini-vllm": git_revision()}
 
 
 def _version(package: str) -> str | None:

@@ -344,15 +344,7 @@ class Server:
 
 
 def _stats(c: _Counters) -> ServerStats:
-    return ServerStats(
-        connections_open=c.connections_open,
-        connections_total=c.connections_total,
-        requests_in_flight=c.requests_in_flight,
-        frames_received=c.frames_received,
-        frames_sent=c.frames_sent,
-        errors_sent=c.errors_sent,
-        slow_clients_dropped=c.slow_clients_dropped,
-    )
+    return ServerStats(**attrs.asdict(c))  # a frozen snapshot of the live counters (same fields)
 
 
 async def serve(
