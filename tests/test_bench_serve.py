@@ -436,7 +436,6 @@ def test_bench_serve_in_process_writes_the_record(
         "--output",
         str(out),
     ]
-    monkeypatch.setattr(sys, "argv", ["mini-vllm", *argv])
     spy = Spy(monkeypatch)
     assert cli.main(argv) == 0
     stdout = capsys.readouterr().out
@@ -578,7 +577,7 @@ async def test_load_generator_against_a_running_server(
 def test_sweep_with_explicit_rates_writes_json_and_png(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(sys, "argv", ["pytest"])
+    monkeypatch.setattr(sys, "argv", ["pytest"])  # the record must come from main's argv, not this
     dataset = _write_dataset(tmp_path / "small.jsonl", DATASET[:3])
     out = tmp_path / "sweep.json"
     argv = [

@@ -59,12 +59,10 @@ def test_dtype_mismatch_is_an_error() -> None:
         rms_norm_triton(torch.randn(2, 8), torch.ones(8, dtype=torch.bfloat16), 1e-6)
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_rotary_matches_eager(dtype: torch.dtype) -> None:
+def _rope() -> torch.nn.Module:
+    """Llama-style RoPE for 4 query / 2 key-value heads of 32, positions up to 64."""
     from engine.config import ModelConfig
     from engine.model import RotaryEmbedding
-    from engine.triton_norm import rotary_triton
 
     cfg = ModelConfig.from_dict(
         {"architectures": ["LlamaForCausalLM"], "hidden_size": 128, "num_attention_heads": 4,
@@ -72,7 +70,23 @@ def test_fused_rotary_matches_eager(dtype: torch.dtype) -> None:
          "head_dim": 32, "rope_theta": 10000.0},
         "test",
     )
-    rope = RotaryEmbedding(cfg, 64)
+    return RotaryEmbedding(cfg, 64)
+
+
+def _assert_rotary_equal(dtype: torch.dtype, got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]) -> None:
+    for g, w in zip(got, want, strict=True):
+        if dtype == torch.bfloat16:  # the kernel rounds in integer arithmetic, exactly as the eager ops
+            assert torch.equal(g, w)
+        else:
+            torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rotary_matches_eager(dtype: torch.dtype) -> None:
+    from engine.triton_norm import rotary_triton
+
+    rope = _rope()
     gen = torch.Generator().manual_seed(0)
     qkv = torch.randn(9, 8 * 32, generator=gen).to(dtype)  # q (4 heads) | k (2) | v (2), as the model splits it
     q = qkv[:, : 4 * 32].view(9, 4, 32)
@@ -81,11 +95,7 @@ def test_fused_rotary_matches_eager(dtype: torch.dtype) -> None:
     want_q, want_k = rope(positions, q.clone(), k.clone())
     v_before = qkv[:, 6 * 32 :].clone()
     got_q, got_k = rotary_triton(positions, q, k, rope.cos, rope.sin)
-    if dtype == torch.bfloat16:  # the kernel rounds in integer arithmetic, exactly as the eager ops
-        assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
-    else:
-        torch.testing.assert_close(got_q, want_q, atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(got_k, want_k, atol=1e-6, rtol=1e-6)
+    _assert_rotary_equal(dtype, (got_q, got_k), (want_q, want_k))
     assert torch.equal(qkv[:, 6 * 32 :], v_before), "v must be untouched"
 
 
@@ -93,28 +103,16 @@ def test_fused_rotary_matches_eager(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_rotary_on_separate_q_and_k(dtype: torch.dtype) -> None:
     """q and k that are not neighbours in one buffer (Qwen3's normed q/k) take two launches."""
-    from engine.config import ModelConfig
-    from engine.model import RotaryEmbedding
     from engine.triton_norm import rotary_triton
 
-    cfg = ModelConfig.from_dict(
-        {"architectures": ["LlamaForCausalLM"], "hidden_size": 128, "num_attention_heads": 4,
-         "num_key_value_heads": 2, "intermediate_size": 64, "num_hidden_layers": 1, "vocab_size": 10,
-         "head_dim": 32, "rope_theta": 10000.0},
-        "test",
-    )
-    rope = RotaryEmbedding(cfg, 64)
+    rope = _rope()
     gen = torch.Generator().manual_seed(1)
     q = torch.randn(5, 4, 32, generator=gen).to(dtype)
     k = torch.randn(5, 2, 32, generator=gen).to(dtype)
     positions = torch.tensor([0, 9, 31, 32, 63])
     want_q, want_k = rope(positions, q.clone(), k.clone())
     got_q, got_k = rotary_triton(positions, q, k, rope.cos, rope.sin)
-    if dtype == torch.bfloat16:  # the kernel rounds in integer arithmetic, exactly as the eager ops
-        assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
-    else:
-        torch.testing.assert_close(got_q, want_q, atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(got_k, want_k, atol=1e-6, rtol=1e-6)
+    _assert_rotary_equal(dtype, (got_q, got_k), (want_q, want_k))
 
 
 @pytest.mark.timeout(120)
