@@ -130,12 +130,8 @@ class LLMEngine:
                 f"max_model_len must be <= the model's max_position_embeddings ({config.max_position_embeddings}), "
                 f"got {args.max_model_len}"
             )
-        if not args.enable_chunked_prefill and args.max_num_batched_tokens < max_len:
-            raise ConfigError(
-                f"with enable_chunked_prefill=False every prompt is computed in one step, so "
-                f"max_num_batched_tokens ({args.max_num_batched_tokens}) must be >= max_model_len ({max_len}): "
-                f"raise it or lower max_model_len"
-            )
+        # Before the weights load, not after: the Scheduler would refuse the same budget later.
+        Scheduler.check_budget(args.enable_chunked_prefill, args.max_num_batched_tokens, max_len)
         tokenizer = load_tokenizer(source.directory)
         eos_ids = generation_eos_ids(source.directory, config)
         torch.manual_seed(args.seed)
@@ -282,9 +278,10 @@ class LLMEngine:
         t1 = time.perf_counter()
         launched = (batch, self.launch(batch)) if batch is not None else None
         t2 = time.perf_counter()
-        previous, self._inflight = self._inflight, launched
-        if not self.async_scheduling:  # land this very step: nothing is scheduled ahead
-            previous, self._inflight = self._inflight, None
+        if self.async_scheduling:
+            previous, self._inflight = self._inflight, launched
+        else:  # land this very step: nothing is scheduled ahead (the one in flight landed above)
+            previous = launched
         if previous is not None:
             output = self.collect(previous[1])
             t3 = time.perf_counter()

@@ -59,11 +59,7 @@ class Scheduler:
         chunked_prefill: bool = True,
     ) -> None:
         self.block_manager = block_manager
-        if not chunked_prefill and max_num_batched_tokens < max_model_len:
-            raise ConfigError(
-                f"without chunked prefill max_num_batched_tokens ({max_num_batched_tokens}) must be >= "
-                f"max_model_len ({max_model_len}), or a long prompt could never be scheduled"
-            )
+        self.check_budget(chunked_prefill, max_num_batched_tokens, max_model_len)
         self.chunked_prefill = chunked_prefill
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -71,6 +67,16 @@ class Scheduler:
         self.waiting: list[Sequence] = []  # sorted by sort_key
         self.running: list[Sequence] = []  # sorted by sort_key
         self.num_preemptions = 0
+
+    @staticmethod
+    def check_budget(chunked_prefill: bool, max_num_batched_tokens: int, max_model_len: int) -> None:
+        """Without chunked prefill a prompt is computed in one step, so the budget must hold the longest."""
+        if not chunked_prefill and max_num_batched_tokens < max_model_len:
+            raise ConfigError(
+                f"with enable_chunked_prefill=False every prompt is computed in one step, so "
+                f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_model_len ({max_model_len}): "
+                f"raise it or lower max_model_len"
+            )
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING

@@ -84,3 +84,10 @@ def test_logprobs_count_and_chosen_token(llm: LLM) -> None:
     for tok, lp in zip(out.token_ids, out.logprobs, strict=True):
         assert lp.token_id == tok and len(lp.top) == 3
         assert lp.top[0][1] >= lp.logprob - 1e-6 or lp.token_id == lp.top[0][0]
+
+
+def test_without_chunked_prefill_the_engine_refuses_a_budget_below_max_model_len(demo_model_dir: Path) -> None:
+    from engine import ConfigError
+
+    with pytest.raises(ConfigError, match=r"max_num_batched_tokens \(64\) must be >= max_model_len \(128\)"):
+        LLM(enable_chunked_prefill=False, max_num_batched_tokens=64, max_model_len=128)
