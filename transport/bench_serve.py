@@ -45,6 +45,7 @@ from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 
 from engine.errors import ConfigError
 from engine.workloads import arrival_times, online_1000
+from transport import protocol
 from transport.bench_env import device_description, versions
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -352,10 +353,7 @@ async def _server_stats(conn: _Connection, reset: bool) -> dict[str, Any] | None
     reply = _Reply()
     rid = f"stats-{time.monotonic_ns()}"
     conn.routes[rid] = reply
-    body: dict[str, Any] = {"type": "stats", "id": rid}
-    if reset:
-        body["reset_loop_lag"] = True
-    await conn.ws.send_message(json.dumps(body))
+    await conn.ws.send_message(protocol.stats_request(rid, reset_loop_lag=reset))
     with trio.move_on_after(10):
         await reply.finished.wait()
     conn.routes.pop(rid, None)
@@ -568,7 +566,7 @@ def config_from(args: argparse.Namespace) -> ServeBenchConfig:
 async def _models(url: str) -> list[dict[str, Any]]:
     try:
         async with open_websocket_url(url, disconnect_timeout=2) as ws:
-            await ws.send_message(json.dumps({"type": "models", "id": "m"}))
+            await ws.send_message(protocol.models_request("m"))
             reply = json.loads(await ws.get_message())
     except HandshakeError as exc:  # not an OSError: it would escape run() as a traceback
         raise ConfigError(f"cannot connect to {url}: {exc.__cause__ or exc!r}") from None

@@ -150,9 +150,9 @@ class Connection:
             await self._send(protocol.models_frame(frame.id, models))
             return
         if isinstance(frame, StatsFrame):
-            if frame.reset_loop_lag and self._service.loop_lag is not None:
-                self._service.loop_lag.reset()
             stats = {"server": attrs.asdict(_stats(self._counters)), "service": attrs.asdict(self._service.statistics())}
+            if frame.reset_loop_lag and self._service.loop_lag is not None:
+                self._service.loop_lag.reset()  # after the snapshot: the answer still shows the old window
             await self._send(protocol.stats_frame(frame.id, stats))
             return
         if isinstance(frame, protocol.CancelFrame):
