@@ -51,6 +51,7 @@ from transport.bench_env import device_description, versions
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 ONLINE_1000 = "ONLINE-1000"
 SLO_METRICS = ("ttft", "tpot", "e2el")
+ENGINE_COUNTERS = ("steps", "num_preemptions", "prompt_tokens_computed", "generation_tokens")
 # The rate ladder of a sweep without explicit rates: fractions of the all-at-once throughput.
 SWEEP_FRACTIONS = (0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 1.0)
 
@@ -370,7 +371,8 @@ def _lag_and_engine(before: dict[str, Any] | None, after: dict[str, Any] | None,
     name = model if model in schedulers else next(iter(schedulers), None)
     if name is not None and name in earlier:
         a, b = earlier[name]["engine"], schedulers[name]["engine"]
-        out["engine"] = {k: b[k] - a[k] for k in b if isinstance(b[k], int | float) and k in a}
+        # Differences of the cumulative counters only: a gauge's difference (running, blocks) means nothing.
+        out["engine"] = {k: b[k] - a[k] for k in ENGINE_COUNTERS if k in a and k in b}
     out["frames_sent"] = after["server"]["frames_sent"] - before["server"]["frames_sent"]
     return out
 
