@@ -781,15 +781,14 @@ def plot_sweeps(records: Sequence[dict[str, Any]], path: Path, title: str) -> bo
     """Output tok/s against p50/p99 TPOT and TTFT, one line per record; False if matplotlib is missing."""
     try:
         import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: no global backend or figure state to change
     except ImportError:
         print("no PNG: matplotlib is not installed (pip install 'mini-vllm[bench]'); "
               "'mini-vllm bench plot FILE.json' draws it later", file=sys.stderr)
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for record, color in zip(records, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4, strict=False):
+    fig = Figure(figsize=(12, 4.5))
+    axes = fig.subplots(1, 2)
+    for record, color in zip(records, matplotlib.rcParams["axes.prop_cycle"].by_key()["color"] * 4, strict=False):
         runs = [r for r in record["runs"] if r["completed"]]
         x = [r["output_throughput"] for r in runs]
         for ax, metric in zip(axes, ("tpot_ms", "ttft_ms"), strict=True):
@@ -809,7 +808,6 @@ def plot_sweeps(records: Sequence[dict[str, Any]], path: Path, title: str) -> bo
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return True
 
 
