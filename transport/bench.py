@@ -27,6 +27,7 @@ from engine.sampling_params import SamplingParams
 from engine.workloads import WorkloadRequest, offline_256, physical_floor
 from transport.bench_env import versions
 from transport.bench_kv import add_bench_kv
+from transport.bench_latency import add_bench_latency
 from transport.bench_serve import add_bench_plot, add_bench_serve
 
 
@@ -52,6 +53,7 @@ def add_bench(subparsers: Any) -> None:
     t.set_defaults(func=run_throughput)
     add_bench_attention(sub)
     add_bench_kv(sub)
+    add_bench_latency(sub)
     add_bench_serve(sub)
     add_bench_plot(sub)
 
@@ -398,7 +400,7 @@ def run_attention(args: argparse.Namespace) -> int:
     q = torch.randn(bs, args.heads, args.head_dim, dtype=torch.bfloat16, device=dev)
     kv_bytes = 2 * bs * ctx * args.kv_heads * args.head_dim * 2
     rows = []
-    for splits in (1, 2, 4, 8, 16):
+    for splits in (1, 2, 4, 8, 16, 32, 64):
         for block_n in (16, 32, 64):
             for warps in (4, 8):
                 try:

@@ -1,0 +1,353 @@
+"""``mini-vllm bench latency``: one batch through the engine, step by step, against the weights' floor.
+
+The latency floor of a decode step is reading every weight once (plus the live KV) at the GPU's
+bandwidth. This command measures how close the engine gets at a fixed batch: TTFT of the batch's
+prompts, TPOT and the time of every decode step, over a few iterations. ``--profile-steps`` puts
+decode steps under ``torch.profiler`` and splits the GPU time into matmuls, attention, the other
+kernels and idle gaps; ``--matmul-probe`` times each weight shape's matmul alone (in a CUDA graph,
+so launch cost does not count) with each of torch's BLAS back-ends. No server, no actors: the
+serving path's own cost is what ``bench serve`` adds on top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import itertools
+import json
+import random
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.config import PRESETS, EngineArgs, ModelConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from engine.workloads import matmul_params
+from transport.bench_env import versions
+
+# Kernel names of cuBLAS / cuBLASLt matmuls (nvjet is Hopper's cuBLASLt family).
+MATMUL_KERNEL_MARKS = ("gemm", "gemv", "nvjet", "cutlass", "xmma")
+ATTENTION_KERNEL_MARKS = ("_decode_", "_prefill_")
+
+
+def add_bench_latency(sub: Any) -> None:
+    p = sub.add_parser("latency", help="one batch step by step: TTFT, TPOT and the decode step against the weights' floor")
+    p.add_argument("--model", default="qwen3-0.6b", help="a preset (dummy weights), a model directory or demo")
+    p.add_argument("--load-format", choices=["auto", "dummy"], default=None, help="default: dummy for presets")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--input-len", type=int, default=1024, help="prompt tokens per request (random ids)")
+    p.add_argument("--output-len", type=int, default=128, help="output tokens per request (EOS ignored)")
+    p.add_argument("--num-iters", type=int, default=5)
+    p.add_argument("--warmup-iters", type=int, default=1)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--no-async-scheduling", action="store_true", help="land every step before scheduling the next")
+    p.add_argument("--profile-steps", type=int, default=0, metavar="N", help="profile N steady decode steps (GPU)")
+    p.add_argument("--matmul-probe", action="store_true", help="time each weight shape's matmul alone (GPU)")
+    p.add_argument("--output", default=None, help="write the record as JSON here")
+    p.set_defaults(func=run_latency)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def check_args(args: argparse.Namespace) -> str | None:
+    for name in ("batch_size", "input_len", "num_iters"):
+        if getattr(args, name) < 1:
+            return f"--{name.replace('_', '-')} must be at least 1"
+    if args.output_len < 2:
+        return "--output-len must be at least 2 (TPOT needs a second token)"
+    if args.warmup_iters < 0 or args.profile_steps < 0:
+        return "--warmup-iters and --profile-steps cannot be negative"
+    if args.input_len + args.output_len > args.max_model_len:
+        return f"--input-len + --output-len ({args.input_len + args.output_len}) exceed --max-model-len ({args.max_model_len})"
+    if (args.profile_steps or args.matmul_probe) and not torch.cuda.is_available():
+        return "--profile-steps and --matmul-probe need a CUDA GPU"
+    return None
+
+
+def run_batch(engine: LLMEngine, prompts: list[list[int]], output_len: int, tag: str) -> dict[str, Any]:
+    """Add the batch, step to the end; the times (s) at which the batch's tokens landed."""
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    start = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add_request(f"{tag}-{i}", p, params)
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    step_ends: list[float] = []  # when a step's tokens landed (steps that carried decode tokens)
+    while engine.has_unfinished_requests():
+        deltas = engine.step()
+        now = time.perf_counter()
+        if any(s.token_ids for d in deltas for s in d.samples):
+            step_ends.append(now)
+        for d in deltas:
+            if any(s.token_ids for s in d.samples):
+                first.setdefault(d.request_id, now)
+                last[d.request_id] = now
+    ttft = [first[k] - start for k in first]
+    e2e = [last[k] - start for k in last]
+    tpot = [(last[k] - first[k]) / (output_len - 1) for k in first]
+    return {"ttft_s": statistics.median(ttft), "tpot_s": statistics.median(tpot), "e2e_s": max(e2e),
+            "step_gaps_s": [b - a for a, b in itertools.pairwise(step_ends)]}
+
+
+def random_prompts(rng: random.Random, n: int, length: int, vocab: int) -> list[list[int]]:
+    return [[rng.randrange(vocab) for _ in range(length)] for _ in range(n)]
+
+
+def decode_floor_s(config: ModelConfig, batch: int, context: int, bandwidth: float) -> float:
+    """One decode step reading every weight once and each sequence's KV (bf16), at ``bandwidth``."""
+    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2 * context * batch
+    # Every matrix a token multiplies through (the LM head too, tied or not); the embedding is a
+    # gather of `batch` rows, not a full read.
+    return (2 * matmul_params(config) + kv) / bandwidth
+
+
+def measure_bandwidth(device: torch.device) -> float:
+    """Copy bandwidth (bytes read + written per second), median of 10 copies of 2 GiB."""
+    x = torch.empty(1 << 30, dtype=torch.bfloat16, device=device)
+    y = torch.empty_like(x)
+    times = []
+    for i in range(13):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        y.copy_(x)
+        end.record()
+        end.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end) / 1e3)
+    del x, y
+    torch.cuda.empty_cache()
+    return 2 * (1 << 30) * 2 / statistics.median(times)
+
+
+# ---- the GPU's view ------------------------------------------------------------------------------
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    if any(m in low for m in MATMUL_KERNEL_MARKS):
+        return "matmul"
+    if any(m in name for m in ATTENTION_KERNEL_MARKS):
+        return "attention"
+    return "other"
+
+
+def split_kernel_time(kernels: list[tuple[float, float, str]], steps: int) -> dict[str, Any]:
+    """Per step (µs): kernel time by category, kernels launched, and the idle time between them."""
+    by_cat = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    by_name: dict[str, list[float]] = {}
+    for start, end, name in kernels:
+        by_cat[kernel_category(name)] += end - start
+        by_name.setdefault(name, []).append(end - start)
+    idle = 0.0
+    reach = kernels[0][1] if kernels else 0.0
+    for start, end, _ in kernels[1:]:
+        idle += max(0.0, start - reach)
+        reach = max(reach, end)
+    span = max(end for _, end, _ in kernels) - kernels[0][0] if kernels else 0.0
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:12]
+    return {
+        "steps": steps,
+        "span_us_per_step": round(span / steps, 1),
+        "kernels_per_step": round(len(kernels) / steps, 1),
+        "us_per_step": {k: round(v / steps, 1) for k, v in by_cat.items()},
+        "idle_us_per_step": round(idle / steps, 1),
+        "top_kernels": [
+            {"name": n[:90], "category": kernel_category(n), "us_per_step": round(sum(t) / steps, 1),
+             "calls_per_step": round(len(t) / steps, 1), "us_per_call": round(statistics.median(t), 2)}
+            for n, t in top
+        ],
+    }
+
+
+def profile_decode(engine: LLMEngine, prompts: list[list[int]], output_len: int, steps: int) -> dict[str, Any]:
+    from torch.profiler import ProfilerActivity, profile
+
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"profile-{i}", p, params)
+    engine.step_timings = []
+    while engine.has_unfinished_requests():  # to steady decode
+        engine.step()
+        t = engine.step_timings
+        if len(t) >= 3 and all(x.decode_only for x in t[-3:]):
+            break
+    engine.step_timings = None
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    for rid in list(engine.requests):
+        engine.abort_request(rid)
+    while engine.has_unfinished_requests():
+        engine.step()
+    kernels = sorted(
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
+        and not e.name.startswith(("Memcpy", "Memset", "ProfilerStep"))
+    )
+    return split_kernel_time(kernels, steps)
+
+
+def matmul_shapes(config: ModelConfig) -> dict[str, tuple[int, int, int]]:
+    """(out, in, per-forward count) of every linear layer."""
+    h, q = config.hidden_size, config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    n = config.num_hidden_layers
+    return {
+        "qkv_proj": (q + 2 * kv, h, n),
+        "o_proj": (h, q, n),
+        "gate_up_proj": (2 * config.intermediate_size, h, n),
+        "down_proj": (h, config.intermediate_size, n),
+        "lm_head": (config.vocab_size, h, 1),
+    }
+
+
+def matmul_probe(config: ModelConfig, batch: int, device: torch.device) -> dict[str, Any]:
+    """Each weight shape's ``F.linear`` at M = batch, replayed 20 times in a CUDA graph, per BLAS back-end."""
+    backends = ["cublas", "cublaslt"]
+    previous = torch.backends.cuda.preferred_blas_library()
+    out: dict[str, Any] = {}
+    try:
+        for backend in backends:
+            torch.backends.cuda.preferred_blas_library(backend)
+            rows: dict[str, Any] = {}
+            total_us = 0.0
+            for name, (n_out, n_in, count) in matmul_shapes(config).items():
+                w = torch.randn(n_out, n_in, dtype=torch.bfloat16, device=device) * 0.02
+                x = torch.randn(batch, n_in, dtype=torch.bfloat16, device=device)
+                reps = 20
+                for _ in range(3):
+                    torch.nn.functional.linear(x, w)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for _ in range(reps):
+                        torch.nn.functional.linear(x, w)
+                times = []
+                for _ in range(10):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    graph.replay()
+                    end.record()
+                    end.synchronize()
+                    times.append(start.elapsed_time(end) * 1e3 / reps)
+                us = statistics.median(times)
+                rows[name] = {"shape": [n_out, n_in], "count": count, "us": round(us, 2),
+                              "tb_per_s": round(n_out * n_in * 2 / us / 1e6, 3)}
+                total_us += us * count
+                del w, x, graph
+            out[backend] = {"per_shape": rows, "total_us_per_forward": round(total_us, 1)}
+    finally:
+        torch.backends.cuda.preferred_blas_library(previous)
+        torch.cuda.empty_cache()
+    return out
+
+
+# ---- the command -----------------------------------------------------------------------------------
+def run_latency(args: argparse.Namespace) -> int:
+    error = check_args(args)
+    if error:
+        print(f"bench latency: {error}", file=sys.stderr)
+        return 2
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    load_format = args.load_format or ("dummy" if args.model in PRESETS else "auto")
+    record: dict[str, Any] = {
+        "model": args.model,
+        "batch_size": args.batch_size, "input_len": args.input_len, "output_len": args.output_len,
+        "gpu": torch.cuda.get_device_name(device) if cuda else "none (CPU)",
+        "versions": versions(),
+        "command": "mini-vllm " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:])),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    bandwidth = measure_bandwidth(device) if cuda else None
+    engine_args = EngineArgs(
+        model=None if args.model == "demo" else args.model, load_format=load_format, max_model_len=args.max_model_len,
+        max_num_seqs=max(args.batch_size, 1), max_num_batched_tokens=max(args.max_model_len, args.batch_size),
+        gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
+        block_size=args.block_size, enforce_eager=args.enforce_eager, enable_prefix_caching=False,
+        async_scheduling=False if args.no_async_scheduling else None,
+    )
+    _log(f"loading {args.model} ({load_format}) ...")
+    engine = LLMEngine.from_engine_args(engine_args)
+    config = engine.model_config
+    record["async_scheduling"] = engine.async_scheduling
+    record["cuda_graphs"] = cuda and not args.enforce_eager
+    rng = random.Random(3)  # fresh prompts every iteration: nothing to reuse even with a prefix cache
+    iters = []
+    for i in range(args.warmup_iters + args.num_iters):
+        result = run_batch(engine, random_prompts(rng, args.batch_size, args.input_len, config.vocab_size),
+                           args.output_len, f"it{i}")
+        label = "warm-up" if i < args.warmup_iters else f"iteration {i - args.warmup_iters + 1}"
+        _log(f"[{label}] TTFT {1e3 * result['ttft_s']:.2f} ms, TPOT {1e3 * result['tpot_s']:.3f} ms")
+        if i >= args.warmup_iters:
+            iters.append(result)
+    gaps = sorted(g for r in iters for g in r["step_gaps_s"])
+    record["ttft_ms"] = round(1e3 * statistics.median(r["ttft_s"] for r in iters), 3)
+    record["tpot_ms"] = round(1e3 * statistics.median(r["tpot_s"] for r in iters), 4)
+    record["e2e_ms"] = round(1e3 * statistics.median(r["e2e_s"] for r in iters), 2)
+    record["step_ms"] = {"p50": round(1e3 * gaps[len(gaps) // 2], 4), "p99": round(1e3 * gaps[int(0.99 * (len(gaps) - 1))], 4),
+                         "max": round(1e3 * gaps[-1], 4)} if gaps else None
+    if bandwidth is not None:
+        mean_context = args.input_len + args.output_len // 2
+        floor = decode_floor_s(config, args.batch_size, mean_context, bandwidth)
+        record["measured_bandwidth_bytes_per_s"] = bandwidth
+        record["decode_floor_ms"] = round(1e3 * floor, 4)
+        record["tpot_over_floor"] = round(record["tpot_ms"] / record["decode_floor_ms"], 4)
+    if args.profile_steps:
+        prompts = random_prompts(rng, args.batch_size, args.input_len, config.vocab_size)
+        record["profile"] = profile_decode(engine, prompts, args.output_len, args.profile_steps)
+    if args.matmul_probe:
+        del engine
+        torch.cuda.empty_cache()
+        record["matmul_probe"] = matmul_probe(config, args.batch_size, device)
+    print_table(record)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
+        _log(f"wrote {args.output}")
+    return 0
+
+
+def print_table(record: dict[str, Any]) -> None:
+    rows = [
+        ("model", f"{record['model']}, batch {record['batch_size']}, {record['input_len']} in / {record['output_len']} out"),
+        ("gpu", record["gpu"]),
+        ("TTFT (batch's prompts)", f"{record['ttft_ms']:.2f} ms"),
+        ("TPOT", f"{record['tpot_ms']:.3f} ms"),
+    ]
+    if record["step_ms"]:
+        s = record["step_ms"]
+        rows.append(("decode step", f"p50 {s['p50']:.3f} ms, p99 {s['p99']:.3f} ms, max {s['max']:.3f} ms"))
+    if "decode_floor_ms" in record:
+        rows.append(("floor (weights + KV / bandwidth)",
+                     f"{record['decode_floor_ms']:.3f} ms at {record['measured_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s; "
+                     f"TPOT is {record['tpot_over_floor']:.2f}x"))
+    if "profile" in record:
+        p = record["profile"]
+        u = p["us_per_step"]
+        rows.append(("GPU per decode step (profiled)",
+                     f"span {p['span_us_per_step']:.0f} µs: matmul {u['matmul']:.0f}, attention {u['attention']:.0f}, "
+                     f"other {u['other']:.0f}, idle {p['idle_us_per_step']:.0f}; {p['kernels_per_step']:.0f} kernels"))
+        for k in p["top_kernels"][:8]:
+            rows.append((f"  {k['category']}", f"{k['us_per_step']:8.1f} µs/step  {k['calls_per_step']:5.0f} calls  "
+                                               f"{k['us_per_call']:7.2f} µs/call  {k['name'][:60]}"))
+    if "matmul_probe" in record:
+        for backend, r in record["matmul_probe"].items():
+            shapes = ", ".join(f"{n} {v['tb_per_s']:.2f}" for n, v in r["per_shape"].items())
+            rows.append((f"matmuls alone ({backend})", f"{r['total_us_per_forward']:.0f} µs/forward; TB/s: {shapes}"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
