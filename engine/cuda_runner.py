@@ -11,6 +11,7 @@ copied back into pinned memory behind an event; only ``collect`` waits for it.
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import attrs
@@ -20,7 +21,8 @@ import torch
 from engine.attention import AttentionMetadata
 from engine.model import CausalLM
 from engine.model_runner import ModelOutput, ModelRunner, StepHandle, StepInputs
-from engine.sampler import SamplerOutput, sample
+from engine.sampler import SamplerOutput, SamplingRow, sample
+from engine.sampling_params import SamplingParams
 from engine.triton_attention import (
     PrefillSchedule,
     build_prefill_schedule,
@@ -90,7 +92,9 @@ class CudaModelRunner(ModelRunner):
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // block_size)
-        self.num_splits = num_splits_for(max_model_len)
+        # Up to one 64-key tile per partition: a small batch has too few (sequence, kv head)
+        # programs to fill the GPU otherwise (docs/gpu-execution.md, batch 1).
+        self.num_splits = num_splits_for(max_model_len, tokens_per_split=64, max_splits=64)
         self.tokens_per_tile = prefill_tokens_per_tile(config.num_attention_heads, config.num_key_value_heads)
         self.num_kv_heads = config.num_key_value_heads
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -117,10 +121,31 @@ class CudaModelRunner(ModelRunner):
         self._stream_ready = False
 
     def set_kv_cache(self, kv_cache: torch.Tensor) -> None:
-        """Install the cache (sized after profiling) and capture the decode graphs over it."""
+        """Install the cache (sized after profiling), compile the eager step's kernels and capture
+        the decode graphs over it."""
         self.kv_cache = kv_cache
+        self.warm_up_eager()
         if not self.enforce_eager:
             self.capture_graphs()
+
+    def warm_up_eager(self) -> None:
+        """Run one eager step now (a prefill next to a decode; with graphs off, also a decode
+        alone) through the same buffers as real steps, so that no request waits for Triton to
+        compile a kernel (it specializes on the buffers' alignment too). Slots -1 write nothing;
+        what the step reads from block 0 is discarded."""
+        greedy = SamplingRow(SamplingParams(temperature=0, max_tokens=1), None, [], (), None)
+        shapes = [[3, 1], [1]] if self.enforce_eager else [[3, 1]]
+        for query_lens in shapes:
+            n = sum(query_lens)
+            ends = list(itertools.accumulate(query_lens))
+            inputs = StepInputs(
+                input_ids=[0] * n, positions=[p for q in query_lens for p in range(q)], slot_mapping=[-1] * n,
+                query_lens=query_lens, seq_lens=query_lens, block_tables=[[0]] * len(query_lens),
+                sample_indices=[e - 1 for e in ends], sampling_rows=[greedy] * len(query_lens), copies=(),
+                placeholder_rows=[], placeholder_src=[], sample_seq_ids=list(range(len(query_lens))),
+            )
+            self.collect(self.launch(inputs))
+        self._last_sampled = None
 
     # ---- attention ------------------------------------------------------------------------------
     def _attention(

@@ -96,7 +96,10 @@ def _store_kv_kernel(
     tl.store(v_dst + dims[None, :], v.to(v_cache.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+# Arguments that change from step to step (the block table's width, the split count) are not
+# specialized: Triton would otherwise compile a new variant the first time one is 1 or a multiple
+# of 16, in the middle of serving.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(
     query,
     k_cache,
@@ -187,7 +190,7 @@ def _prefill_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _decode_split_kernel(
     query,
     k_cache,
@@ -271,7 +274,7 @@ def _decode_split_kernel(
     tl.store(part_out + row[:, None] * HEAD_DIM + dims[None, :], acc, mask=g_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(
     part_out,
     part_lse,

@@ -133,8 +133,12 @@ def rotary_triton(
     launch instead of ~14 kernels); ``cos``/``sin`` are the fp32 ``[positions, D]`` tables."""
     tensors: tuple[torch.Tensor, ...] = (q, k)
     if (
-        q.dtype == k.dtype and q.stride() == (q.stride(0), q.shape[2], 1) and k.stride() == (q.stride(0), q.shape[2], 1)
+        q.dtype == k.dtype and q.stride()[1:] == (q.shape[2], 1) and k.stride()[1:] == (q.shape[2], 1)
+        # A one-token view's row stride is arbitrary (torch picks it), so it need not match.
+        and (q.shape[0] <= 1 or k.stride(0) == q.stride(0))
         and k.data_ptr() == q.data_ptr() + q.shape[1] * q.shape[2] * q.element_size()
+        # Two tensors that merely sit next to each other (the allocator's doing) are not one view.
+        and k.untyped_storage().data_ptr() == q.untyped_storage().data_ptr()
     ):
         # k's heads follow q's in each row (both views of the qkv projection): one launch for both.
         tensors = (q.as_strided((q.shape[0], q.shape[1] + k.shape[1], q.shape[2]), q.stride()),)

@@ -100,3 +100,37 @@ def test_sampling_seeded_reproducible_on_gpu(tiny_model: Callable[..., Path]) ->
     b = llm.generate(prompts()[:6], [SamplingParams(temperature=1.0, max_tokens=5)] * 3 + [p]
                      + [SamplingParams(temperature=0, max_tokens=9)] * 2)[3]
     assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
+
+
+def _jit_kernels() -> dict[str, object]:
+    from engine import triton_attention, triton_norm
+
+    return {
+        name: obj for module in (triton_attention, triton_norm) for name, obj in vars(module).items()
+        if hasattr(obj, "device_caches")
+    }
+
+
+def _compiled_variants() -> dict[str, int]:
+    return {name: sum(len(c[0]) for c in k.device_caches.values()) for name, k in _jit_kernels().items()}  # type: ignore[attr-defined]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("enforce_eager", [False, True], ids=["graphs", "eager"])
+def test_no_kernel_compiles_after_start(enforce_eager: bool, tiny_model: Callable[..., Path]) -> None:
+    """Start-up compiles every Triton kernel variant a step can need: a compile mid-serving
+    stalls every request in flight for a second or more."""
+    for kernel in _jit_kernels().values():
+        kernel.device_caches.clear()  # type: ignore[attr-defined]  # what earlier tests compiled does not count
+    path = tiny_model("LlamaForCausalLM")
+    llm = LLM(str(path), dtype="bfloat16", num_kv_blocks=512, max_num_seqs=16, max_num_batched_tokens=64,
+              enforce_eager=enforce_eager)
+    before = _compiled_variants()
+    rng = random.Random(5)
+    # Block tables of every width from 1 to 20 (1 and 16 are the widths Triton likes to specialize),
+    # chunked prefills next to decodes, decode batches of every size, and a sampled request.
+    ps = [[rng.randrange(3, 259) for _ in range(n)] for n in (1, 2, 15, 16, 17, 31, 32, 33, 100, 250, 256, 300)]
+    llm.generate(ps, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    llm.generate(ps[:3], SamplingParams(temperature=0.8, top_p=0.9, max_tokens=5, seed=1, ignore_eos=True))
+    after = _compiled_variants()
+    assert after == before, {name: (before.get(name), n) for name, n in after.items() if before.get(name) != n}

@@ -201,7 +201,7 @@ def test_prefill_strided_query_and_reused_schedule() -> None:
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize(("num_splits", "block_n"), [(1, 64), (3, 64), (3, 16), (8, 16)])
+@pytest.mark.parametrize(("num_splits", "block_n"), [(1, 64), (3, 64), (3, 16), (8, 16), (32, 64)])
 def test_decode_matches_reference(dtype: torch.dtype, num_splits: int, block_n: int) -> None:
     # Short sequences next to a long one: with several splits most of their partitions are empty
     # (seq_len 5, 8 splits of 16 keys: only split 0 has keys).

@@ -81,22 +81,39 @@ def _assert_rotary_equal(dtype: torch.dtype, got: tuple[torch.Tensor, ...], want
             torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)
 
 
+class _CountingLaunches:
+    """Stands in for a jitted kernel: counts ``kernel[grid](...)`` launches and forwards them."""
+
+    def __init__(self, kernel: object) -> None:
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid: object) -> object:
+        self.launches += 1
+        return self.kernel[grid]  # type: ignore[index]
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_rotary_matches_eager(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("tokens", [9, 1])  # one token: a decode step at batch 1
+def test_fused_rotary_matches_eager(dtype: torch.dtype, tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine import triton_norm
     from engine.triton_norm import rotary_triton
 
+    counter = _CountingLaunches(triton_norm._rotary_kernel)
+    monkeypatch.setattr(triton_norm, "_rotary_kernel", counter)
     rope = _rope()
     gen = torch.Generator().manual_seed(0)
-    qkv = torch.randn(9, 8 * 32, generator=gen).to(dtype)  # q (4 heads) | k (2) | v (2), as the model splits it
-    q = qkv[:, : 4 * 32].view(9, 4, 32)
-    k = qkv[:, 4 * 32 : 6 * 32].view(9, 2, 32)
-    positions = torch.tensor([0, 1, 2, 3, 17, 33, 40, 62, 63])
+    qkv = torch.randn(tokens, 8 * 32, generator=gen).to(dtype)  # q (4 heads) | k (2) | v (2), as the model splits it
+    q, k, v = qkv.split([4 * 32, 2 * 32, 2 * 32], dim=-1)
+    q, k = q.view(-1, 4, 32), k.view(-1, 2, 32)
+    positions = torch.tensor([0, 1, 2, 3, 17, 33, 40, 62, 63][:tokens])
     want_q, want_k = rope(positions, q.clone(), k.clone())
-    v_before = qkv[:, 6 * 32 :].clone()
+    v_before = v.clone()
     got_q, got_k = rotary_triton(positions, q, k, rope.cos, rope.sin)
     _assert_rotary_equal(dtype, (got_q, got_k), (want_q, want_k))
-    assert torch.equal(qkv[:, 6 * 32 :], v_before), "v must be untouched"
+    assert torch.equal(v, v_before), "v must be untouched"
+    # Neighbours in one buffer: one launch, also for one token, whose views' row strides differ.
+    assert counter.launches == 1
 
 
 @pytest.mark.timeout(120)
@@ -113,6 +130,29 @@ def test_fused_rotary_on_separate_q_and_k(dtype: torch.dtype) -> None:
     want_q, want_k = rope(positions, q.clone(), k.clone())
     got_q, got_k = rotary_triton(positions, q, k, rope.cos, rope.sin)
     _assert_rotary_equal(dtype, (got_q, got_k), (want_q, want_k))
+
+
+@pytest.mark.timeout(120)
+def test_fused_rotary_on_adjacent_but_separate_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One token of q and k in two storages that happen to be neighbours in memory (as the caching
+    allocator may place Qwen3's normed q and k): two launches, not one view across storages."""
+    from engine import triton_norm
+    from engine.triton_norm import rotary_triton
+
+    counter = _CountingLaunches(triton_norm._rotary_kernel)
+    monkeypatch.setattr(triton_norm, "_rotary_kernel", counter)
+    rope = _rope()
+    memory = bytearray(6 * 32 * 4)
+    q = torch.frombuffer(memory, dtype=torch.float32, count=4 * 32).view(1, 4, 32)
+    k = torch.frombuffer(memory, dtype=torch.float32, count=2 * 32, offset=4 * 32 * 4).view(1, 2, 32)
+    assert k.data_ptr() == q.data_ptr() + q.numel() * 4  # neighbours, separate storages
+    q.copy_(torch.randn(1, 4, 32, generator=torch.Generator().manual_seed(3)))
+    k.copy_(torch.randn(1, 2, 32, generator=torch.Generator().manual_seed(4)))
+    positions = torch.tensor([17])
+    want_q, want_k = rope(positions, q.clone(), k.clone())
+    got_q, got_k = rotary_triton(positions, q, k, rope.cos, rope.sin)
+    _assert_rotary_equal(torch.float32, (got_q, got_k), (want_q, want_k))
+    assert counter.launches == 2
 
 
 @pytest.mark.timeout(120)
