@@ -11,7 +11,6 @@ copied back into pinned memory behind an event; only ``collect`` waits for it.
 
 from __future__ import annotations
 
-import itertools
 import time
 
 import attrs
@@ -129,20 +128,18 @@ class CudaModelRunner(ModelRunner):
             self.capture_graphs()
 
     def warm_up_eager(self) -> None:
-        """Run one eager step now (a prefill next to a decode; with graphs off, also a decode
-        alone) through the same buffers as real steps, so that no request waits for Triton to
-        compile a kernel (it specializes on the buffers' alignment too). Slots -1 write nothing;
-        what the step reads from block 0 is discarded."""
+        """Run an eager prefill step now (and with graphs off, a decode step) through the same
+        buffers as real steps, so that no request waits for Triton to compile a kernel (it
+        specializes on the buffers' alignment too). Slots -1 write nothing; what the steps read
+        from block 0 is discarded. One sequence each, so any max_num_seqs fits."""
         greedy = SamplingRow(SamplingParams(temperature=0, max_tokens=1), None, [], (), None)
-        shapes = [[3, 1], [1]] if self.enforce_eager else [[3, 1]]
-        for query_lens in shapes:
-            n = sum(query_lens)
-            ends = list(itertools.accumulate(query_lens))
+        tokens = min(3, self._sets[0].tokens)
+        lengths = ([tokens] if tokens > 1 else []) + ([1] if self.enforce_eager or tokens == 1 else [])
+        for n in lengths:
             inputs = StepInputs(
-                input_ids=[0] * n, positions=[p for q in query_lens for p in range(q)], slot_mapping=[-1] * n,
-                query_lens=query_lens, seq_lens=query_lens, block_tables=[[0]] * len(query_lens),
-                sample_indices=[e - 1 for e in ends], sampling_rows=[greedy] * len(query_lens), copies=(),
-                placeholder_rows=[], placeholder_src=[], sample_seq_ids=list(range(len(query_lens))),
+                input_ids=[0] * n, positions=list(range(n)), slot_mapping=[-1] * n, query_lens=[n], seq_lens=[n],
+                block_tables=[[0]], sample_indices=[n - 1], sampling_rows=[greedy], copies=(),
+                placeholder_rows=[], placeholder_src=[], sample_seq_ids=[0],
             )
             self.collect(self.launch(inputs))
         self._last_sampled = None

@@ -116,15 +116,20 @@ def _compiled_variants() -> dict[str, int]:
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("enforce_eager", [False, True], ids=["graphs", "eager"])
-def test_no_kernel_compiles_after_start(enforce_eager: bool, tiny_model: Callable[..., Path]) -> None:
+@pytest.mark.parametrize(
+    ("enforce_eager", "max_num_seqs", "max_num_batched_tokens"),
+    [(False, 16, 64), (True, 16, 64), (False, 1, 2)], ids=["graphs", "eager", "one-seq-two-tokens"],
+)
+def test_no_kernel_compiles_after_start(
+    enforce_eager: bool, max_num_seqs: int, max_num_batched_tokens: int, tiny_model: Callable[..., Path]
+) -> None:
     """Start-up compiles every Triton kernel variant a step can need: a compile mid-serving
     stalls every request in flight for a second or more."""
     for kernel in _jit_kernels().values():
         kernel.device_caches.clear()  # type: ignore[attr-defined]  # what earlier tests compiled does not count
     path = tiny_model("LlamaForCausalLM")
-    llm = LLM(str(path), dtype="bfloat16", num_kv_blocks=512, max_num_seqs=16, max_num_batched_tokens=64,
-              enforce_eager=enforce_eager)
+    llm = LLM(str(path), dtype="bfloat16", num_kv_blocks=512, max_num_seqs=max_num_seqs,
+              max_num_batched_tokens=max_num_batched_tokens, enforce_eager=enforce_eager)
     before = _compiled_variants()
     rng = random.Random(5)
     # Block tables of every width from 1 to 20 (1 and 16 are the widths Triton likes to specialize),
