@@ -25,15 +25,21 @@ PROMPTS = [[5, 6, 7], [9] * 40, list(range(3, 200)), [42] * 17]
 async def test_two_models_on_one_gpu_stream_like_each_alone(tiny_model: Callable[..., Path]) -> None:
     paths = {"llama": tiny_model("LlamaForCausalLM"), "qwen3": tiny_model("Qwen3ForCausalLM")}
     params = SamplingParams(temperature=0, max_tokens=24)
+    # One sequence per step on both sides: a sequence's fp32 logits depend on the batch it runs in
+    # (cuBLAS picks kernels by batch size, decode attention its split count), and concurrent
+    # arrivals make the served batches timing-dependent. Isolation is what is tested here.
     alone = {}
     for name, path in paths.items():
-        llm = LLM(str(path), dtype="float32", num_kv_blocks=256)
+        llm = LLM(str(path), dtype="float32", num_kv_blocks=256, max_num_seqs=1)
         alone[name] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
         del llm
     torch.cuda.empty_cache()
 
     util = 0.5
-    args = [EngineArgs(model=str(p), model_name=n, dtype="float32", gpu_memory_utilization=util) for n, p in paths.items()]
+    args = [
+        EngineArgs(model=str(p), model_name=n, dtype="float32", gpu_memory_utilization=util, max_num_seqs=1)
+        for n, p in paths.items()
+    ]
     got: dict[tuple[str, int], list[int]] = {}
     async with open_service(args) as service:
 
