@@ -81,9 +81,19 @@ def test_bad_flags_exit_2_with_the_message_and_write_nothing(
     ):
         assert cli.main(["bench", "latency", "--model", "demo", *flags, "--output", str(out)]) == 2, flags
         captured = capsys.readouterr()
-        assert captured.err.startswith("bench latency: --") and message in captured.err, flags
+        assert captured.err.startswith("mini-vllm bench latency: error: --") and message in captured.err, flags
         assert captured.out == "" and "loading" not in captured.err  # rejected before any engine is built
     assert not out.exists()
+
+
+def test_bad_engine_settings_and_models_are_errors_not_tracebacks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["bench", "latency", "--input-len", "8", "--output-len", "4", "--num-iters", "1", "--warmup-iters", "0"]
+    assert cli.main([*base, "--model", "demo", "--block-size", "3"]) == 2
+    assert "mini-vllm bench latency: error: block_size must be a power of two" in capsys.readouterr().err
+    assert cli.main([*base, "--model", str(tmp_path / "missing")]) == 1
+    assert "mini-vllm bench latency: error:" in capsys.readouterr().err
 
 
 # ---- the profiler's split -------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from engine.config import PRESETS, EngineArgs, ModelConfig
+from engine.errors import ConfigError, MiniVllmError
 from engine.llm_engine import LLMEngine, StepTiming
 from engine.sampling_params import SamplingParams
 from engine.workloads import WorkloadRequest, offline_256, physical_floor
@@ -262,15 +263,22 @@ def run_throughput(args: argparse.Namespace) -> int:
         record["measured_bandwidth_bytes_per_s"] = bandwidth
         record["measured_bf16_flops"] = flops
 
-    engine_args = EngineArgs(
-        model=args.model, load_format=load_format, max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
-        enforce_eager=args.enforce_eager, enable_prefix_caching=False,
-    )
     _log(f"loading {args.model} ({load_format}) ...")
     t0 = time.perf_counter()
-    engine = LLMEngine.from_engine_args(engine_args)
+    try:
+        engine_args = EngineArgs(
+            model=args.model, load_format=load_format, max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+            gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
+            enforce_eager=args.enforce_eager, enable_prefix_caching=False,
+        )
+        engine = LLMEngine.from_engine_args(engine_args)
+    except ConfigError as exc:
+        print(f"mini-vllm bench throughput: error: {exc}", file=sys.stderr)
+        return 2
+    except MiniVllmError as exc:  # the model could not be loaded
+        print(f"mini-vllm bench throughput: error: {exc}", file=sys.stderr)
+        return 1
     record["engine"] = engine_summary(engine, time.perf_counter() - t0)
     _log(f"loaded in {record['engine']['load_seconds']:.1f} s: {record['engine']['kv_blocks']} KV blocks")
 

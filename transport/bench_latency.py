@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from engine.config import PRESETS, EngineArgs, ModelConfig
+from engine.errors import ConfigError, MiniVllmError
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.workloads import matmul_params
@@ -259,7 +260,7 @@ def matmul_probe(config: ModelConfig, batch: int, device: torch.device) -> dict[
 def run_latency(args: argparse.Namespace) -> int:
     error = check_args(args)
     if error:
-        print(f"bench latency: {error}", file=sys.stderr)
+        print(f"mini-vllm bench latency: error: {error}", file=sys.stderr)
         return 2
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -273,15 +274,22 @@ def run_latency(args: argparse.Namespace) -> int:
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
     bandwidth = measure_bandwidth(device) if cuda else None
-    engine_args = EngineArgs(
-        model=None if args.model == "demo" else args.model, load_format=load_format, max_model_len=args.max_model_len,
-        max_num_seqs=max(args.batch_size, 1), max_num_batched_tokens=max(args.max_model_len, args.batch_size),
-        gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
-        block_size=args.block_size, enforce_eager=args.enforce_eager, enable_prefix_caching=False,
-        async_scheduling=False if args.no_async_scheduling else None,
-    )
     _log(f"loading {args.model} ({load_format}) ...")
-    engine = LLMEngine.from_engine_args(engine_args)
+    try:
+        engine_args = EngineArgs(
+            model=None if args.model == "demo" else args.model, load_format=load_format, max_model_len=args.max_model_len,
+            max_num_seqs=max(args.batch_size, 1), max_num_batched_tokens=max(args.max_model_len, args.batch_size),
+            gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
+            block_size=args.block_size, enforce_eager=args.enforce_eager, enable_prefix_caching=False,
+            async_scheduling=False if args.no_async_scheduling else None,
+        )
+        engine = LLMEngine.from_engine_args(engine_args)
+    except ConfigError as exc:
+        print(f"mini-vllm bench latency: error: {exc}", file=sys.stderr)
+        return 2
+    except MiniVllmError as exc:  # the model could not be loaded
+        print(f"mini-vllm bench latency: error: {exc}", file=sys.stderr)
+        return 1
     config = engine.model_config
     record["async_scheduling"] = engine.async_scheduling
     record["cuda_graphs"] = cuda and not args.enforce_eager
