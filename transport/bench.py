@@ -22,11 +22,10 @@ from typing import Any
 import torch
 
 from engine.config import PRESETS, EngineArgs, ModelConfig
-from engine.errors import ConfigError, MiniVllmError
 from engine.llm_engine import LLMEngine, StepTiming
 from engine.sampling_params import SamplingParams
 from engine.workloads import WorkloadRequest, offline_256, physical_floor
-from transport.bench_env import versions
+from transport.bench_env import load_engine, measure_gpu_peaks, versions
 from transport.bench_kv import add_bench_kv
 from transport.bench_latency import add_bench_latency
 from transport.bench_serve import add_bench_plot, add_bench_serve
@@ -61,32 +60,6 @@ def add_bench(subparsers: Any) -> None:
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-# ---- the machine -------------------------------------------------------------------------------
-def measure_gpu_peaks(device: torch.device) -> tuple[float, float]:
-    """(copy bandwidth in bytes/s counting read + write, bf16 matmul FLOP/s), medians of 10."""
-    x = torch.randn(1 << 30, dtype=torch.bfloat16, device=device)  # 2 GiB
-    y = torch.empty_like(x)
-    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
-    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
-
-    def timed(fn: Callable[[], object]) -> float:
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(10):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return statistics.median(times)
-
-    bandwidth = 2 * x.numel() * x.element_size() / timed(lambda: y.copy_(x))
-    flops = 2 * 8192**3 / timed(lambda: a @ b)
-    return bandwidth, flops
 
 
 # ---- the runs ------------------------------------------------------------------------------------
@@ -265,20 +238,14 @@ def run_throughput(args: argparse.Namespace) -> int:
 
     _log(f"loading {args.model} ({load_format}) ...")
     t0 = time.perf_counter()
-    try:
-        engine_args = EngineArgs(
-            model=args.model, load_format=load_format, max_model_len=args.max_model_len,
-            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-            gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
-            enforce_eager=args.enforce_eager, enable_prefix_caching=False,
-        )
-        engine = LLMEngine.from_engine_args(engine_args)
-    except ConfigError as exc:
-        print(f"mini-vllm bench throughput: error: {exc}", file=sys.stderr)
-        return 2
-    except MiniVllmError as exc:  # the model could not be loaded
-        print(f"mini-vllm bench throughput: error: {exc}", file=sys.stderr)
-        return 1
+    engine = load_engine("bench throughput", lambda: EngineArgs(
+        model=args.model, load_format=load_format, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
+        enforce_eager=args.enforce_eager, enable_prefix_caching=False,
+    ))
+    if isinstance(engine, int):
+        return engine
     record["engine"] = engine_summary(engine, time.perf_counter() - t0)
     _log(f"loaded in {record['engine']['load_seconds']:.1f} s: {record['engine']['kv_blocks']} KV blocks")
 

@@ -1,12 +1,22 @@
-"""What every benchmark record says about where it ran: versions, the commit, the GPU or CPU."""
+"""What the benchmarks share: where a run happened (versions, the commit, the GPU or CPU), the
+GPU's measured peaks, and loading the engine under test with errors reported as messages."""
 
 from __future__ import annotations
 
 import os
 import platform
+import statistics
 import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # torch and the engine only when a benchmark needs them (bench memory does not)
+    import torch
+
+    from engine.config import EngineArgs
+    from engine.llm_engine import LLMEngine
 
 
 def git_revision() -> str:
@@ -52,3 +62,46 @@ def device_description() -> dict[str, Any]:
         props = torch.cuda.get_device_properties(0)
         return {"gpu": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1)}
     return {"gpu": None, "cpu": cpu_name(), "cpus": os.cpu_count()}
+
+
+def measure_gpu_peaks(device: torch.device) -> tuple[float, float]:
+    """(copy bandwidth in bytes/s counting read + write, bf16 matmul FLOP/s), medians of 10."""
+    import torch
+
+    x = torch.randn(1 << 30, dtype=torch.bfloat16, device=device)  # 2 GiB
+    y = torch.empty_like(x)
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+
+    def timed(fn: Callable[[], object]) -> float:
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(10):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return statistics.median(times)
+
+    bandwidth = 2 * x.numel() * x.element_size() / timed(lambda: y.copy_(x))
+    flops = 2 * 8192**3 / timed(lambda: a @ b)
+    return bandwidth, flops
+
+
+def load_engine(command: str, make_args: Callable[[], EngineArgs]) -> LLMEngine | int:
+    """The engine, or the exit status after printing why not: 2 for a bad setting, 1 for a model
+    that could not be loaded (never a traceback)."""
+    from engine.errors import ConfigError, MiniVllmError
+    from engine.llm_engine import LLMEngine
+
+    try:
+        return LLMEngine.from_engine_args(make_args())
+    except ConfigError as exc:
+        print(f"mini-vllm {command}: error: {exc}", file=sys.stderr)
+        return 2
+    except MiniVllmError as exc:
+        print(f"mini-vllm {command}: error: {exc}", file=sys.stderr)
+        return 1

@@ -26,11 +26,11 @@ from typing import Any
 import torch
 
 from engine.config import PRESETS, EngineArgs, ModelConfig
-from engine.errors import ConfigError, MiniVllmError
+from engine.kv_cache import bytes_per_block
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from engine.workloads import matmul_params
-from transport.bench_env import versions
+from engine.workloads import WorkloadRequest, matmul_params
+from transport.bench_env import load_engine, measure_gpu_peaks, versions
 
 # Kernel names of cuBLAS / cuBLASLt matmuls (nvjet is Hopper's cuBLASLt family).
 MATMUL_KERNEL_MARKS = ("gemm", "gemv", "nvjet", "cutlass", "xmma")
@@ -108,28 +108,10 @@ def random_prompts(rng: random.Random, n: int, length: int, vocab: int) -> list[
 
 def decode_floor_s(config: ModelConfig, batch: int, context: int, bandwidth: float) -> float:
     """One decode step reading every weight once and each sequence's KV (bf16), at ``bandwidth``."""
-    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2 * context * batch
+    kv = bytes_per_block(config, 1, torch.bfloat16) * context * batch
     # Every matrix a token multiplies through (the LM head too, tied or not); the embedding is a
     # gather of `batch` rows, not a full read.
     return (2 * matmul_params(config) + kv) / bandwidth
-
-
-def measure_bandwidth(device: torch.device) -> float:
-    """Copy bandwidth (bytes read + written per second), median of 10 copies of 2 GiB."""
-    x = torch.empty(1 << 30, dtype=torch.bfloat16, device=device)
-    y = torch.empty_like(x)
-    times = []
-    for i in range(13):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        y.copy_(x)
-        end.record()
-        end.synchronize()
-        if i >= 3:
-            times.append(start.elapsed_time(end) / 1e3)
-    del x, y
-    torch.cuda.empty_cache()
-    return 2 * (1 << 30) * 2 / statistics.median(times)
 
 
 # ---- the GPU's view ------------------------------------------------------------------------------
@@ -171,27 +153,10 @@ def split_kernel_time(kernels: list[tuple[float, float, str]], steps: int) -> di
 
 
 def profile_decode(engine: LLMEngine, prompts: list[list[int]], output_len: int, steps: int) -> dict[str, Any]:
-    from torch.profiler import ProfilerActivity, profile
+    from transport.trace import profile_steady_decode
 
-    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    for i, p in enumerate(prompts):
-        engine.add_request(f"profile-{i}", p, params)
-    engine.step_timings = []
-    while engine.has_unfinished_requests():  # to steady decode
-        engine.step()
-        t = engine.step_timings
-        if len(t) >= 3 and all(x.decode_only for x in t[-3:]):
-            break
-    engine.step_timings = None
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            engine.step()
-        torch.cuda.synchronize()
-    for rid in list(engine.requests):
-        engine.abort_request(rid)
-    while engine.has_unfinished_requests():
-        engine.step()
+    workload = [WorkloadRequest(p, output_len) for p in prompts]
+    prof = profile_steady_decode(engine, workload, steps, cpu=False)
     kernels = sorted(
         (e.time_range.start, e.time_range.end, e.name)
         for e in prof.events()
@@ -273,23 +238,20 @@ def run_latency(args: argparse.Namespace) -> int:
         "command": "mini-vllm " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:])),
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
-    bandwidth = measure_bandwidth(device) if cuda else None
+    bandwidth = None
+    if cuda:
+        bandwidth = measure_gpu_peaks(device)[0]
+        torch.cuda.empty_cache()  # give the probe's tensors back before the model loads
     _log(f"loading {args.model} ({load_format}) ...")
-    try:
-        engine_args = EngineArgs(
-            model=None if args.model == "demo" else args.model, load_format=load_format, max_model_len=args.max_model_len,
-            max_num_seqs=max(args.batch_size, 1), max_num_batched_tokens=max(args.max_model_len, args.batch_size),
-            gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
-            block_size=args.block_size, enforce_eager=args.enforce_eager, enable_prefix_caching=False,
-            async_scheduling=False if args.no_async_scheduling else None,
-        )
-        engine = LLMEngine.from_engine_args(engine_args)
-    except ConfigError as exc:
-        print(f"mini-vllm bench latency: error: {exc}", file=sys.stderr)
-        return 2
-    except MiniVllmError as exc:  # the model could not be loaded
-        print(f"mini-vllm bench latency: error: {exc}", file=sys.stderr)
-        return 1
+    engine = load_engine("bench latency", lambda: EngineArgs(
+        model=None if args.model == "demo" else args.model, load_format=load_format, max_model_len=args.max_model_len,
+        max_num_seqs=args.batch_size, max_num_batched_tokens=max(args.max_model_len, args.batch_size),
+        gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
+        block_size=args.block_size, enforce_eager=args.enforce_eager, enable_prefix_caching=False,
+        async_scheduling=False if args.no_async_scheduling else None,
+    ))
+    if isinstance(engine, int):
+        return engine
     config = engine.model_config
     record["async_scheduling"] = engine.async_scheduling
     record["cuda_graphs"] = cuda and not args.enforce_eager

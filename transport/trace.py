@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +14,14 @@ from engine.sampling_params import SamplingParams
 from engine.workloads import WorkloadRequest
 
 
-def trace_decode_steps(engine: LLMEngine, workload: list[WorkloadRequest], out_dir: Path, steps: int = 12) -> dict[str, Any]:
-    """Fill the batch with the workload, run to steady decode, profile ``steps`` steps, abort all."""
+def profile_steady_decode(engine: LLMEngine, workload: list[WorkloadRequest], steps: int, *, cpu: bool) -> Any:
+    """Add the workload, step until the batch decodes steadily, profile ``steps`` steps (the CUDA
+    side; with ``cpu`` also the host, each step marked ``engine.step``), then abort everything.
+    Returns the finished ``torch.profiler`` session."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     for i, r in enumerate(workload):
-        engine.add_request(f"trace-{i}", r.prompt_token_ids, SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True))
+        engine.add_request(f"profile-{i}", r.prompt_token_ids, SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True))
     engine.step_timings = []
     # Steady state: decode-only steps with the batch as full as it gets.
     while engine.has_unfinished_requests():
@@ -28,15 +30,24 @@ def trace_decode_steps(engine: LLMEngine, workload: list[WorkloadRequest], out_d
         if len(t) >= 3 and all(x.decode_only for x in t[-3:]):
             break
     engine.step_timings = None
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    torch.cuda.synchronize()
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cpu else [ProfilerActivity.CUDA]
+    with profile(activities=activities) as prof:
         for _ in range(steps):
-            with record_function("engine.step"):
+            with record_function("engine.step") if cpu else nullcontext():
                 engine.step()
         torch.cuda.synchronize()
     for rid in list(engine.requests):
         engine.abort_request(rid)
     while engine.has_unfinished_requests():
         engine.step()
+    return prof
+
+
+def trace_decode_steps(engine: LLMEngine, workload: list[WorkloadRequest], out_dir: Path, steps: int = 12) -> dict[str, Any]:
+    """Fill the batch with the workload, run to steady decode, profile ``steps`` steps, abort all."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prof = profile_steady_decode(engine, workload, steps, cpu=True)
     prof.export_chrome_trace(str(out_dir / "decode_trace.json"))
     kernels = sorted(
         (e.time_range.start, e.time_range.end, e.name)
