@@ -1,12 +1,19 @@
 """The trio shell around the engine: ingress, a scheduler and an executor thread per model, the
 block manager's KV split, and the embedding API (``open_service``)."""
 
-from actors.block_manager import BlockManagerStats, KvShare, plan_kv_budget
-from actors.errors import DuplicateRequest, ModelRequired, Overloaded, ServiceError, ShuttingDown, UnknownModel
-from actors.ingress import ModelInfo
-from actors.loop_lag import LagUnderLoad, LoopLagMonitor, LoopLagStats, measure_loop_lag_under_load
-from actors.request_stream import ErrorInfo, GenerationDelta, SampleOutput, Usage
-from actors.service import Generation, LoadProgress, Service, ServiceConfig, ServiceStats, open_service
+from mini_vllm.actors.block_manager import BlockManagerStats, KvShare, plan_kv_budget
+from mini_vllm.actors.errors import (
+    DuplicateRequest,
+    ModelRequired,
+    Overloaded,
+    ServiceError,
+    ShuttingDown,
+    UnknownModel,
+)
+from mini_vllm.actors.ingress import ModelInfo
+from mini_vllm.actors.loop_lag import LagUnderLoad, LoopLagMonitor, LoopLagStats, measure_loop_lag_under_load
+from mini_vllm.actors.request_stream import ErrorInfo, GenerationDelta, SampleOutput, Usage
+from mini_vllm.actors.service import Generation, LoadProgress, Service, ServiceConfig, ServiceStats, open_service
 
 __all__ = [
     "BlockManagerStats",

@@ -15,9 +15,9 @@ from collections.abc import Mapping, Sequence
 
 import attrs
 
-from actors.scheduler import SchedulerActor
-from engine.block_manager import BlockStats
-from engine.config import EngineArgs
+from mini_vllm.actors.scheduler import SchedulerActor
+from mini_vllm.engine.block_manager import BlockStats
+from mini_vllm.engine.config import EngineArgs
 
 
 @attrs.frozen

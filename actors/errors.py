@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.errors import MiniVllmError
+from mini_vllm.engine.errors import MiniVllmError
 
 
 class ServiceError(MiniVllmError):

@@ -20,12 +20,12 @@ from collections.abc import Mapping, Sequence
 import attrs
 import trio
 
-from actors.errors import DuplicateRequest, ModelRequired, ShuttingDown, UnknownModel
-from actors.request_stream import RequestStream
-from actors.scheduler import SchedulerActor
-from engine.errors import MiniVllmError
-from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
+from mini_vllm.actors.errors import DuplicateRequest, ModelRequired, ShuttingDown, UnknownModel
+from mini_vllm.actors.request_stream import RequestStream
+from mini_vllm.actors.scheduler import SchedulerActor
+from mini_vllm.engine.errors import MiniVllmError
+from mini_vllm.engine.llm_engine import LLMEngine
+from mini_vllm.engine.sampling_params import SamplingParams
 
 INLINE_TOKENIZE_CHARS = 16384
 

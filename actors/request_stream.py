@@ -15,7 +15,7 @@ from typing import Literal
 import attrs
 import trio
 
-from engine.outputs import RequestDelta, TokenLogprob
+from mini_vllm.engine.outputs import RequestDelta, TokenLogprob
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 

@@ -25,13 +25,13 @@ from typing import Any
 import attrs
 import trio
 
-from actors.errors import Overloaded, ServiceError, ShuttingDown
-from actors.executor import ExecutorThread
-from actors.request_stream import RequestStream
-from engine.block_manager import BlockStats
-from engine.errors import MiniVllmError
-from engine.llm_engine import EngineStats, LLMEngine, ScheduledBatch
-from engine.sampling_params import SamplingParams
+from mini_vllm.actors.errors import Overloaded, ServiceError, ShuttingDown
+from mini_vllm.actors.executor import ExecutorThread
+from mini_vllm.actors.request_stream import RequestStream
+from mini_vllm.engine.block_manager import BlockStats
+from mini_vllm.engine.errors import MiniVllmError
+from mini_vllm.engine.llm_engine import EngineStats, LLMEngine, ScheduledBatch
+from mini_vllm.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 _SPARE_INBOX = 16  # room for the fail-all message, beyond three per admitted request

@@ -22,17 +22,17 @@ import attrs
 import torch
 import trio
 
-from actors.block_manager import BlockManagerActor, BlockManagerStats, plan_kv_budget
-from actors.executor import ExecutorStats, ExecutorThread
-from actors.ingress import Ingress, IngressStats, ModelInfo
-from actors.loop_lag import LoopLagMonitor, LoopLagStats
-from actors.request_stream import GenerationDelta, RequestStream
-from actors.scheduler import SchedulerActor, SchedulerStats
-from actors.task_group import open_task_group
-from engine.config import EngineArgs
-from engine.errors import ConfigError
-from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
+from mini_vllm.actors.block_manager import BlockManagerActor, BlockManagerStats, plan_kv_budget
+from mini_vllm.actors.executor import ExecutorStats, ExecutorThread
+from mini_vllm.actors.ingress import Ingress, IngressStats, ModelInfo
+from mini_vllm.actors.loop_lag import LoopLagMonitor, LoopLagStats
+from mini_vllm.actors.request_stream import GenerationDelta, RequestStream
+from mini_vllm.actors.scheduler import SchedulerActor, SchedulerStats
+from mini_vllm.actors.task_group import open_task_group
+from mini_vllm.engine.config import EngineArgs
+from mini_vllm.engine.errors import ConfigError
+from mini_vllm.engine.llm_engine import LLMEngine
+from mini_vllm.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -4,12 +4,12 @@ Synchronous and free of trio; ``actors`` wraps it for serving. Start at ``LLM`` 
 ``LLMEngine`` (step by step).
 """
 
-from engine.config import EngineArgs, ModelConfig
-from engine.errors import ConfigError, InvalidRequest, MiniVllmError, ModelLoadError
-from engine.llm import LLM
-from engine.llm_engine import EngineStats, LLMEngine, ScheduledBatch
-from engine.outputs import CompletionOutput, RequestDelta, RequestOutput, SampleDelta, TokenLogprob
-from engine.sampling_params import SamplingParams
+from mini_vllm.engine.config import EngineArgs, ModelConfig
+from mini_vllm.engine.errors import ConfigError, InvalidRequest, MiniVllmError, ModelLoadError
+from mini_vllm.engine.llm import LLM
+from mini_vllm.engine.llm_engine import EngineStats, LLMEngine, ScheduledBatch
+from mini_vllm.engine.outputs import CompletionOutput, RequestDelta, RequestOutput, SampleDelta, TokenLogprob
+from mini_vllm.engine.sampling_params import SamplingParams
 
 __all__ = [
     "LLM",

@@ -17,7 +17,7 @@ from collections import OrderedDict, deque
 
 import attrs
 
-from engine.errors import ConfigError
+from mini_vllm.engine.errors import ConfigError
 
 
 @attrs.frozen

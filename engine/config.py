@@ -9,7 +9,7 @@ from typing import Any, Literal
 import attrs
 import torch
 
-from engine.errors import ConfigError, ModelLoadError
+from mini_vllm.engine.errors import ConfigError, ModelLoadError
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",

@@ -17,12 +17,12 @@ import attrs
 import numpy as np
 import torch
 
-from engine.attention import AttentionMetadata
-from engine.model import CausalLM
-from engine.model_runner import ModelOutput, ModelRunner, StepHandle, StepInputs
-from engine.sampler import SamplerOutput, SamplingRow, sample
-from engine.sampling_params import SamplingParams
-from engine.triton_attention import (
+from mini_vllm.engine.attention import AttentionMetadata
+from mini_vllm.engine.model import CausalLM
+from mini_vllm.engine.model_runner import ModelOutput, ModelRunner, StepHandle, StepInputs
+from mini_vllm.engine.sampler import SamplerOutput, SamplingRow, sample
+from mini_vllm.engine.sampling_params import SamplingParams
+from mini_vllm.engine.triton_attention import (
     PrefillSchedule,
     build_prefill_schedule,
     decode_attention_triton,
@@ -31,7 +31,7 @@ from engine.triton_attention import (
     prefill_tokens_per_tile,
     store_kv_triton,
 )
-from engine.triton_norm import rms_norm_triton, rotary_triton, silu_mul_triton
+from mini_vllm.engine.triton_norm import rms_norm_triton, rotary_triton, silu_mul_triton
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.config import ModelConfig
-from engine.errors import ConfigError
+from mini_vllm.engine.config import ModelConfig
+from mini_vllm.engine.errors import ConfigError
 
 
 def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:

@@ -8,11 +8,11 @@ from typing import Any
 
 import attrs
 
-from engine.config import EngineArgs
-from engine.errors import InvalidRequest
-from engine.llm_engine import LLMEngine
-from engine.outputs import CompletionOutput, FinishReason, RequestOutput, TokenLogprob
-from engine.sampling_params import SamplingParams
+from mini_vllm.engine.config import EngineArgs
+from mini_vllm.engine.errors import InvalidRequest
+from mini_vllm.engine.llm_engine import LLMEngine
+from mini_vllm.engine.outputs import CompletionOutput, FinishReason, RequestOutput, TokenLogprob
+from mini_vllm.engine.sampling_params import SamplingParams
 
 Prompt = str | list[int]
 

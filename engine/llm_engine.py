@@ -17,17 +17,17 @@ from typing import Any
 import attrs
 import torch
 
-from engine.block_manager import BlockManager
-from engine.config import EngineArgs, ModelConfig
-from engine.detokenizer import IncrementalDetokenizer
-from engine.errors import ConfigError, InvalidRequest, ModelLoadError
-from engine.kv_cache import allocate_kv_cache, gpu_kv_budget_bytes, num_blocks_for_budget
-from engine.loader import ModelSource, build_model, resolve_model
-from engine.model_runner import ModelOutput, ModelRunner, StepHandle, StepInputs, prepare_inputs
-from engine.outputs import RequestDelta, SampleDelta, TokenLogprob
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerOutput
-from engine.sequence import PLACEHOLDER, Request, SeqStatus, Sequence
+from mini_vllm.engine.block_manager import BlockManager
+from mini_vllm.engine.config import EngineArgs, ModelConfig
+from mini_vllm.engine.detokenizer import IncrementalDetokenizer
+from mini_vllm.engine.errors import ConfigError, InvalidRequest, ModelLoadError
+from mini_vllm.engine.kv_cache import allocate_kv_cache, gpu_kv_budget_bytes, num_blocks_for_budget
+from mini_vllm.engine.loader import ModelSource, build_model, resolve_model
+from mini_vllm.engine.model_runner import ModelOutput, ModelRunner, StepHandle, StepInputs, prepare_inputs
+from mini_vllm.engine.outputs import RequestDelta, SampleDelta, TokenLogprob
+from mini_vllm.engine.sampling_params import SamplingParams
+from mini_vllm.engine.scheduler import Scheduler, SchedulerOutput
+from mini_vllm.engine.sequence import PLACEHOLDER, Request, SeqStatus, Sequence
 
 
 @attrs.frozen
@@ -138,7 +138,7 @@ class LLMEngine:
         model = build_model(source, max_len, dtype, device, args.seed)
         runner: ModelRunner
         if device.type == "cuda":
-            from engine.cuda_runner import CudaModelRunner  # needs triton, which a CPU install may lack
+            from mini_vllm.engine.cuda_runner import CudaModelRunner  # needs triton, which a CPU install may lack
 
             runner = CudaModelRunner(
                 model, None, device, args.seed, max_num_seqs=args.max_num_seqs,

@@ -15,9 +15,9 @@ import attrs
 import torch
 from safetensors import SafetensorError, safe_open
 
-from engine.config import PRESETS, EngineArgs, ModelConfig
-from engine.errors import ModelLoadError
-from engine.model import CausalLM
+from mini_vllm.engine.config import PRESETS, EngineArgs, ModelConfig
+from mini_vllm.engine.errors import ModelLoadError
+from mini_vllm.engine.model import CausalLM
 
 # checkpoint suffix -> (our parameter suffix, shard index within the fused parameter)
 _FUSED = {
@@ -52,7 +52,7 @@ def resolve_model(args: EngineArgs) -> ModelSource:
     dummy = args.load_format == "dummy"
     model = args.model
     if model is None:
-        from engine.demo_model import ensure_demo_model
+        from mini_vllm.engine.demo_model import ensure_demo_model
 
         directory = ensure_demo_model(default_cache_dir())
         return ModelSource(args.model_name or "demo", ModelConfig.from_file(directory / "config.json"), directory, dummy)

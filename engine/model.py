@@ -14,8 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from engine.attention import AttentionMetadata, paged_attention_reference, store_kv_reference
-from engine.config import ModelConfig
+from mini_vllm.engine.attention import AttentionMetadata, paged_attention_reference, store_kv_reference
+from mini_vllm.engine.config import ModelConfig
 
 # (query, k_cache, v_cache, meta, scale) -> output; (key, value, k_cache, v_cache, slot_mapping) -> None
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor]

@@ -11,11 +11,11 @@ from collections.abc import Sequence as Seq
 import attrs
 import torch
 
-from engine.attention import AttentionMetadata, build_metadata, paged_attention_reference, store_kv_reference
-from engine.model import AttentionFn, CausalLM, StoreKvFn
-from engine.sampler import SamplerOutput, SamplingRow, derive_seed, sample
-from engine.scheduler import SchedulerOutput
-from engine.sequence import PLACEHOLDER
+from mini_vllm.engine.attention import AttentionMetadata, build_metadata, paged_attention_reference, store_kv_reference
+from mini_vllm.engine.model import AttentionFn, CausalLM, StoreKvFn
+from mini_vllm.engine.sampler import SamplerOutput, SamplingRow, derive_seed, sample
+from mini_vllm.engine.scheduler import SchedulerOutput
+from mini_vllm.engine.sequence import PLACEHOLDER
 
 
 @attrs.frozen

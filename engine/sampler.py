@@ -13,7 +13,7 @@ from __future__ import annotations
 import attrs
 import torch
 
-from engine.sampling_params import SamplingParams
+from mini_vllm.engine.sampling_params import SamplingParams
 
 
 @attrs.frozen

@@ -6,7 +6,7 @@ from typing import Any
 
 import attrs
 
-from engine.errors import ConfigError
+from mini_vllm.engine.errors import ConfigError
 
 MAX_LOGPROBS = 20
 

@@ -16,9 +16,9 @@ import bisect
 
 import attrs
 
-from engine.block_manager import BlockManager
-from engine.errors import ConfigError
-from engine.sequence import PLACEHOLDER, SeqStatus, Sequence
+from mini_vllm.engine.block_manager import BlockManager
+from mini_vllm.engine.errors import ConfigError
+from mini_vllm.engine.sequence import PLACEHOLDER, SeqStatus, Sequence
 
 
 @attrs.frozen

@@ -6,9 +6,9 @@ import enum
 
 import attrs
 
-from engine.detokenizer import IncrementalDetokenizer
-from engine.outputs import FinishReason, TokenLogprob
-from engine.sampling_params import SamplingParams
+from mini_vllm.engine.detokenizer import IncrementalDetokenizer
+from mini_vllm.engine.outputs import FinishReason, TokenLogprob
+from mini_vllm.engine.sampling_params import SamplingParams
 
 # Stands in token_ids for a token sampled by a step still running on the device: the next step is
 # scheduled before the previous one's tokens are known, and the runner fills the real id on the

@@ -1,6 +1,6 @@
 """Paged attention in Triton: cache writes, varlen prefill, and split-K (flash-decoding) decode.
 
-The cache layout, metadata and semantics are those of ``engine.attention`` (whose plain-torch
+The cache layout, metadata and semantics are those of ``mini_vllm.engine.attention`` (whose plain-torch
 functions are the ground truth these kernels are tested against). Three kernels:
 
 * ``store_kv_triton``: one program per new token writes all its kv heads into the paged cache.
@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.attention import AttentionMetadata
+from mini_vllm.engine.attention import AttentionMetadata
 
 LOG2E = 1.4426950408889634
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)

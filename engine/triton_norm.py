@@ -3,7 +3,7 @@
 The eager model spends ~7 small kernels per RMSNorm (cast, square, mean, rsqrt, multiply, cast,
 scale) and one more for the residual add; at decode batch sizes each is a full pass over a small
 tensor plus a launch. One program per row does it all in one pass. The arithmetic mirrors
-``engine.model.RMSNorm`` rounding for rounding (normalize in fp32, round to the input dtype, then
+``mini_vllm.engine.model.RMSNorm`` rounding for rounding (normalize in fp32, round to the input dtype, then
 scale and round again; the residual sum rounded to the input dtype first); only the order of
 the mean's fp32 sum differs, so results agree with the eager path to within one rounding.
 """

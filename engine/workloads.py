@@ -18,7 +18,7 @@ import random
 
 import attrs
 
-from engine.config import ModelConfig
+from mini_vllm.engine.config import ModelConfig
 
 OFFLINE_256_PROMPT_TOKENS = 148_194
 OFFLINE_256_OUTPUT_TOKENS = 140_797

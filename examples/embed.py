@@ -13,8 +13,8 @@ import sys
 
 import trio
 
-from actors import ServiceConfig, open_service
-from engine import EngineArgs
+from mini_vllm.actors import ServiceConfig, open_service
+from mini_vllm.engine import EngineArgs
 
 
 async def main(model: str | None) -> None:

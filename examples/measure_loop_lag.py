@@ -15,8 +15,8 @@ import platform
 import torch
 import trio
 
-from actors import ServiceConfig, measure_loop_lag_under_load, open_service
-from engine import EngineArgs
+from mini_vllm.actors import ServiceConfig, measure_loop_lag_under_load, open_service
+from mini_vllm.engine import EngineArgs
 
 
 async def main(args: argparse.Namespace) -> None:

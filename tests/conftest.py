@@ -33,7 +33,7 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def demo_model_dir(isolated_cache: Path) -> Path:
-    from engine.demo_model import ensure_demo_model
+    from mini_vllm.engine.demo_model import ensure_demo_model
 
     return ensure_demo_model(isolated_cache)
 
@@ -43,7 +43,7 @@ def build_tiny_model(directory: Path, architecture: str, seed: int = 0, shards: 
     import torch
     import transformers
 
-    from engine.demo_model import build_byte_tokenizer
+    from mini_vllm.engine.demo_model import build_byte_tokenizer
 
     tokenizer = build_byte_tokenizer()
     common: dict[str, Any] = {

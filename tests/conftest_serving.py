@@ -21,10 +21,10 @@ import attrs
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
-from actors import Service, ServiceConfig, open_service
-from actors.task_group import open_task_group
-from engine import LLM, EngineArgs, LLMEngine, SamplingParams
-from transport.server import Server, ServerLimits, serve
+from mini_vllm.actors import Service, ServiceConfig, open_service
+from mini_vllm.actors.task_group import open_task_group
+from mini_vllm.engine import LLM, EngineArgs, LLMEngine, SamplingParams
+from mini_vllm.transport.server import Server, ServerLimits, serve
 
 SMALL_KV_BLOCKS = 96
 

@@ -19,7 +19,7 @@ from conftest_serving import (
     wait_thread_event,
 )
 
-from actors import (
+from mini_vllm.actors import (
     DuplicateRequest,
     ModelRequired,
     Overloaded,
@@ -29,8 +29,8 @@ from actors import (
     open_service,
     plan_kv_budget,
 )
-from actors.executor import ExecutorThread
-from engine import ConfigError, EngineArgs, InvalidRequest, LLMEngine, SamplingParams
+from mini_vllm.actors.executor import ExecutorThread
+from mini_vllm.engine import ConfigError, EngineArgs, InvalidRequest, LLMEngine, SamplingParams
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -314,7 +314,7 @@ def test_plan_kv_budget_keeps_explicit_sizes_and_splits_the_cpu_budget() -> None
 
 
 async def test_duplicate_model_names_are_a_config_error(demo_model_dir: Path) -> None:
-    from engine import ConfigError
+    from mini_vllm.engine import ConfigError
 
     with pytest.raises(ConfigError, match="share the name"):
         async with open_service([build_engine(demo_model_dir), build_engine(demo_model_dir)]):
@@ -337,7 +337,7 @@ async def test_executor_runs_every_job_on_one_dedicated_thread() -> None:
 
 
 async def test_sampling_params_and_keywords_are_exclusive(engine: LLMEngine) -> None:
-    from engine import ConfigError
+    from mini_vllm.engine import ConfigError
 
     async with open_service([engine]) as service:
         with pytest.raises(ConfigError, match="not both"):

@@ -9,7 +9,7 @@ import trio
 import trio.testing
 from conftest_serving import build_engine
 
-from actors import LoopLagMonitor, ServiceConfig, measure_loop_lag_under_load, open_service
+from mini_vllm.actors import LoopLagMonitor, ServiceConfig, measure_loop_lag_under_load, open_service
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -11,11 +11,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-from engine import EngineArgs, LLMEngine, SamplingParams
-from engine.block_manager import BlockManager
-from engine.errors import ConfigError
-from engine.scheduler import SchedulerOutput
-from transport.bench_kv import (
+from mini_vllm.bench.memory import (
     WASTE_PARTS,
     KvBenchConfig,
     PolicyReplay,
@@ -32,6 +28,10 @@ from transport.bench_kv import (
     run_prefix,
     sample_steps,
 )
+from mini_vllm.engine import EngineArgs, LLMEngine, SamplingParams
+from mini_vllm.engine.block_manager import BlockManager
+from mini_vllm.engine.errors import ConfigError
+from mini_vllm.engine.scheduler import SchedulerOutput
 
 pytestmark = pytest.mark.timeout(60)
 

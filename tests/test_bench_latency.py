@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import torch
 
-from engine.config import PRESETS, ModelConfig
-from engine.workloads import matmul_params, weight_bytes
-from transport import cli
-from transport.bench_latency import check_args, decode_floor_s, kernel_category, matmul_shapes, split_kernel_time
+from mini_vllm import cli
+from mini_vllm.bench.latency import check_args, decode_floor_s, kernel_category, matmul_shapes, split_kernel_time
+from mini_vllm.engine.config import PRESETS, ModelConfig
+from mini_vllm.engine.workloads import matmul_params, weight_bytes
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -17,10 +17,9 @@ import attrs
 import pytest
 from conftest_serving import build_engine, running_server, wait_blocks_released
 
-from engine.errors import ConfigError
-from engine.workloads import arrival_times, online_1000
-from transport import bench_serve, cli
-from transport.bench_serve import (
+from mini_vllm import cli
+from mini_vllm.bench import serve as bench_serve
+from mini_vllm.bench.serve import (
     ServeBenchConfig,
     ServeRequest,
     Tracker,
@@ -32,6 +31,8 @@ from transport.bench_serve import (
     run_one_rate,
     summarize,
 )
+from mini_vllm.engine.errors import ConfigError
+from mini_vllm.engine.workloads import arrival_times, online_1000
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.llm_engine import StepTiming
-from engine.workloads import offline_256
-from transport import cli
-from transport.bench import cpu_step_times
+from mini_vllm import cli
+from mini_vllm.bench.throughput import cpu_step_times
+from mini_vllm.engine.llm_engine import StepTiming
+from mini_vllm.engine.workloads import offline_256
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.block_manager import BlockManager
+from mini_vllm.engine.block_manager import BlockManager
 
 BS = 4
 

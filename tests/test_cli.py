@@ -12,9 +12,10 @@ import pytest
 import trio
 from conftest_serving import Reference, build_engine, greedy, running_server
 
-from engine import EngineArgs
-from transport import cli
-from transport.client import GenerationFailed, connect
+from mini_vllm import cli
+from mini_vllm.engine import EngineArgs
+from mini_vllm.transport import commands, flags
+from mini_vllm.transport.client import GenerationFailed, connect
 
 pytestmark = pytest.mark.timeout(180)
 REPO = Path(__file__).resolve().parent.parent
@@ -26,20 +27,20 @@ def reference(demo_model_dir: Path) -> Reference:
 
 
 def test_model_specs() -> None:
-    assert cli.parse_model_spec(None) == (None, None)
-    assert cli.parse_model_spec("demo") == (None, None)
-    assert cli.parse_model_spec("small=/models/x") == ("small", "/models/x")
-    assert cli.parse_model_spec("/models/x") == (None, "/models/x")
-    assert cli.parse_model_spec("Qwen/Qwen3-0.6B") == (None, "Qwen/Qwen3-0.6B")
-    assert cli.parse_model_spec("bench=qwen3-0.6b") == ("bench", "qwen3-0.6b")
-    assert cli.parse_model_spec("chat=demo") == ("chat", None)
+    assert flags.parse_model_spec(None) == (None, None)
+    assert flags.parse_model_spec("demo") == (None, None)
+    assert flags.parse_model_spec("small=/models/x") == ("small", "/models/x")
+    assert flags.parse_model_spec("/models/x") == (None, "/models/x")
+    assert flags.parse_model_spec("Qwen/Qwen3-0.6B") == (None, "Qwen/Qwen3-0.6B")
+    assert flags.parse_model_spec("bench=qwen3-0.6b") == ("bench", "qwen3-0.6b")
+    assert flags.parse_model_spec("chat=demo") == ("chat", None)
 
 
 def test_serve_defaults_and_engine_flags_with_vllm_spellings() -> None:
     parser = cli.build_parser()
     args = parser.parse_args(["serve"])
     assert (args.host, args.port, args.model) == ("127.0.0.1", 8000, None)
-    assert cli.engine_args_from(args, None) == EngineArgs()
+    assert flags.engine_args_from(args, None) == EngineArgs()
     args = parser.parse_args(
         [
             "serve",
@@ -58,7 +59,7 @@ def test_serve_defaults_and_engine_flags_with_vllm_spellings() -> None:
             "--port", "0",
         ]
     )  # fmt: skip
-    first = cli.engine_args_from(args, args.model[0])
+    first = flags.engine_args_from(args, args.model[0])
     assert (first.model, first.model_name) == ("/x", "a")
     assert (first.max_model_len, first.block_size, first.max_num_seqs, first.max_num_batched_tokens) == (
         512,
@@ -68,11 +69,11 @@ def test_serve_defaults_and_engine_flags_with_vllm_spellings() -> None:
     )
     assert first.gpu_memory_utilization == 0.5 and first.enable_prefix_caching is False and first.dtype == "bfloat16"
     assert (first.load_format, first.num_kv_blocks, first.seed) == ("dummy", 100, 7)
-    assert cli.engine_args_from(args, args.model[1]).model == "/y"
+    assert flags.engine_args_from(args, args.model[1]).model == "/y"
 
 
 def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main([]) == cli.EXIT_USAGE
+    assert cli.main([]) == flags.EXIT_USAGE
     assert "serve" in capsys.readouterr().out
 
 
@@ -92,9 +93,9 @@ def test_generate_in_process_streams_the_offline_engines_text(
 
 
 def test_bad_model_is_a_clear_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    assert cli.main(["serve", "--model", str(tmp_path / "missing"), "--port", "0"]) == cli.EXIT_ERROR
+    assert cli.main(["serve", "--model", str(tmp_path / "missing"), "--port", "0"]) == flags.EXIT_ERROR
     assert "error:" in capsys.readouterr().err
-    assert cli.main(["serve", "--block-size", "3"]) == cli.EXIT_USAGE
+    assert cli.main(["serve", "--block-size", "3"]) == flags.EXIT_USAGE
     assert "block_size" in capsys.readouterr().err
 
 
@@ -102,20 +103,20 @@ async def test_generate_against_a_server(
     demo_model_dir: Path, reference: Reference, capsys: pytest.CaptureFixture[str]
 ) -> None:
     async with running_server([build_engine(demo_model_dir)]) as (_, server):
-        code = await cli._generate_remote(server.url, "Hello", None, False, greedy())
+        code = await commands._generate_remote(server.url, "Hello", None, False, greedy())
         assert code == 0
         out, err = capsys.readouterr()
         assert out == reference("Hello", **greedy()).text + "\n"
         assert "finish_reason=length" in err
-        code = await cli._generate_remote(server.url, "Hello", "nope", False, greedy())
-        assert code == cli.EXIT_ERROR and "unknown_model" in capsys.readouterr().err
+        code = await commands._generate_remote(server.url, "Hello", "nope", False, greedy())
+        assert code == flags.EXIT_ERROR and "unknown_model" in capsys.readouterr().err
 
 
 async def test_serve_prints_its_url_and_ctrl_c_ends_in_flight_requests_and_exits_0(
     demo_model_dir: Path, isolated_cache: Path
 ) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "MINI_VLLM_CACHE_DIR": str(isolated_cache)}
-    argv = [sys.executable, "-m", "transport.cli", "serve", "--port", "0", "--model", f"demo={demo_model_dir}"]
+    argv = [sys.executable, "-m", "mini_vllm", "serve", "--port", "0", "--model", f"demo={demo_model_dir}"]
     proc = await trio.lowlevel.open_process(
         [*argv, "--num-kv-blocks", "64"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO
     )

@@ -6,9 +6,9 @@ import pytest
 import trio
 from conftest_serving import PROMPTS, GatedEngine, Reference, greedy, running_server, wait_blocks_released
 
-from actors import ServiceConfig
-from engine import LLMEngine
-from transport.client import (
+from mini_vllm.actors import ServiceConfig
+from mini_vllm.engine import LLMEngine
+from mini_vllm.transport.client import (
     ConnectionLost,
     GenerationFailed,
     InvalidRequestError,

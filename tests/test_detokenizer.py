@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.demo_model import build_byte_tokenizer
-from engine.detokenizer import IncrementalDetokenizer
+from mini_vllm.engine.demo_model import build_byte_tokenizer
+from mini_vllm.engine.detokenizer import IncrementalDetokenizer
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import LLM, SamplingParams
+from mini_vllm.engine import LLM, SamplingParams
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -87,7 +87,7 @@ def test_logprobs_count_and_chosen_token(llm: LLM) -> None:
 
 
 def test_without_chunked_prefill_the_engine_refuses_a_budget_below_max_model_len(demo_model_dir: Path) -> None:
-    from engine import ConfigError
+    from mini_vllm.engine import ConfigError
 
     with pytest.raises(ConfigError, match=r"max_num_batched_tokens \(64\) must be >= max_model_len \(128\)"):
         LLM(enable_chunked_prefill=False, max_num_batched_tokens=64, max_model_len=128)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import LLM, LLMEngine, SamplingParams
-from engine.outputs import RequestDelta
+from mini_vllm.engine import LLM, LLMEngine, SamplingParams
+from mini_vllm.engine.outputs import RequestDelta
 
 pytestmark = pytest.mark.timeout(240)
 

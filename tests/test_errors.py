@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import LLM, ConfigError, EngineArgs, InvalidRequest, ModelLoadError, SamplingParams
+from mini_vllm.engine import LLM, ConfigError, EngineArgs, InvalidRequest, ModelLoadError, SamplingParams
 
 
 @pytest.mark.parametrize(

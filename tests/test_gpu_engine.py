@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
+from mini_vllm.engine import LLM, SamplingParams
 
 pytestmark = [
     pytest.mark.gpu,
@@ -103,7 +103,7 @@ def test_sampling_seeded_reproducible_on_gpu(tiny_model: Callable[..., Path]) ->
 
 
 def _jit_kernels() -> dict[str, object]:
-    from engine import triton_attention, triton_norm
+    from mini_vllm.engine import triton_attention, triton_norm
 
     return {
         name: obj for module in (triton_attention, triton_norm) for name, obj in vars(module).items()

@@ -9,9 +9,9 @@ import pytest
 import torch
 import trio
 
-from actors import open_service
-from engine import LLM, EngineArgs, ModelConfig, SamplingParams
-from engine.kv_cache import bytes_per_block
+from mini_vllm.actors import open_service
+from mini_vllm.engine import LLM, EngineArgs, ModelConfig, SamplingParams
+from mini_vllm.engine.kv_cache import bytes_per_block
 
 pytestmark = [
     pytest.mark.gpu,

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.outputs import TokenLogprob
-from engine.sampling_params import SamplingParams
-from transport import protocol
-from transport.protocol import (
+from mini_vllm.engine.outputs import TokenLogprob
+from mini_vllm.engine.sampling_params import SamplingParams
+from mini_vllm.transport import protocol
+from mini_vllm.transport.protocol import (
     CancelFrame,
     ChatFrame,
     DoneEvent,

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from engine.sampler import SamplingRow, apply_penalties, derive_seed, sample
-from engine.sampling_params import SamplingParams
+from mini_vllm.engine.sampler import SamplingRow, apply_penalties, derive_seed, sample
+from mini_vllm.engine.sampling_params import SamplingParams
 
 
 def row(params: SamplingParams, output: list[int] | None = None, prompt: list[int] | None = None,

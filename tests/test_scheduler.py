@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from engine.block_manager import BlockManager
-from engine.errors import ConfigError
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
-from engine.sequence import PLACEHOLDER, Request, SeqStatus, Sequence
+from mini_vllm.engine.block_manager import BlockManager
+from mini_vllm.engine.errors import ConfigError
+from mini_vllm.engine.sampling_params import SamplingParams
+from mini_vllm.engine.scheduler import Scheduler
+from mini_vllm.engine.sequence import PLACEHOLDER, Request, SeqStatus, Sequence
 
 
 def make(num_blocks: int = 64, max_seqs: int = 8, budget: int = 64, block_size: int = 4) -> Scheduler:

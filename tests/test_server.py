@@ -22,8 +22,8 @@ from trio_websocket import ConnectionClosed
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request, TextMessage
 
-from engine import LLMEngine
-from transport.server import ServerLimits
+from mini_vllm.engine import LLMEngine
+from mini_vllm.transport.server import ServerLimits
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -118,7 +118,7 @@ async def test_two_models_each_request_answered_by_its_model(demo_model_dir: Pat
     other_dir = tiny_model("Qwen2ForCausalLM", seed=3)
     demo = build_engine(demo_model_dir, name="demo")
     other = build_engine(other_dir, name="qwen")
-    from engine import LLM, SamplingParams
+    from mini_vllm.engine import LLM, SamplingParams
 
     want = {
         "demo": LLM(str(demo_model_dir), num_kv_blocks=128, device="cpu").generate("Hi", SamplingParams(**greedy()))[0],
@@ -202,7 +202,7 @@ async def test_duplicate_id_and_per_connection_limit(engine: LLMEngine) -> None:
 
 
 async def test_overloaded_model_answers_overloaded(engine: LLMEngine) -> None:
-    from actors import ServiceConfig
+    from mini_vllm.actors import ServiceConfig
 
     async with running_server([engine], config=ServiceConfig(max_pending_per_model=1)) as (_, server):
         async with raw_client(server.url) as client:
@@ -266,7 +266,7 @@ async def test_a_bug_in_a_handler_costs_an_error_frame_not_the_server(engine: LL
 
 
 async def test_stats_frame_reports_counters_and_resets_the_lag_window(engine: LLMEngine) -> None:
-    from transport.client import connect
+    from mini_vllm.transport.client import connect
 
     async with running_server([engine]) as (_, server), connect(server.url) as client:
         await client.complete("Hello", **greedy(4))

@@ -14,8 +14,8 @@ import trio
 import trio.testing
 from trio_websocket import CloseReason, ConnectionClosed
 
-from actors.request_stream import GenerationDelta, SampleOutput, Usage
-from transport.server import Connection, ServerLimits, _Counters
+from mini_vllm.actors.request_stream import GenerationDelta, SampleOutput, Usage
+from mini_vllm.transport.server import Connection, ServerLimits, _Counters
 
 pytestmark = pytest.mark.timeout(30)
 

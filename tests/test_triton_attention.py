@@ -17,8 +17,8 @@ pytest.importorskip("triton")
 
 import torch
 
-from engine import triton_attention as ta
-from engine.attention import (
+from mini_vllm.engine import triton_attention as ta
+from mini_vllm.engine.attention import (
     AttentionMetadata,
     build_metadata,
     paged_attention_reference,
@@ -27,7 +27,7 @@ from engine.attention import (
 
 if not ta.INTERPRETED:
     pytest.fail(
-        "engine.triton_attention was imported before TRITON_INTERPRET=1 was set, so its kernels "
+        "mini_vllm.engine.triton_attention was imported before TRITON_INTERPRET=1 was set, so its kernels "
         "are compiled for a GPU; set TRITON_INTERPRET in conftest.py or run this file on its own",
         pytrace=False,
     )

@@ -5,7 +5,7 @@ Llama-8B-like heads (32 query / 8 kv heads, head_dim 128), contexts up to 4096 t
 for the whole process, so run this file in its own pytest process, e.g.
 ``pytest tests/test_triton_attention_gpu.py -m gpu``.
 
-The reference (``engine.attention``) runs on CPU copies: it is the ground truth and is plain,
+The reference (``mini_vllm.engine.attention``) runs on CPU copies: it is the ground truth and is plain,
 loop-per-sequence torch.
 """
 
@@ -17,8 +17,8 @@ pytest.importorskip("triton")
 
 import torch
 
-from engine import triton_attention as ta
-from engine.attention import (
+from mini_vllm.engine import triton_attention as ta
+from mini_vllm.engine.attention import (
     AttentionMetadata,
     build_metadata,
     paged_attention_reference,

@@ -7,8 +7,8 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from engine.model import RMSNorm  # noqa: E402
-from engine.triton_norm import rms_norm_triton  # noqa: E402
+from mini_vllm.engine.model import RMSNorm  # noqa: E402
+from mini_vllm.engine.triton_norm import rms_norm_triton  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     torch.cuda.is_available(), reason="interpreter test (CPU tensors); the GPU path is covered by test_gpu_engine"
@@ -61,8 +61,8 @@ def test_dtype_mismatch_is_an_error() -> None:
 
 def _rope() -> torch.nn.Module:
     """Llama-style RoPE for 4 query / 2 key-value heads of 32, positions up to 64."""
-    from engine.config import ModelConfig
-    from engine.model import RotaryEmbedding
+    from mini_vllm.engine.config import ModelConfig
+    from mini_vllm.engine.model import RotaryEmbedding
 
     cfg = ModelConfig.from_dict(
         {"architectures": ["LlamaForCausalLM"], "hidden_size": 128, "num_attention_heads": 4,
@@ -96,8 +96,8 @@ class _CountingLaunches:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [9, 1])  # one token: a decode step at batch 1
 def test_fused_rotary_matches_eager(dtype: torch.dtype, tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    from engine import triton_norm
-    from engine.triton_norm import rotary_triton
+    from mini_vllm.engine import triton_norm
+    from mini_vllm.engine.triton_norm import rotary_triton
 
     counter = _CountingLaunches(triton_norm._rotary_kernel)
     monkeypatch.setattr(triton_norm, "_rotary_kernel", counter)
@@ -120,7 +120,7 @@ def test_fused_rotary_matches_eager(dtype: torch.dtype, tokens: int, monkeypatch
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_rotary_on_separate_q_and_k(dtype: torch.dtype) -> None:
     """q and k that are not neighbours in one buffer (Qwen3's normed q/k) take two launches."""
-    from engine.triton_norm import rotary_triton
+    from mini_vllm.engine.triton_norm import rotary_triton
 
     rope = _rope()
     gen = torch.Generator().manual_seed(1)
@@ -136,8 +136,8 @@ def test_fused_rotary_on_separate_q_and_k(dtype: torch.dtype) -> None:
 def test_fused_rotary_on_adjacent_but_separate_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
     """One token of q and k in two storages that happen to be neighbours in memory (as the caching
     allocator may place Qwen3's normed q and k): two launches, not one view across storages."""
-    from engine import triton_norm
-    from engine.triton_norm import rotary_triton
+    from mini_vllm.engine import triton_norm
+    from mini_vllm.engine.triton_norm import rotary_triton
 
     counter = _CountingLaunches(triton_norm._rotary_kernel)
     monkeypatch.setattr(triton_norm, "_rotary_kernel", counter)
@@ -159,7 +159,7 @@ def test_fused_rotary_on_adjacent_but_separate_tensors(monkeypatch: pytest.Monke
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("intermediate", [64, 1500])  # one block per row; several, the last one masked
 def test_fused_silu_mul_matches_eager(dtype: torch.dtype, intermediate: int) -> None:
-    from engine.triton_norm import silu_mul_triton
+    from mini_vllm.engine.triton_norm import silu_mul_triton
 
     gen = torch.Generator().manual_seed(2)
     gate_up = (3 * torch.randn(7, 2 * intermediate, generator=gen)).to(dtype)

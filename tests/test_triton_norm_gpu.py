@@ -20,8 +20,8 @@ pytestmark = [
 @pytest.mark.parametrize("hidden", [1024, 4096])
 @pytest.mark.parametrize("rows", [1, 256, 8192])
 def test_fused_add_norm_real_shapes(dtype: torch.dtype, hidden: int, rows: int) -> None:
-    from engine.model import RMSNorm
-    from engine.triton_norm import rms_norm_triton
+    from mini_vllm.engine.model import RMSNorm
+    from mini_vllm.engine.triton_norm import rms_norm_triton
 
     x = torch.randn(rows, hidden, device="cuda", dtype=dtype)
     res = torch.randn(rows, hidden, device="cuda", dtype=dtype)
@@ -44,9 +44,9 @@ def test_fused_add_norm_real_shapes(dtype: torch.dtype, hidden: int, rows: int) 
 @pytest.mark.parametrize(("heads", "kv_heads"), [(16, 8), (32, 8)])
 @pytest.mark.parametrize("tokens", [4096, 1])  # one token: q and k still rotated in one launch
 def test_fused_rotary_real_shapes(dtype: torch.dtype, heads: int, kv_heads: int, tokens: int) -> None:
-    from engine.config import ModelConfig
-    from engine.model import RotaryEmbedding
-    from engine.triton_norm import rotary_triton
+    from mini_vllm.engine.config import ModelConfig
+    from mini_vllm.engine.model import RotaryEmbedding
+    from mini_vllm.engine.triton_norm import rotary_triton
 
     cfg = ModelConfig.from_dict(
         {"architectures": ["LlamaForCausalLM"], "hidden_size": heads * 128, "num_attention_heads": heads,
@@ -79,7 +79,7 @@ def test_fused_rotary_real_shapes(dtype: torch.dtype, heads: int, kv_heads: int,
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(("rows", "intermediate"), [(1, 14336), (256, 3072), (8192, 3072)])
 def test_fused_silu_mul_real_shapes(dtype: torch.dtype, rows: int, intermediate: int) -> None:
-    from engine.triton_norm import silu_mul_triton
+    from mini_vllm.engine.triton_norm import silu_mul_triton
 
     gate_up = 3 * torch.randn(rows, 2 * intermediate, device="cuda", dtype=dtype)
     gate, up = gate_up.split(intermediate, dim=-1)

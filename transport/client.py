@@ -23,10 +23,10 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, open_websocket_url
 
-from actors.task_group import open_task_group
-from engine.outputs import TokenLogprob
-from transport import protocol
-from transport.protocol import (
+from mini_vllm.actors.task_group import open_task_group
+from mini_vllm.engine.outputs import TokenLogprob
+from mini_vllm.transport import protocol
+from mini_vllm.transport.protocol import (
     DoneEvent,
     ErrorEvent,
     ModelInfo,

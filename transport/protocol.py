@@ -14,9 +14,9 @@ from typing import Any, Literal
 
 import attrs
 
-from engine.errors import ConfigError
-from engine.outputs import TokenLogprob
-from engine.sampling_params import SamplingParams
+from mini_vllm.engine.errors import ConfigError
+from mini_vllm.engine.outputs import TokenLogprob
+from mini_vllm.engine.sampling_params import SamplingParams
 
 MAX_ID_LENGTH = 256
 DEFAULT_MAX_FRAME_BYTES = 1 << 20

@@ -2,7 +2,7 @@
 
 Per connection, four kinds of task share one nursery tree:
 
-- the reader parses each frame (``transport.protocol``) and answers bad ones with an ``error``
+- the reader parses each frame (``mini_vllm.transport.protocol``) and answers bad ones with an ``error``
   frame; it never raises out, so no client can bring the server down;
 - one task per request iterates the service's ``Generation`` and turns deltas into frames;
 - the writer is the only task that writes to the socket, from a bounded queue of frames;
@@ -22,11 +22,11 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
-from actors.request_stream import GenerationDelta
-from actors.service import Generation, Service
-from engine.errors import ConfigError, MiniVllmError
-from transport import protocol
-from transport.protocol import ChatFrame, ClientFrame, GenerateFrame, ModelsFrame, ProtocolError, StatsFrame
+from mini_vllm.actors.request_stream import GenerationDelta
+from mini_vllm.actors.service import Generation, Service
+from mini_vllm.engine.errors import ConfigError, MiniVllmError
+from mini_vllm.transport import protocol
+from mini_vllm.transport.protocol import ChatFrame, ClientFrame, GenerateFrame, ModelsFrame, ProtocolError, StatsFrame
 
 log = logging.getLogger(__name__)
 

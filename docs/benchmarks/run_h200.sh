@@ -19,6 +19,6 @@ fi
 for model in ${MODELS:-qwen3-0.6b llama3-8b}; do
   trace=""
   [ "$model" = qwen3-0.6b ] && trace="--trace $OUT/trace"
-  timeout ${BENCH_TIMEOUT:-400} python3 -m transport.cli bench throughput --model "$model" --path both --peer "$PEER" \
+  timeout ${BENCH_TIMEOUT:-400} python3 -m mini_vllm bench throughput --model "$model" --path both --peer "$PEER" \
     $trace --output-dir "$OUT" 2>&1 | tee "$OUT/bench-$model.log" | grep -vE "^\[(offline|actors|peer)\]" | tail -20
 done

@@ -40,7 +40,7 @@ start_server() {  # NAME MODEL [serve flags...]: start, wait for its URL (or fai
   [ "$model" != demo ] && load=(--load-format dummy)
   # No prefix caching: every rate replays the same random prompts, so a cache would serve later
   # runs' prompts from earlier runs' KV and flatter their TTFT.
-  $PY -m transport.cli serve --model "$model" "${load[@]}" --port 0 --max-model-len $MAXLEN --no-enable-prefix-caching \
+  $PY -m mini_vllm serve --model "$model" "${load[@]}" --port 0 --max-model-len $MAXLEN --no-enable-prefix-caching \
     --max-pending-requests 2048 --max-requests-per-connection 256 "$@" < /dev/null > "$log" 2>&1 &
   SERVER_PID=$!
   for _ in $(seq 1 600); do
@@ -59,7 +59,7 @@ trap stop_server EXIT
 rate_flags() { for r in $1; do printf -- "--request-rate %s " "$r"; done; }
 bench() {  # LABEL OUTFILE [bench flags...]
   local label=$1 file=$2; shift 2
-  $PY -m transport.cli bench serve --url "$URL" --label "$label" --goodput $GOODPUT --connections 32 \
+  $PY -m mini_vllm bench serve --url "$URL" --label "$label" --goodput $GOODPUT --connections 32 \
     --output "$OUT/$file.json" "$@" < /dev/null 2>&1 | tee "$OUT/$file.log" | grep -vE '^\[(r[0-9]+|bench serve)\]'
 }
 

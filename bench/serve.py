@@ -43,10 +43,10 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, open_websocket_url
 
-from engine.errors import ConfigError
-from engine.workloads import arrival_times, online_1000
-from transport import protocol
-from transport.bench_env import device_description, versions
+from mini_vllm.bench.env import device_description, versions
+from mini_vllm.engine.errors import ConfigError
+from mini_vllm.engine.workloads import arrival_times, online_1000
+from mini_vllm.transport import protocol
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 ONLINE_1000 = "ONLINE-1000"
@@ -514,7 +514,7 @@ def _rate(text: str) -> float:
 
 
 def add_bench_serve(bench_subparsers: Any) -> None:
-    from transport.cli import add_engine_flags
+    from mini_vllm.transport.flags import add_engine_flags
 
     p = bench_subparsers.add_parser(
         "serve", help="ONLINE-1000 over WebSockets: TTFT, TPOT, ITL, E2E, goodput; --sweep draws the curves",
@@ -638,11 +638,11 @@ async def _bench(config: ServeBenchConfig, url: str) -> dict[str, Any]:
 
 
 async def _bench_in_process(config: ServeBenchConfig, args: argparse.Namespace) -> dict[str, Any]:
-    from actors import ServiceConfig, open_service
-    from actors.task_group import open_task_group
-    from engine.config import PRESETS
-    from transport.cli import engine_args_from
-    from transport.server import ServerLimits, serve
+    from mini_vllm.actors import ServiceConfig, open_service
+    from mini_vllm.actors.task_group import open_task_group
+    from mini_vllm.engine.config import PRESETS
+    from mini_vllm.transport.flags import engine_args_from
+    from mini_vllm.transport.server import ServerLimits, serve
 
     engine_args = engine_args_from(args, args.model)
     if args.model in PRESETS and engine_args.load_format == "auto":
@@ -680,7 +680,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"mini-vllm bench serve: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except Exception as exc:  # a failed engine load or a handshake refusal arrive wrapped in groups
-        from engine.errors import MiniVllmError
+        from mini_vllm.engine.errors import MiniVllmError
 
         leaves = exc.exceptions if isinstance(exc, BaseExceptionGroup) else (exc,)
         if not all(isinstance(e, MiniVllmError | OSError) for e in leaves):

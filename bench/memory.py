@@ -55,13 +55,13 @@ from typing import Any
 
 import attrs
 
-from engine.block_manager import BlockManager, BlockStats
-from engine.errors import ConfigError
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerOutput
-from engine.sequence import PLACEHOLDER, Request, SeqStatus, Sequence
-from engine.workloads import offline_256
-from transport.bench_env import cpu_name, git_revision
+from mini_vllm.bench.env import cpu_name, git_revision
+from mini_vllm.engine.block_manager import BlockManager, BlockStats
+from mini_vllm.engine.errors import ConfigError
+from mini_vllm.engine.sampling_params import SamplingParams
+from mini_vllm.engine.scheduler import Scheduler, SchedulerOutput
+from mini_vllm.engine.sequence import PLACEHOLDER, Request, SeqStatus, Sequence
+from mini_vllm.engine.workloads import offline_256
 
 # ---- the configuration -------------------------------------------------------------------------------
 
@@ -944,7 +944,7 @@ def draw_memory(record: dict[str, Any], path: Path) -> bool:
 
 
 def main(argv: Seq[str] | None = None) -> int:
-    """``python -m transport.bench_kv`` runs the same command as ``mini-vllm bench memory``."""
+    """``python -m mini_vllm.bench.memory`` runs the same command as ``mini-vllm bench memory``."""
     parser = argparse.ArgumentParser(prog="mini-vllm bench")
     add_bench_kv(parser.add_subparsers(dest="bench_command", required=True))
     args = parser.parse_args(["memory", *(sys.argv[1:] if argv is None else argv)])

@@ -21,19 +21,14 @@ from typing import Any
 
 import torch
 
-from engine.config import PRESETS, EngineArgs, ModelConfig
-from engine.llm_engine import LLMEngine, StepTiming
-from engine.sampling_params import SamplingParams
-from engine.workloads import WorkloadRequest, offline_256, physical_floor
-from transport.bench_env import load_engine, measure_gpu_peaks, versions
-from transport.bench_kv import add_bench_kv
-from transport.bench_latency import add_bench_latency
-from transport.bench_serve import add_bench_plot, add_bench_serve
+from mini_vllm.bench.env import load_engine, measure_gpu_peaks, versions
+from mini_vllm.engine.config import PRESETS, EngineArgs, ModelConfig
+from mini_vllm.engine.llm_engine import LLMEngine, StepTiming
+from mini_vllm.engine.sampling_params import SamplingParams
+from mini_vllm.engine.workloads import WorkloadRequest, offline_256, physical_floor
 
 
-def add_bench(subparsers: Any) -> None:
-    p = subparsers.add_parser("bench", help="benchmarks (print a table, write JSON)")
-    sub = p.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+def add_bench_throughput(sub: Any) -> None:
     t = sub.add_parser("throughput", help="OFFLINE-256: output tokens/s against the peer and the physical floor")
     t.add_argument("--model", default="qwen3-0.6b", help="a preset (dummy weights) or a model directory")
     t.add_argument("--load-format", choices=["auto", "dummy"], default=None, help="default: dummy for presets")
@@ -51,11 +46,6 @@ def add_bench(subparsers: Any) -> None:
     t.add_argument("--output-dir", default="docs/benchmarks", help="where the run's JSON goes")
     t.add_argument("--tag", default="", help="a suffix for the JSON file name")
     t.set_defaults(func=run_throughput)
-    add_bench_attention(sub)
-    add_bench_kv(sub)
-    add_bench_latency(sub)
-    add_bench_serve(sub)
-    add_bench_plot(sub)
 
 
 def _log(msg: str) -> None:
@@ -130,7 +120,7 @@ def run_actors(engine: LLMEngine, workload: list[WorkloadRequest]) -> dict[str, 
     """The same engine behind the actors (ingress, scheduler, executor thread), as an embedder sees it."""
     import trio
 
-    from actors import ServiceConfig, open_service
+    from mini_vllm.actors import ServiceConfig, open_service
 
     total = sum(r.output_len for r in workload)
     progress = _Progress("actors", total)
@@ -265,7 +255,7 @@ def run_throughput(args: argparse.Namespace) -> int:
     if cuda and "floor_output_tokens_per_s" in record:
         record["floor_fraction"] = record["output_tokens_per_s"] / record["floor_output_tokens_per_s"]
     if args.trace:
-        from transport.trace import trace_decode_steps
+        from mini_vllm.bench.trace import trace_decode_steps
 
         record["trace"] = trace_decode_steps(engine, workload, Path(args.trace))
     if args.peer == "transformers":
@@ -340,60 +330,3 @@ def print_table(record: dict[str, Any]) -> None:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
-
-
-def add_bench_attention(sub: Any) -> None:
-    t = sub.add_parser("attention", help="decode attention kernel: time and achieved bandwidth per variant (GPU)")
-    t.add_argument("--batch", type=int, default=256)
-    t.add_argument("--context", type=int, default=900, help="tokens per sequence")
-    t.add_argument("--heads", type=int, default=16)
-    t.add_argument("--kv-heads", type=int, default=8)
-    t.add_argument("--head-dim", type=int, default=128)
-    t.add_argument("--block-size", type=int, default=16)
-    t.add_argument("--output", default=None, help="write the table as JSON here")
-    t.set_defaults(func=run_attention)
-
-
-def run_attention(args: argparse.Namespace) -> int:
-    """Sweep split count, key tile and warps of the decode kernel at one shape; KV bytes / time."""
-    import triton.testing
-
-    from engine.triton_attention import decode_attention_triton
-
-    if not torch.cuda.is_available():
-        print("bench attention needs a CUDA GPU", file=sys.stderr)
-        return 2
-    dev = torch.device("cuda")
-    bs, ctx, bsz = args.batch, args.context, args.block_size
-    per_seq = -(-ctx // bsz)
-    blocks = bs * per_seq
-    shape = (blocks, bsz, args.kv_heads, args.head_dim)
-    k = torch.randn(shape, dtype=torch.bfloat16, device=dev)
-    v = torch.randn(shape, dtype=torch.bfloat16, device=dev)
-    tables = torch.randperm(blocks, device=dev, dtype=torch.int64).to(torch.int32).view(bs, per_seq)
-    lens = torch.full((bs,), ctx, dtype=torch.int32, device=dev)
-    q = torch.randn(bs, args.heads, args.head_dim, dtype=torch.bfloat16, device=dev)
-    kv_bytes = 2 * bs * ctx * args.kv_heads * args.head_dim * 2
-    rows = []
-    for splits in (1, 2, 4, 8, 16, 32, 64):
-        for block_n in (16, 32, 64):
-            for warps in (4, 8):
-                try:
-                    ms = triton.testing.do_bench(
-                        lambda s=splits, n=block_n, w=warps: decode_attention_triton(
-                            q, k, v, lens, tables, 0.088, s, block_n=n, num_warps=w),
-                        warmup=10, rep=40, return_mode="median")
-                except Exception as exc:  # a variant that does not compile is reported, not fatal
-                    rows.append({"splits": splits, "block_n": block_n, "warps": warps, "error": str(exc)[:80]})
-                    continue
-                rows.append({"splits": splits, "block_n": block_n, "warps": warps, "ms": round(ms, 4),
-                             "tb_per_s": round(kv_bytes / ms / 1e9, 3)})
-    rows_ok = sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"])
-    print(f"decode attention, batch {bs}, context {ctx}, {args.heads}/{args.kv_heads} heads, "
-          f"head_dim {args.head_dim}: {kv_bytes / 1e9:.2f} GB of K/V per call")
-    for r in rows_ok[:12]:
-        print(f"  splits {r['splits']:>2}  block_n {r['block_n']:>2}  warps {r['warps']}  "
-              f"{r['ms']:.4f} ms  {r['tb_per_s']:.2f} TB/s")
-    if args.output:
-        Path(args.output).write_text(json.dumps({"shape": vars(args) | {"func": None}, "rows": rows}, indent=1) + "\n")
-    return 0

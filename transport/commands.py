@@ -1,8 +1,5 @@
-"""The ``mini-vllm`` command: ``serve`` and ``generate`` (add a subcommand: write ``add_X(subparsers)``
-that sets ``func`` and append it to ``SUBCOMMANDS``).
-
-Engine flags use vLLM's spellings (``--max-model-len``, ``--block-size``, ...) and are shared by
-every subcommand that builds engines, through ``add_engine_flags`` and ``engine_args_from``.
+"""The server side's subcommands, ``serve`` and ``generate``: each ``add_X(subparsers)`` defines its
+flags and sets ``func``; ``mini_vllm.cli`` registers them beside ``bench``'s.
 """
 
 from __future__ import annotations
@@ -11,122 +8,26 @@ import argparse
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 import attrs
 import trio
 
-from transport.bench import add_bench
-from transport.server import DEFAULT_HOST, DEFAULT_PORT, ServerLimits
+from mini_vllm.transport.flags import (
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_USAGE,
+    add_engine_flags,
+    add_sampling_flags,
+    engine_args_from,
+    sampling_from,
+)
+from mini_vllm.transport.server import DEFAULT_HOST, DEFAULT_PORT, ServerLimits
 
 # Imported lazily below: engine and actors pull in torch (seconds), which `--help` should not pay for.
 
 BROWSER_PAGE = Path(__file__).resolve().parent.parent / "examples" / "browser" / "index.html"
-EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
-
-
-# ---- shared flags ---------------------------------------------------------------------------------
-
-
-def add_engine_flags(parser: argparse.ArgumentParser, seed: bool = True) -> None:
-    """The EngineArgs fields as flags; unset flags keep EngineArgs' defaults.
-
-    ``seed=False`` leaves ``--seed`` to the caller (``generate`` uses it for sampling).
-    """
-    g = parser.add_argument_group("engine (vLLM spellings; defaults are EngineArgs')")
-    g.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default=None)
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--block-size", type=int, default=None)
-    g.add_argument("--max-num-seqs", type=int, default=None)
-    g.add_argument("--max-num-batched-tokens", type=int, default=None)
-    g.add_argument("--gpu-memory-utilization", type=float, default=None)
-    g.add_argument("--cpu-kv-cache-bytes", type=int, default=None, help="KV budget on the CPU")
-    g.add_argument("--num-kv-blocks", type=int, default=None, help="fix the KV cache size (per model)")
-    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--load-format", choices=["auto", "safetensors", "dummy"], default=None)
-    if seed:
-        g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs")
-    g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=None,
-                   help="split long prompts over steps beside the decodes (default on)")
-    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="CPU schedules step N+1 while the GPU runs step N (default: on GPUs only)")
-
-
-_ENGINE_FLAGS = (
-    "dtype",
-    "max_model_len",
-    "block_size",
-    "max_num_seqs",
-    "max_num_batched_tokens",
-    "gpu_memory_utilization",
-    "cpu_kv_cache_bytes",
-    "num_kv_blocks",
-    "enable_prefix_caching",
-    "load_format",
-    "seed",
-    "device",
-    "enforce_eager",
-    "enable_chunked_prefill",
-    "async_scheduling",
-)
-
-
-def parse_model_spec(spec: str | None) -> tuple[str | None, str | None]:
-    """``NAME=PATH`` -> (name, path); ``PATH`` or a preset -> (None, spec); None / "demo" -> the demo model."""
-    if spec is None:
-        return None, None
-    name, sep, path = spec.partition("=")
-    if sep and name and "/" not in name:
-        return name, (None if path in ("", "demo") else path)
-    return None, (None if spec == "demo" else spec)
-
-
-def engine_args_from(args: argparse.Namespace, spec: str | None) -> Any:  # -> engine.EngineArgs
-    from engine import EngineArgs
-
-    name, model = parse_model_spec(spec)
-    given = {f: getattr(args, f) for f in _ENGINE_FLAGS if getattr(args, f, None) is not None}
-    return EngineArgs(model=model, model_name=name, **given)
-
-
-def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("sampling (SamplingParams' names)")
-    g.add_argument("--max-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--min-p", type=float, default=None)
-    g.add_argument("--min-tokens", type=int, default=None)
-    g.add_argument("--repetition-penalty", type=float, default=None)
-    g.add_argument("--presence-penalty", type=float, default=None)
-    g.add_argument("--frequency-penalty", type=float, default=None)
-    g.add_argument("--seed", dest="sampling_seed", type=int, default=None, help="per-request sampling seed")
-    g.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
-    g.add_argument("--ignore-eos", action="store_true", default=None)
-
-
-_SAMPLING_FLAGS = {
-    "max_tokens": "max_tokens",
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "min_p": "min_p",
-    "min_tokens": "min_tokens",
-    "repetition_penalty": "repetition_penalty",
-    "presence_penalty": "presence_penalty",
-    "frequency_penalty": "frequency_penalty",
-    "sampling_seed": "seed",
-    "stop": "stop",
-    "ignore_eos": "ignore_eos",
-}
-
-
-def sampling_from(args: argparse.Namespace) -> dict[str, Any]:
-    return {field: getattr(args, flag) for flag, field in _SAMPLING_FLAGS.items() if getattr(args, flag) is not None}
 
 
 # ---- serve ----------------------------------------------------------------------------------------
@@ -192,8 +93,8 @@ class _ProgressDisplay:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from actors import ServiceConfig
-    from engine import MiniVllmError
+    from mini_vllm.actors import ServiceConfig
+    from mini_vllm.engine import MiniVllmError
 
     try:
         models = [engine_args_from(args, spec) for spec in (args.model or [None])]
@@ -231,8 +132,8 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 
 
 async def _serve(models: list[Any], config: Any, limits: ServerLimits, host: str, port: int, grace: float) -> None:
-    from actors import open_service
-    from transport.server import Server
+    from mini_vllm.actors import open_service
+    from mini_vllm.transport.server import Server
 
     progress = _ProgressDisplay(sys.stderr)
     stop = trio.Event()
@@ -291,7 +192,7 @@ def add_generate(subparsers: Any) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from engine import MiniVllmError
+    from mini_vllm.engine import MiniVllmError
 
     sampling = sampling_from(args)
     try:
@@ -307,7 +208,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 async def _generate_remote(url: str, prompt: str, model: str | None, chat: bool, sampling: dict[str, Any]) -> int:
-    from transport.client import ClientError, connect
+    from mini_vllm.transport.client import ClientError, connect
 
     try:
         async with connect(url) as client:
@@ -328,7 +229,7 @@ async def _generate_remote(url: str, prompt: str, model: str | None, chat: bool,
 
 
 def _generate_local(args: argparse.Namespace, sampling: dict[str, Any]) -> int:
-    from engine import LLMEngine, SamplingParams
+    from mini_vllm.engine import LLMEngine, SamplingParams
 
     engine = LLMEngine.from_engine_args(engine_args_from(args, args.model))
     params = SamplingParams.from_dict(sampling)
@@ -358,32 +259,3 @@ def _report(finish_reason: str, prompt_tokens: int, completion_tokens: int) -> N
         f"[finish_reason={finish_reason} prompt_tokens={prompt_tokens} completion_tokens={completion_tokens}]",
         file=sys.stderr,
     )
-
-
-# ---- entry point ----------------------------------------------------------------------------------
-
-# Each adds one subcommand (and sets ``func``): the place to register a new one, e.g. ``bench``.
-SUBCOMMANDS: tuple[Callable[[Any], None], ...] = (add_serve, add_generate, add_bench)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mini-vllm", description="A small vLLM: serve and run LLMs.")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in SUBCOMMANDS:
-        add(subparsers)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    # What the user typed, for the benchmarks' records (``main`` may be called with its own argv).
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    if args.command is None:
-        parser.print_help()
-        return EXIT_USAGE
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -25,12 +25,12 @@ from typing import Any
 
 import torch
 
-from engine.config import PRESETS, EngineArgs, ModelConfig
-from engine.kv_cache import bytes_per_block
-from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
-from engine.workloads import WorkloadRequest, matmul_params
-from transport.bench_env import load_engine, measure_gpu_peaks, versions
+from mini_vllm.bench.env import load_engine, measure_gpu_peaks, versions
+from mini_vllm.engine.config import PRESETS, EngineArgs, ModelConfig
+from mini_vllm.engine.kv_cache import bytes_per_block
+from mini_vllm.engine.llm_engine import LLMEngine
+from mini_vllm.engine.sampling_params import SamplingParams
+from mini_vllm.engine.workloads import WorkloadRequest, matmul_params
 
 # Kernel names of cuBLAS / cuBLASLt matmuls (nvjet is Hopper's cuBLASLt family).
 MATMUL_KERNEL_MARKS = ("gemm", "gemv", "nvjet", "cutlass", "xmma")
@@ -153,7 +153,7 @@ def split_kernel_time(kernels: list[tuple[float, float, str]], steps: int) -> di
 
 
 def profile_decode(engine: LLMEngine, prompts: list[list[int]], output_len: int, steps: int) -> dict[str, Any]:
-    from transport.trace import profile_steady_decode
+    from mini_vllm.bench.trace import profile_steady_decode
 
     workload = [WorkloadRequest(p, output_len) for p in prompts]
     prof = profile_steady_decode(engine, workload, steps, cpu=False)

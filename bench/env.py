@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # torch and the engine only when a benchmark needs them (bench memory does not)
     import torch
 
-    from engine.config import EngineArgs
-    from engine.llm_engine import LLMEngine
+    from mini_vllm.engine.config import EngineArgs
+    from mini_vllm.engine.llm_engine import LLMEngine
 
 
 def git_revision() -> str:
@@ -94,8 +94,8 @@ def measure_gpu_peaks(device: torch.device) -> tuple[float, float]:
 def load_engine(command: str, make_args: Callable[[], EngineArgs]) -> LLMEngine | int:
     """The engine, or the exit status after printing why not: 2 for a bad setting, 1 for a model
     that could not be loaded (never a traceback)."""
-    from engine.errors import ConfigError, MiniVllmError
-    from engine.llm_engine import LLMEngine
+    from mini_vllm.engine.errors import ConfigError, MiniVllmError
+    from mini_vllm.engine.llm_engine import LLMEngine
 
     try:
         return LLMEngine.from_engine_args(make_args())

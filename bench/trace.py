@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
-from engine.workloads import WorkloadRequest
+from mini_vllm.engine.llm_engine import LLMEngine
+from mini_vllm.engine.sampling_params import SamplingParams
+from mini_vllm.engine.workloads import WorkloadRequest
 
 
 def profile_steady_decode(engine: LLMEngine, workload: list[WorkloadRequest], steps: int, *, cpu: bool) -> Any:
