@@ -82,9 +82,11 @@ def _store_kv_kernel(
     slot = tl.load(slot_mapping + tok)
     heads = tl.arange(0, BLOCK_H)
     dims = tl.arange(0, HEAD_DIM)
-    # Padding tokens (slot < 0) are skipped through the mask rather than an early return; the
-    # always-true dims term only gives the mask the tile's full [heads, dims] shape.
-    mask = (heads < NUM_KV_HEADS)[:, None] & (dims < HEAD_DIM)[None, :] & (slot >= 0)
+    # Padding tokens (slot < 0) are skipped through the mask rather than an early return. The slot
+    # test is made on a full [heads, dims] tile: a scalar comparison and-ed into the mask comes out
+    # as int32 in Triton 3.9's interpreter, which then refuses it as a mask.
+    slots = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.int32) + slot
+    mask = (heads < NUM_KV_HEADS)[:, None] & (slots >= 0)
     blk = slot // BLOCK_SIZE
     off = slot % BLOCK_SIZE
 
