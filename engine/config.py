@@ -202,7 +202,7 @@ class ModelConfig:
             )
 
 
-# Architecture-exact presets for benchmarks with dummy weights (shapes from DESIGN.md).
+# Architecture-exact presets for benchmarks with dummy weights (shapes: docs/design.md, "Reference workloads").
 PRESETS: dict[str, dict[str, Any]] = {
     "qwen3-0.6b": {
         "architectures": ["Qwen3ForCausalLM"],

@@ -1,4 +1,4 @@
-"""Reference workloads and the physical floor they are measured against (DESIGN.md).
+"""Reference workloads and the physical floor they are measured against (docs/design.md, "Reference workloads").
 
 OFFLINE-256: 256 requests; for each, in order, ``random.Random(0)`` draws the prompt length and
 then the output length, each ``randint(100, 1024)``; prompt ids come from
@@ -101,7 +101,7 @@ def weight_bytes(config: ModelConfig, bytes_per_param: int = 2) -> int:
 def physical_floor(
     config: ModelConfig, requests: list[WorkloadRequest], bandwidth: float, flops: float, bytes_per_param: int = 2
 ) -> Floor:
-    """DESIGN.md's floor: all requests admitted at once, prefill at the matmul peak, and each
+    """The physical floor (docs/design.md): all requests admitted at once, prefill at the matmul peak, and each
     decode step max(bytes / bandwidth, FLOPs / peak) with bytes = weights + every live KV."""
     params = matmul_params(config)
     kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * bytes_per_param

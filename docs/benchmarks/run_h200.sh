@@ -2,7 +2,8 @@
 # One lease of the H200: GPU correctness tests, then OFFLINE-256 on both presets.
 # Run from the repository root on the GPU machine: bash docs/benchmarks/run_h200.sh OUT_DIR [PEER]
 # (PEER=transformers adds the peer runs; each takes minutes.) That machine has no git: pass the
-# commit along as MINI_VLLM_COMMIT=$(git rev-parse --short HEAD) so the JSON records it.
+# commit along as MINI_VLLM_COMMIT=$(git rev-parse --short HEAD) so the JSON records it. Source
+# docs/benchmarks/device_env.sh first (wheels, and the mini_vllm package laid out in /tmp/src).
 set -u
 OUT=${1:?output directory}
 PEER=${2:-none}
