@@ -10,8 +10,8 @@ Installed, the project is this one package: ``mini_vllm.engine`` (the synchronou
 ``mini_vllm.actors`` (the trio shell), ``mini_vllm.transport`` (WebSocket server, protocol,
 client), ``mini_vllm.bench`` (the benchmarks) and ``mini_vllm.cli`` (the ``mini-vllm`` command).
 In the source tree those are the top-level folders ``engine/``, ``actors/``, ``transport/`` and
-``bench/`` (``pyproject.toml`` maps them). Names load on first use, so ``import mini_vllm`` and
-``mini-vllm --help`` do not pay for torch.
+``bench/`` (``pyproject.toml`` maps them). Names load on first use, so ``import mini_vllm`` alone
+does not pay for torch.
 """
 
 from __future__ import annotations
