@@ -80,7 +80,8 @@ class ExecutorThread:
             self._last = time.perf_counter() - started
             self._busy += self._last
             self._count += 1
-        return box[0].unwrap()
+        # pop: a raised error's traceback points at this frame, which must not keep the outcome alive
+        return box.pop().unwrap()
 
     def _main(self) -> None:
         while True:

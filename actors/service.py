@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import attrs
@@ -29,7 +30,7 @@ from mini_vllm.actors.loop_lag import LoopLagMonitor, LoopLagStats
 from mini_vllm.actors.request_stream import GenerationDelta, RequestStream
 from mini_vllm.actors.scheduler import SchedulerActor, SchedulerStats
 from mini_vllm.actors.task_group import open_task_group
-from mini_vllm.engine.config import EngineArgs
+from mini_vllm.engine.config import PRESETS, EngineArgs
 from mini_vllm.engine.errors import ConfigError
 from mini_vllm.engine.llm_engine import LLMEngine
 from mini_vllm.engine.sampling_params import SamplingParams
@@ -271,6 +272,7 @@ async def load_engines(
     One at a time on purpose: on a GPU each model's KV share is measured after the previous
     models took theirs (see ``plan_kv_budget``).
     """
+    check_model_names(models)  # before loading anything: a clash found after loading wastes minutes
     to_load = [m for m in models if isinstance(m, EngineArgs)]
     shares = iter(plan_kv_budget(to_load))
     engines: list[LLMEngine] = []
@@ -292,9 +294,39 @@ async def load_engines(
         rules[engine.name] = f"{share.rule} -> {engine.block_manager.num_blocks} blocks"
     names = [e.name for e in engines]
     dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
+    if dupes:  # a backstop, should served_name and the loader's naming ever disagree
         raise ConfigError(f"two models share the name {dupes[0]!r}: name them, e.g. --model NAME=PATH")
     return engines, rules
+
+
+def served_name(args: EngineArgs) -> str:
+    """The name clients will pick the model by, known without loading it: the loader's rule
+    (``engine.loader.resolve_model``): model_name, else "demo", a preset's name, a directory's
+    last component, or the hub id."""
+    if args.model_name:
+        return args.model_name
+    if args.model is None:
+        return "demo"
+    if args.model in PRESETS:
+        return args.model
+    path = Path(args.model).expanduser()
+    return path.name if path.is_dir() else args.model
+
+
+def check_model_names(models: Sequence[EngineArgs | LLMEngine]) -> None:
+    """Raise ConfigError if two of ``models`` would be served under one name."""
+    seen: dict[str, str] = {}
+    for i, m in enumerate(models):
+        if isinstance(m, EngineArgs):
+            name, source = served_name(m), m.model or "demo"
+        else:
+            name, source = m.name, f"the engine at position {i + 1}"
+        if name in seen:
+            raise ConfigError(
+                f"two models share the name {name!r} ({seen[name]} and {source}): give each its own name, "
+                "e.g. --model NAME=PATH (EngineArgs.model_name from Python)"
+            )
+        seen[name] = source
 
 
 @contextlib.asynccontextmanager
@@ -305,7 +337,8 @@ async def open_service(
 ) -> AsyncIterator[Service]:
     """Load the models (or take ready engines) and run every actor until the block exits.
 
-    On exit the actors stop; a request still streaming ends with finish reason ``error``.
+    On exit the actors stop; a request still streaming ends with finish reason ``error``; the
+    engines loaded from ``EngineArgs`` are closed (their device memory freed).
     """
     if not models:
         raise ConfigError("open_service needs at least one model")
@@ -340,3 +373,8 @@ async def open_service(
         with trio.CancelScope(shield=True):
             for x in executors:
                 await x.aclose()
+        # The engines loaded here are the service's own: free their device memory now, not when
+        # the caller drops the service object (engines the caller built stay theirs to close).
+        for e, m in zip(engines, models, strict=True):
+            if isinstance(m, EngineArgs):
+                e.close()

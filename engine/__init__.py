@@ -5,7 +5,7 @@ Synchronous and free of trio; ``actors`` wraps it for serving. Start at ``LLM`` 
 """
 
 from mini_vllm.engine.config import EngineArgs, ModelConfig
-from mini_vllm.engine.errors import ConfigError, InvalidRequest, MiniVllmError, ModelLoadError
+from mini_vllm.engine.errors import ConfigError, EngineClosed, InvalidRequest, MiniVllmError, ModelLoadError
 from mini_vllm.engine.llm import LLM
 from mini_vllm.engine.llm_engine import EngineStats, LLMEngine, ScheduledBatch
 from mini_vllm.engine.outputs import CompletionOutput, RequestDelta, RequestOutput, SampleDelta, TokenLogprob
@@ -16,6 +16,7 @@ __all__ = [
     "CompletionOutput",
     "ConfigError",
     "EngineArgs",
+    "EngineClosed",
     "EngineStats",
     "InvalidRequest",
     "LLMEngine",

@@ -71,6 +71,37 @@ class _Buffers:
         self.consumed.record()
 
 
+class _TritonAttention:
+    """The attention callable the model calls on the GPU, with the state it reads (the SM count,
+    the split ladder, the eager step's prefill tile map). Its own object rather than a bound
+    method of the runner: the runner holding ``self._attention`` would reference itself, and such
+    a cycle keeps the weights, KV cache and graphs alive until the cyclic GC happens to run."""
+
+    def __init__(self, max_model_len: int, num_kv_heads: int, num_sms: int) -> None:
+        # Up to one 64-key tile per partition: a small batch has too few (sequence, kv head)
+        # programs to fill the GPU otherwise (docs/gpu-execution.md, batch 1).
+        self.num_splits = num_splits_for(max_model_len, tokens_per_split=64, max_splits=64)
+        self.num_kv_heads = num_kv_heads
+        self.num_sms = num_sms
+        self.schedule: PrefillSchedule | None = None  # the current eager step's prefill tile map
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        if meta.max_query_len == 1 and q.shape[0] == meta.seq_lens.shape[0]:
+            return decode_attention_triton(
+                q, k, v, meta.seq_lens, meta.block_tables, scale, self.decode_splits(q.shape[0]), num_warps=4
+            )
+        return prefill_attention_triton(q, k, v, meta, scale, schedule=self.schedule)
+
+    def decode_splits(self, batch: int) -> int:
+        """Split the context only as much as needed to give every SM a few programs: at 256
+        sequences one partition is fastest (measured: docs/gpu-execution.md), at batch 1 the
+        context is cut into up to ``num_splits`` pieces. Fixed per batch size, so graphs keep it."""
+        want = -(-4 * self.num_sms // (batch * self.num_kv_heads))
+        return max(1, min(self.num_splits, want))
+
+
 class CudaModelRunner(ModelRunner):
     def __init__(
         self,
@@ -85,20 +116,17 @@ class CudaModelRunner(ModelRunner):
         block_size: int,
         enforce_eager: bool,
     ) -> None:
-        super().__init__(model, kv_cache, device, seed, attention_fn=self._attention, store_kv_fn=store_kv_triton)
         config = model.config
+        self._attention = _TritonAttention(
+            max_model_len, config.num_key_value_heads, torch.cuda.get_device_properties(device).multi_processor_count
+        )
+        super().__init__(model, kv_cache, device, seed, attention_fn=self._attention, store_kv_fn=store_kv_triton)
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // block_size)
-        # Up to one 64-key tile per partition: a small batch has too few (sequence, kv head)
-        # programs to fill the GPU otherwise (docs/gpu-execution.md, batch 1).
-        self.num_splits = num_splits_for(max_model_len, tokens_per_split=64, max_splits=64)
         self.tokens_per_tile = prefill_tokens_per_tile(config.num_attention_heads, config.num_key_value_heads)
-        self.num_kv_heads = config.num_key_value_heads
-        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
         model.use_fused_kernels(rms_norm_triton, rotary_triton, silu_mul_triton)
-        self._schedule: PrefillSchedule | None = None  # the current eager step's prefill tile map
         rows = max(max_num_batched_tokens, max_num_seqs)
         self._sets = [_Buffers(max_num_batched_tokens, max_num_seqs, rows, self.max_blocks, device) for _ in range(2)]
         self._parity = 0
@@ -127,6 +155,25 @@ class CudaModelRunner(ModelRunner):
         if not self.enforce_eager:
             self.capture_graphs()
 
+    def close(self) -> None:
+        """Free the weights, KV cache, CUDA graphs (and so their private pool), staging and pinned
+        buffers and streams now, and hand the cached memory back to the driver: the next engine's
+        KV budget is what ``mem_get_info`` shows free (idempotent)."""
+        if self.closed:
+            return
+        # Memory freed here can be handed out again at once: a step still running on our streams
+        # must finish before the cache and buffers it reads and writes go.
+        self.compute_stream.synchronize()
+        self.copy_stream.synchronize()
+        super().close()
+        self.graphs.clear()  # the private pool is released once every graph and its logits are gone
+        self._attention.schedule = None
+        self._sets.clear()
+        self._out_host.clear()
+        del self._g_ids, self._g_pos, self._g_slots, self._g_lens, self._g_tables, self._g_qsl
+        del self.copy_stream, self.compute_stream
+        torch.cuda.empty_cache()
+
     def warm_up_eager(self) -> None:
         """Run an eager prefill step now (and with graphs off, a decode step) through the same
         buffers as real steps, so that no request waits for Triton to compile a kernel (it
@@ -143,23 +190,6 @@ class CudaModelRunner(ModelRunner):
             )
             self.collect(self.launch(inputs))
         self._last_sampled = None
-
-    # ---- attention ------------------------------------------------------------------------------
-    def _attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, scale: float
-    ) -> torch.Tensor:
-        if meta.max_query_len == 1 and q.shape[0] == meta.seq_lens.shape[0]:
-            return decode_attention_triton(
-                q, k, v, meta.seq_lens, meta.block_tables, scale, self._decode_splits(q.shape[0]), num_warps=4
-            )
-        return prefill_attention_triton(q, k, v, meta, scale, schedule=self._schedule)
-
-    def _decode_splits(self, batch: int) -> int:
-        """Split the context only as much as needed to give every SM a few programs: at 256
-        sequences one partition is fastest (measured: docs/gpu-execution.md), at batch 1 the
-        context is cut into up to ``num_splits`` pieces. Fixed per batch size, so graphs keep it."""
-        want = -(-4 * self.num_sms // (batch * self.num_kv_heads))
-        return max(1, min(self.num_splits, want))
 
     # ---- CUDA graphs ------------------------------------------------------------------------------
     def _graph_meta(self, bs: int) -> AttentionMetadata:
@@ -190,7 +220,10 @@ class CudaModelRunner(ModelRunner):
         for bs in reversed(sizes):  # largest first, so smaller graphs reuse its pool memory
             self._decode_forward(bs)  # warm up (Triton compiles, cuBLAS picks kernels)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            # On the compute stream, whose cuBLAS workspace the eager warm-up allocated: on a stream
+            # new to cuBLAS (torch's own capture stream) the workspace would be allocated inside
+            # the private pool and, kept by torch for the process, pin the pool after the graphs go.
+            with torch.cuda.graph(graph, pool=pool, stream=self.compute_stream):
                 logits = self._decode_forward(bs)
             self.graphs[bs] = (graph, logits)
         torch.cuda.synchronize(self.device)
@@ -299,7 +332,9 @@ class CudaModelRunner(ModelRunner):
                 query_start_loc_list=qsl.tolist(),
                 seq_lens_list=inputs.seq_lens,
             )
-            self._schedule = None if meta.is_decode_only else build_prefill_schedule(qsl, self.tokens_per_tile, self.device)
+            self._attention.schedule = (
+                None if meta.is_decode_only else build_prefill_schedule(qsl, self.tokens_per_tile, self.device)
+            )
             hidden = self.model(ids, positions, self.kv_cache, meta, self._attention, store_kv_triton)
             logits = self.model.compute_logits(hidden.index_select(0, sample_rows)) if n_rows else None
         buf.consumed.record(compute)
@@ -365,7 +400,7 @@ class CudaModelRunner(ModelRunner):
             query_start_loc_list=qsl.tolist(),
             seq_lens_list=lens,
         )
-        self._schedule = build_prefill_schedule(qsl, self.tokens_per_tile, self.device)
+        self._attention.schedule = build_prefill_schedule(qsl, self.tokens_per_tile, self.device)
         ids = torch.randint(0, cfg.vocab_size, (num_tokens,), device=self.device)
         pos = torch.tensor(positions, dtype=torch.int64, device=self.device)
         hidden = self.model(ids, pos, cache, meta, self._attention, store_kv_triton)

@@ -17,3 +17,7 @@ class InvalidRequest(MiniVllmError, ValueError):
 
 class ModelLoadError(MiniVllmError):
     """A model that cannot be loaded: missing file, corrupt weights, unsupported architecture."""
+
+
+class EngineClosed(MiniVllmError, RuntimeError):
+    """The engine (or the ``LLM`` over it) was closed: its weights and KV cache are gone."""

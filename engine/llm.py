@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from types import TracebackType
 from typing import Any
 
 import attrs
 
 from mini_vllm.engine.config import EngineArgs
-from mini_vllm.engine.errors import InvalidRequest
+from mini_vllm.engine.errors import EngineClosed, InvalidRequest
 from mini_vllm.engine.llm_engine import LLMEngine
 from mini_vllm.engine.outputs import CompletionOutput, FinishReason, RequestOutput, TokenLogprob
 from mini_vllm.engine.sampling_params import SamplingParams
@@ -18,7 +19,11 @@ Prompt = str | list[int]
 
 
 class LLM:
-    """``LLM(model=None, **engine_args)``; ``model=None`` is the built-in demo model."""
+    """``LLM(model=None, **engine_args)``; ``model=None`` is the built-in demo model.
+
+    ``del llm`` frees the device memory at once (nothing in the engine is a reference cycle);
+    ``close()``, or leaving ``with LLM(...) as llm:``, frees it even while other references live.
+    """
 
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
         self.engine = LLMEngine.from_engine_args(EngineArgs(model=model, **engine_args))
@@ -28,11 +33,30 @@ class LLM:
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    @property
+    def closed(self) -> bool:
+        return self.engine.closed
+
+    def close(self) -> None:
+        """Free the weights, KV cache, CUDA graphs and buffers now (idempotent); ``generate``
+        raises ``EngineClosed`` afterwards."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
+        if self.engine.closed:
+            raise EngineClosed("this LLM is closed (close() or the end of its with block freed its model): build a new one")
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompt_list: list[Prompt] = [prompts]  # type: ignore[list-item]
         else:

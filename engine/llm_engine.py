@@ -8,6 +8,7 @@ detokenize, free finished sequences). ``step`` is the three in a row.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import time
@@ -20,14 +21,15 @@ import torch
 from mini_vllm.engine.block_manager import BlockManager
 from mini_vllm.engine.config import EngineArgs, ModelConfig
 from mini_vllm.engine.detokenizer import IncrementalDetokenizer
-from mini_vllm.engine.errors import ConfigError, InvalidRequest, ModelLoadError
+from mini_vllm.engine.errors import ConfigError, EngineClosed, InvalidRequest, ModelLoadError
 from mini_vllm.engine.kv_cache import allocate_kv_cache, gpu_kv_budget_bytes, num_blocks_for_budget
+from mini_vllm.engine.landing import land_step
 from mini_vllm.engine.loader import ModelSource, build_model, resolve_model
 from mini_vllm.engine.model_runner import ModelOutput, ModelRunner, StepHandle, StepInputs, prepare_inputs
-from mini_vllm.engine.outputs import RequestDelta, SampleDelta, TokenLogprob
+from mini_vllm.engine.outputs import RequestDelta, SampleDelta
 from mini_vllm.engine.sampling_params import SamplingParams
 from mini_vllm.engine.scheduler import Scheduler, SchedulerOutput
-from mini_vllm.engine.sequence import PLACEHOLDER, Request, SeqStatus, Sequence
+from mini_vllm.engine.sequence import Request, SeqStatus, Sequence
 
 
 @attrs.frozen
@@ -120,6 +122,18 @@ class LLMEngine:
     # ---- construction --------------------------------------------------------------------------
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
+        try:
+            return cls._load(args)
+        finally:
+            # Loading runs first-time imports and kernel compiles, and some leave garbage cycles that
+            # hold a frame (trio and torch.fx do at import); a frame keeps its callers' frames alive
+            # through f_back, _load's among them, with the weights and KV cache in its locals.
+            # Collect that garbage now, so that dropping the engine (or a failed load's exception)
+            # frees the memory by reference counting alone, at once.
+            gc.collect()
+
+    @classmethod
+    def _load(cls, args: EngineArgs) -> LLMEngine:
         device = args.resolved_device()
         dtype = args.resolved_dtype(device)
         source = resolve_model(args)
@@ -169,6 +183,27 @@ class LLMEngine:
         runner.set_kv_cache(kv_cache)
         return cls(args, source, runner, num_blocks, max_len, tokenizer, eos_ids)
 
+    # ---- lifetime -------------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self.runner.closed
+
+    def close(self) -> None:
+        """Free the device memory now (weights, KV cache, CUDA graphs and their pool, pinned
+        buffers, streams) instead of when the last reference goes; idempotent. Requests in flight
+        are dropped without a last delta; adding or launching afterwards raises ``EngineClosed``."""
+        if self.runner.closed:
+            return
+        self._inflight = self._unlanded = None
+        for request in self.requests.values():
+            request.sequences.clear()  # Request <-> Sequence is a cycle (see _request_delta)
+        self.requests.clear()
+        self.runner.close()
+
+    def _check_open(self) -> None:
+        if self.runner.closed:
+            raise EngineClosed(f"model {self.name!r}: this engine is closed (close() freed its model): build a new one")
+
     # ---- requests -------------------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:
         if self.tokenizer is None:
@@ -201,6 +236,7 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0,
                     prompt: str | None = None) -> None:
+        self._check_open()
         if request_id in self.requests:
             raise InvalidRequest(f"request id {request_id!r} is already in flight")
         self.validate_request(prompt_token_ids, params)
@@ -233,6 +269,7 @@ class LLMEngine:
             self.scheduler.remove(seq)
             seq.finish_reason = "abort"
             deltas.append(self._take_delta(seq))
+        request.sequences.clear()  # the cycle with its sequences (see _request_delta)
         return RequestDelta(request_id, tuple(deltas), len(request.prompt_token_ids), True)
 
     def has_unfinished_requests(self) -> bool:
@@ -252,6 +289,7 @@ class LLMEngine:
         The next ``schedule`` may then run before this step is processed: it reads this step's
         tokens as placeholders. Check ``can_schedule_ahead`` first.
         """
+        self._check_open()
         handle = self.runner.launch(batch.inputs)
         self._unlanded = batch
         return handle
@@ -316,69 +354,11 @@ class LLMEngine:
         if self._unlanded is batch:
             self._unlanded = None
         self._steps += 1
-        touched: dict[str, Request] = {}
-        row = 0
-        for s in batch.scheduled.seqs:
-            seq = s.seq
-            rows = range(row, row + s.num_samples)
-            row += s.num_samples
-            if seq.status is SeqStatus.FINISHED:  # aborted, or finished by the step before
-                continue
-            if s.end <= seq.num_prompt_tokens:
-                self._prompt_tokens += s.num_new_tokens
-            if seq.status is SeqStatus.RUNNING:
-                self.block_manager.cache_full_blocks(seq.seq_id, seq.token_ids, s.end)
-            if not s.num_samples:
-                continue
-            request = seq.request
-            targets = [seq]
-            if s.num_samples > 1:  # the prompt is done: split off the other samples, sharing its blocks
-                for k in range(1, s.num_samples):
-                    child = self._new_sequence(request, k, [*seq.token_ids[: s.end], output.token_ids[rows[k]]])
-                    if seq.status is SeqStatus.RUNNING:
-                        child.num_computed_tokens = s.end
-                        self.block_manager.fork(seq.seq_id, child.seq_id)
-                        self.scheduler.add_running(child)
-                    else:  # the parent was preempted meanwhile: the child recomputes too
-                        self.scheduler.add(child)
-                    targets.append(child)
-            for target, r in zip(targets, rows, strict=True):
-                self._land_token(target, s.end, output, r)
-            touched[request.request_id] = request
-        return [self._request_delta(r) for r in touched.values()]
-
-    def _land_token(self, seq: Sequence, index: int, output: ModelOutput, row: int) -> None:
-        token = output.token_ids[row]
-        if seq.token_ids[index] not in (PLACEHOLDER, token):
-            raise RuntimeError(f"sequence {seq.seq_id}: token {index} landed twice")
-        seq.token_ids[index] = token
-        params = seq.request.params
-        seq.new_token_ids.append(token)
-        seq.delta_pending = True
-        self._generation_tokens += 1
-        if seq.logprobs is not None and output.logprobs is not None:
-            top = tuple(output.top[row][: params.logprobs]) if output.top is not None else ()
-            lp = TokenLogprob(token, output.logprobs[row], top)
-            seq.logprobs.append(lp)
-            seq.new_logprobs.append(lp)
-        if seq.detokenizer is not None:
-            seq.detokenizer.add_tokens([token])
-        n_out = index + 1 - seq.num_prompt_tokens
-        reason = None
-        if not params.ignore_eos and token in self.eos_ids and n_out >= params.min_tokens:
-            reason = "stop"
-        elif token in params.stop_token_ids and n_out >= params.min_tokens:
-            reason = "stop"
-        elif seq.detokenizer is not None and seq.detokenizer.stopped_by is not None:
-            reason = "stop"
-        elif n_out >= params.max_tokens or index + 1 >= self.max_model_len:
-            reason = "length"
-        if reason is not None:
-            seq.finish_reason = reason
-            del seq.token_ids[index + 1 :]  # a token scheduled one step too late is dropped
-            if seq.detokenizer is not None:
-                seq.detokenizer.finish()
-            self.scheduler.remove(seq)
+        landed = land_step(batch.scheduled, output, self.scheduler, self._new_sequence, self.eos_ids,
+                           self.max_model_len)
+        self._prompt_tokens += landed.prompt_tokens
+        self._generation_tokens += landed.generation_tokens
+        return [self._request_delta(r) for r in landed.touched.values()]
 
     def _take_delta(self, seq: Sequence) -> SampleDelta:
         final = seq.finish_reason is not None
@@ -400,6 +380,10 @@ class LLMEngine:
         finished = request.finished
         if finished:
             self.requests.pop(request.request_id, None)
+            # Each sequence points at its request and the request lists them: break that cycle,
+            # which would keep the sequences, their detokenizers and the tokenizer alive until
+            # the cyclic GC runs. A step still in flight skips finished sequences.
+            request.sequences.clear()
         return RequestDelta(request.request_id, deltas, len(request.prompt_token_ids), finished)
 
     # ---- observation ----------------------------------------------------------------------------

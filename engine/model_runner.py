@@ -119,7 +119,13 @@ class StepHandle:
 
 
 class ModelRunner:
-    """Owns the model and its KV cache on one device; this base runs eagerly (the CPU path)."""
+    """Owns the model and its KV cache on one device; this base runs eagerly (the CPU path).
+
+    Nothing it holds may point back at it (no bound methods of ``self`` stored on ``self``): a
+    dropped engine must free its device memory by reference counting alone, at once.
+    """
+
+    closed = False
 
     def __init__(
         self,
@@ -140,6 +146,17 @@ class ModelRunner:
 
     def set_kv_cache(self, kv_cache: torch.Tensor) -> None:
         self.kv_cache = kv_cache
+
+    def close(self) -> None:
+        """Let go of the weights, the KV cache and the last step's sampled ids now, rather than
+        when the last reference to the runner goes (idempotent). The runner cannot run afterwards;
+        the engine refuses to launch on a closed runner."""
+        if self.closed:
+            return
+        self.closed = True
+        del self.model
+        self.kv_cache = torch.empty(0)
+        self._last_sampled = None
 
     def metadata(self, inputs: StepInputs) -> AttentionMetadata:
         return build_metadata(
