@@ -102,13 +102,14 @@ def test_bad_model_is_a_clear_error(capsys: pytest.CaptureFixture[str], tmp_path
 async def test_generate_against_a_server(
     demo_model_dir: Path, reference: Reference, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    hello = commands.PromptSpec("Hello")
     async with running_server([build_engine(demo_model_dir)]) as (_, server):
-        code = await commands._generate_remote(server.url, "Hello", None, False, greedy())
+        code = await commands._generate_remote(server.url, hello, None, False, greedy(), commands._Output(sys.stdout))
         assert code == 0
         out, err = capsys.readouterr()
         assert out == reference("Hello", **greedy()).text + "\n"
         assert "finish_reason=length" in err
-        code = await commands._generate_remote(server.url, "Hello", "nope", False, greedy())
+        code = await commands._generate_remote(server.url, hello, "nope", False, greedy(), commands._Output(sys.stdout))
         assert code == flags.EXIT_ERROR and "unknown_model" in capsys.readouterr().err
 
 

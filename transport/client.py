@@ -15,13 +15,23 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
+import socket
 import threading
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, open_websocket_url
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    ConnectionTimeout,
+    HandshakeError,
+    WebSocketConnection,
+    open_websocket_url,
+)
 
 from mini_vllm.actors.task_group import open_task_group
 from mini_vllm.engine.outputs import TokenLogprob
@@ -47,6 +57,10 @@ class ClientError(Exception):
 
 class ConnectionLost(ClientError):
     """The connection closed (or could not be opened) before the answer was complete."""
+
+
+class InvalidURL(ClientError, ValueError):
+    """Not a ws:// or wss:// URL with a host (a ValueError too, as trio-websocket raises for these)."""
 
 
 class ServerError(ClientError):
@@ -335,18 +349,91 @@ class Client:
         return self._closed
 
 
-@contextlib.asynccontextmanager
-async def connect(url: str, *, max_frame_bytes: int = 64 << 20) -> AsyncIterator[Client]:
-    """Open a connection; raises ConnectionLost if the server cannot be reached."""
-    opened = False
+def check_url(url: str) -> str:
+    """``url`` if it is ``ws://HOST[:PORT][/PATH]`` or ``wss://...``; else InvalidURL saying what is wrong."""
+    example = "e.g. ws://127.0.0.1:8000"
     try:
-        async with open_websocket_url(url, max_message_size=max_frame_bytes, disconnect_timeout=2) as ws:
-            opened = True
-            async with open_task_group() as nursery:
-                client = Client(ws, nursery)
-                nursery.start_soon(client._reader)
-                yield client
-    except (HandshakeError, OSError) as exc:
-        if opened:
-            raise
-        raise ConnectionLost(f"cannot connect to {url}: {exc}") from None
+        parts = urllib.parse.urlsplit(url)
+        _ = parts.port  # raises ValueError for a port that is out of range or not a number
+    except ValueError as exc:
+        raise InvalidURL(f"bad URL {url!r}: {exc} ({example})") from None
+    if parts.scheme not in ("ws", "wss"):
+        if parts.scheme in ("http", "https") and parts.netloc:  # the likeliest slip: suggest the same address
+            example = f"e.g. {'ws' if parts.scheme == 'http' else 'wss'}://{parts.netloc}"
+        raise InvalidURL(f"{url!r} is not a WebSocket URL: it must start with ws:// or wss:// ({example})")
+    if not parts.hostname:
+        raise InvalidURL(f"{url!r} names no host ({example})")
+    return url
+
+
+@contextlib.asynccontextmanager
+async def connect(
+    url: str, *, max_frame_bytes: int = 64 << 20, connect_timeout: float = 60.0
+) -> AsyncIterator[Client]:
+    """Open a connection. Raises InvalidURL for a URL that is not ws:// or wss://, and
+    ConnectionLost saying why when the server cannot be reached (refused, timed out, not a
+    WebSocket server, unknown host)."""
+    check_url(url)
+    opened = False
+    # trio-websocket's connect_timeout alone leaves its reader task waiting on a server that accepts
+    # TCP and never answers the handshake (the open then never returns): this scope bounds the opening.
+    with trio.CancelScope(deadline=trio.current_time() + connect_timeout) as opening:
+        try:
+            async with open_websocket_url(
+                url, max_message_size=max_frame_bytes, connect_timeout=connect_timeout, disconnect_timeout=2
+            ) as ws:
+                opened = True
+                opening.deadline = math.inf
+                async with open_task_group() as nursery:
+                    client = Client(ws, nursery)
+                    nursery.start_soon(client._reader)
+                    yield client
+        except (HandshakeError, OSError) as exc:
+            if opened:
+                raise
+            raise ConnectionLost(f"cannot connect to {url}: {_connect_failure(exc, connect_timeout)}") from None
+    if opening.cancelled_caught and not opened:
+        raise ConnectionLost(f"cannot connect to {url}: {_connect_failure(ConnectionTimeout(), connect_timeout)}")
+
+
+def _connect_failure(exc: BaseException, timeout: float) -> str:
+    """Why a connection attempt failed, in words: trio-websocket's HandshakeError says nothing
+    itself; the socket error is in its cause, inside trio's group of attempts (one per address)."""
+    if isinstance(exc, ConnectionRejected):
+        return f"not a WebSocket server: it answered the handshake with HTTP {exc.status_code} (check the host and port)"
+    if isinstance(exc, ConnectionTimeout):
+        return (
+            f"timed out after {timeout:g} s without a WebSocket handshake "
+            "(is the host reachable, and is it a mini-vllm server?)"
+        )
+    errors = _os_errors(exc)
+    for e in errors:
+        if isinstance(e, ConnectionRefusedError):
+            return "connection refused: nothing listens there (start one with `mini-vllm serve`, or check the port)"
+    for e in errors:
+        if isinstance(e, socket.gaierror):
+            return f"unknown host ({e.strerror})"
+        if isinstance(e, TimeoutError):
+            return "timed out"
+    if errors:
+        deepest = errors[-1]
+        return deepest.strerror or str(deepest) or type(deepest).__name__
+    return str(exc) or type(exc).__name__
+
+
+def _os_errors(exc: BaseException | None) -> list[OSError]:
+    """The OSErrors in ``exc``, its causes and its groups' members, outermost first."""
+    found: list[OSError] = []
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            found.append(e)
+        if isinstance(e, BaseExceptionGroup):
+            todo.extend(e.exceptions)
+        todo.append(e.__cause__ or e.__context__)
+    return found

@@ -1,26 +1,40 @@
 """The server side's subcommands, ``serve`` and ``generate``: each ``add_X(subparsers)`` defines its
 flags and sets ``func``; ``mini_vllm.cli`` registers them beside ``bench``'s.
+
+Every failure is one line on stderr (``mini-vllm CMD: error: ...``) and an exit code from
+``transport.flags``; Ctrl-C is exit 130, except a graceful stop of ``serve``, its normal end.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import random
 import signal
+import socket
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import attrs
 import trio
 
 from mini_vllm.transport.flags import (
     EXIT_ERROR,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
     add_engine_flags,
     add_sampling_flags,
     engine_args_from,
+    is_interrupt,
+    leaf_exceptions,
+    non_negative_float,
+    port,
+    positive_float,
+    positive_int,
     sampling_from,
 )
 from mini_vllm.transport.server import DEFAULT_HOST, DEFAULT_PORT, ServerLimits
@@ -28,6 +42,15 @@ from mini_vllm.transport.server import DEFAULT_HOST, DEFAULT_PORT, ServerLimits
 # Imported lazily below: engine and actors pull in torch (seconds), which `--help` should not pay for.
 
 BROWSER_PAGE = Path(__file__).resolve().parent.parent / "examples" / "browser" / "index.html"
+_CONNECT_TIMEOUT = 10.0  # seconds for generate --url to reach the server (the client's default is 60)
+
+
+class CommandError(Exception):
+    """A failure the command reports as one line (the message says what to do) and exits with ``code``."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 # ---- serve ----------------------------------------------------------------------------------------
@@ -44,16 +67,24 @@ def add_serve(subparsers: Any) -> None:
         action="append",
         default=None,
         metavar="[NAME=]PATH",
-        help="a model directory, hub id or preset, optionally named (repeatable); default: the demo model",
+        help="a model directory, hub id or preset, optionally named (repeatable; names must differ) "
+        "(default: the demo model)",
     )
-    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST})")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free port)")
-    p.add_argument("--max-pending-requests", type=int, default=256, help="per model, queued + running (admission)")
-    p.add_argument("--max-requests-per-connection", type=int, default=64)
-    p.add_argument("--max-frame-bytes", type=int, default=1 << 20)
-    p.add_argument("--slow-client-timeout", type=float, default=30.0, help="seconds a frame may wait for a client")
-    p.add_argument("--shutdown-grace", type=float, default=5.0, help="seconds to flush final frames on Ctrl-C")
-    p.add_argument("--cpu-threads", type=int, default=None,
+    limits = attrs.fields(ServerLimits)
+    p.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default: %(default)s)")
+    p.add_argument("--port", type=port, default=DEFAULT_PORT, help="0..65535; 0: any free port (default: %(default)s)")
+    p.add_argument("--max-pending-requests", type=positive_int, default=256,
+                   help="per model, queued + running, beyond which requests are refused (default: %(default)s)")
+    p.add_argument("--max-requests-per-connection", type=positive_int,
+                   default=limits.max_requests_per_connection.default,
+                   help="requests one connection may have in flight at once (default: %(default)s)")
+    p.add_argument("--max-frame-bytes", type=positive_int, default=limits.max_frame_bytes.default,
+                   help="larger client frames get an error frame (default: %(default)s)")
+    p.add_argument("--slow-client-timeout", type=positive_float, default=limits.slow_client_timeout.default,
+                   help="seconds a frame may wait for a client (default: %(default)s)")
+    p.add_argument("--shutdown-grace", type=non_negative_float, default=5.0,
+                   help="seconds to flush final frames on Ctrl-C (default: %(default)s)")
+    p.add_argument("--cpu-threads", type=positive_int, default=None,
                    help="torch threads for models on the CPU (default: cores - 1, a core for the event loop)")
     add_engine_flags(p)
     p.set_defaults(func=run_serve)
@@ -94,10 +125,12 @@ class _ProgressDisplay:
 
 def run_serve(args: argparse.Namespace) -> int:
     from mini_vllm.actors import ServiceConfig
+    from mini_vllm.actors.service import check_model_names
     from mini_vllm.engine import MiniVllmError
 
     try:
         models = [engine_args_from(args, spec) for spec in (args.model or [None])]
+        check_model_names(models)
         config = ServiceConfig(max_pending_per_model=args.max_pending_requests, cpu_threads=args.cpu_threads)
         limits = ServerLimits(
             max_frame_bytes=args.max_frame_bytes,
@@ -109,44 +142,58 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"mini-vllm serve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        trio.run(_serve, models, config, limits, args.host, args.port, args.shutdown_grace)
-    except (Exception, KeyboardInterrupt) as exc:  # nurseries wrap errors in groups: report the leaves
-        leaves = _leaves(exc)
-        if all(isinstance(e, KeyboardInterrupt) for e in leaves):  # Ctrl-C before the handler was set
-            return EXIT_OK
+        return trio.run(_serve, models, config, limits, args.host, args.port, args.shutdown_grace)
+    except BaseException as exc:  # nurseries wrap errors in groups (a KeyboardInterrupt too): report the leaves
+        leaves = leaf_exceptions(exc)
+        if is_interrupt(exc):  # Ctrl-C before the signal handler was set
+            print("\nmini-vllm serve: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
         if not all(isinstance(e, MiniVllmError | OSError | KeyboardInterrupt) for e in leaves):
             raise
         for e in leaves:
             if isinstance(e, OSError):
-                print(f"mini-vllm serve: error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+                print(f"mini-vllm serve: error: cannot listen on {args.host}:{args.port}: {_listen_failure(e)}",
+                      file=sys.stderr)
             elif isinstance(e, MiniVllmError):
                 print(f"mini-vllm serve: error: {e}", file=sys.stderr)
         return EXIT_ERROR
-    return EXIT_OK
 
 
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if not isinstance(exc, BaseExceptionGroup):
-        return [exc]
-    return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+def _listen_failure(e: OSError) -> str:
+    """Why the server could not listen, and what to change."""
+    if isinstance(e, socket.gaierror):
+        return f"unknown host ({e.strerror}): --host takes an address of this machine, e.g. 127.0.0.1 or 0.0.0.0"
+    hints = {
+        errno.EADDRINUSE: "the port is in use (another server?): pick another --port, or --port 0 for any free one",
+        errno.EADDRNOTAVAIL: "not an address of this machine: check --host (0.0.0.0: every interface)",
+        errno.EACCES: "permission denied (ports below 1024 need privileges): pick a --port above 1023",
+    }
+    return hints.get(e.errno or 0, e.strerror or str(e))
 
 
-async def _serve(models: list[Any], config: Any, limits: ServerLimits, host: str, port: int, grace: float) -> None:
+async def _serve(models: list[Any], config: Any, limits: ServerLimits, host: str, port: int, grace: float) -> int:
+    """Serve until a signal: the first while serving stops gracefully (exit 0); one while loading,
+    or a second one, stops at once (exit 128 + the signal, 130 for Ctrl-C)."""
     from mini_vllm.actors import open_service
     from mini_vllm.transport.server import Server
 
     progress = _ProgressDisplay(sys.stderr)
     stop = trio.Event()
+    forced: int | None = None  # the signal that stopped the server at once
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             serving = False
 
             async def watch_signals() -> None:
-                async for _ in signals:
+                nonlocal forced
+                async for signum in signals:
                     if serving and not stop.is_set():
                         print("\nmini-vllm: stopping (press Ctrl-C again to force) ...", file=sys.stderr, flush=True)
                         stop.set()
                     else:  # while loading, or a second Ctrl-C: stop now
+                        forced = signum
+                        what = "while loading the models" if not serving else "before the shutdown finished"
+                        print(f"\nmini-vllm serve: interrupted {what}", file=sys.stderr, flush=True)
                         nursery.cancel_scope.cancel()
                         return
 
@@ -167,76 +214,248 @@ async def _serve(models: list[Any], config: Any, limits: ServerLimits, host: str
                     listening.cancel_scope.cancel()
             print("mini-vllm: stopped", file=sys.stderr, flush=True)
             nursery.cancel_scope.cancel()
+    return EXIT_OK if forced is None else 128 + forced  # as shells report a command a signal stopped
 
 
 # ---- generate -------------------------------------------------------------------------------------
+
+
+def token_ids(text: str) -> tuple[int, ...]:
+    """``--prompt-token-ids``: comma-separated token ids (checked against the vocabulary once the model is known)."""
+    parts = [p.strip() for p in text.split(",")]
+    if not any(parts):
+        raise argparse.ArgumentTypeError("give at least one token id, e.g. 1,2,3")
+    try:
+        ids = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"token ids are integers separated by commas, e.g. 1,2,3; got {text!r}") from None
+    if any(t < 0 for t in ids):
+        raise argparse.ArgumentTypeError(f"token ids are >= 0, got {min(ids)}")
+    return ids
 
 
 def add_generate(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "generate",
         help="generate text from a running server (--url) or in-process",
-        description="Stream a completion of PROMPT to stdout; usage goes to stderr.",
+        description="Stream a completion to stdout; usage goes to stderr. The prompt is PROMPT (text), "
+        "--prompt-token-ids or --random-prompt-len: exactly one. A model without a tokenizer (the "
+        "presets) takes token ids and prints token ids.",
     )
-    p.add_argument("prompt", metavar="PROMPT")
-    p.add_argument("--url", default=None, help="a running server (ws://HOST:PORT); default: run in-process")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("prompt", metavar="PROMPT", nargs="?", default=None,
+                        help="the text to complete (default: none; give it or one of the two below)")
+    prompt.add_argument("--prompt-token-ids", type=token_ids, default=None, metavar="ID,ID,...",
+                        help="the prompt as comma-separated token ids (default: none)")
+    prompt.add_argument("--random-prompt-len", type=positive_int, default=None, metavar="N",
+                        help="a prompt of N random token ids, drawn with --seed (default: none; seed 0)")
+    p.add_argument("--url", default=None, help="a running server, ws://HOST:PORT (default: none, run in-process)")
     p.add_argument(
         "--model",
         default=None,
-        help="with --url: the served model's name; without: a model directory, hub id or preset (default: demo)",
+        help="with --url: the served model's name; without: a model directory, hub id or preset "
+        "(default: the server's only model / the demo model)",
     )
-    p.add_argument("--chat", action="store_true", help="send PROMPT as a user message through the chat template")
+    p.add_argument("--chat", action="store_true",
+                   help="send PROMPT as a user message through the chat template (default: off)")
     add_sampling_flags(p)
     add_engine_flags(p, seed=False)
     p.set_defaults(func=run_generate)
 
 
+@attrs.frozen
+class PromptSpec:
+    """What ``generate`` was asked to complete: text, token ids, or a length of random ids."""
+
+    text: str | None = None
+    token_ids: tuple[int, ...] | None = None
+    random_len: int | None = None
+    seed: int = 0  # for random ids
+
+    def ids(self, vocab_size: int, max_model_len: int, model: str) -> list[int]:
+        """The token-id prompt, checked against (or drawn from) ``model``'s vocabulary."""
+        if self.random_len is not None:
+            if self.random_len >= max_model_len:  # refused before a list of that length is built
+                raise CommandError(
+                    f"--random-prompt-len {self.random_len}: {model!r} takes prompts of at most "
+                    f"{max_model_len - 1} tokens (max_model_len {max_model_len}, one left to generate)",
+                    EXIT_USAGE,
+                )
+            rng = random.Random(self.seed)
+            return [rng.randrange(vocab_size) for _ in range(self.random_len)]
+        ids = list(self.token_ids or ())
+        bad = [t for t in ids if t >= vocab_size]
+        if bad:
+            raise CommandError(
+                f"--prompt-token-ids: {bad[0]} is not a token of {model!r}, whose ids are 0..{vocab_size - 1}",
+                EXIT_USAGE,
+            )
+        return ids
+
+
+def _no_tokenizer(model: str | None) -> CommandError:
+    return CommandError(
+        f"{'the model' if model is None else f'model {model!r}'} has no tokenizer (a preset is shapes only), "
+        "so it cannot take a text PROMPT: "
+        "give token ids with --prompt-token-ids 1,2,3 or --random-prompt-len N",
+        EXIT_USAGE,
+    )
+
+
+# Control characters a terminal would act on (ESC starts escape sequences, BEL rings, CR rewrites
+# the line), C1 included: written as \xNN. Newline and tab are layout, kept.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if c not in (0x09, 0x0A)}
+
+
+def escape_controls(text: str) -> str:
+    return text.translate(_CONTROLS)
+
+
+@attrs.define
+class _Output:
+    """Sample 0 on stdout: text, with control characters escaped on a terminal (a random-weights
+    model emits ESC and BEL) and written unchanged to a pipe or file; or token ids for a model
+    without a tokenizer. ``auto`` (a remote model that may lack one): ids are held until text
+    arrives, and written at the end if none ever does."""
+
+    stream: TextIO
+    mode: Literal["text", "ids", "auto"] = "text"
+    escape: bool = attrs.field(init=False)
+    open_line: bool = False  # written, no newline yet
+    held: list[int] = attrs.field(factory=list)
+
+    def __attrs_post_init__(self) -> None:
+        self.escape = self.stream.isatty()
+
+    def write(self, text: str, ids: Sequence[int]) -> None:
+        if self.mode == "auto":
+            if not text:
+                self.held.extend(ids)
+                return
+            self.mode, self.held = "text", []
+        if self.mode == "ids":
+            self._put(" ".join(map(str, ids)), sep=" ")
+        else:
+            self._put(escape_controls(text) if self.escape else text)
+
+    def end(self) -> None:
+        if self.mode == "auto" and self.held:
+            self.mode = "ids"
+            self.write("", self.held)
+        if self.open_line:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.open_line = False
+
+    def _put(self, text: str, sep: str = "") -> None:
+        if text:
+            self.stream.write((sep if self.open_line else "") + text)
+            self.stream.flush()
+            self.open_line = True
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from mini_vllm.engine import MiniVllmError
 
+    if args.chat and args.prompt is None:
+        return _fail("--chat sends a text PROMPT as a user message; it cannot take token ids", None, EXIT_USAGE)
+    if args.url:
+        from mini_vllm.transport.client import InvalidURL, check_url
+
+        try:
+            check_url(args.url)
+        except InvalidURL as exc:
+            return _fail(f"--url: {exc}", None, EXIT_USAGE)
+    prompt = PromptSpec(args.prompt, args.prompt_token_ids, args.random_prompt_len, args.sampling_seed or 0)
     sampling = sampling_from(args)
+    out = _Output(sys.stdout)
     try:
         if args.url:
-            return trio.run(_generate_remote, args.url, args.prompt, args.model, args.chat, sampling)
-        return _generate_local(args, sampling)
-    except MiniVllmError as exc:
-        print(f"\nmini-vllm generate: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("\nmini-vllm generate: interrupted", file=sys.stderr)
-        return EXIT_OK
+            return trio.run(_generate_remote, args.url, prompt, args.model, args.chat, sampling, out)
+        return _generate_local(args, prompt, sampling, out)
+    except BaseException as exc:  # a group from trio.run may hold a KeyboardInterrupt
+        if is_interrupt(exc):
+            return _fail("interrupted", out, EXIT_INTERRUPTED, prefix="")
+        if isinstance(exc, CommandError):
+            return _fail(str(exc), out, exc.code)
+        if isinstance(exc, MiniVllmError):
+            return _fail(str(exc), out)
+        raise
 
 
-async def _generate_remote(url: str, prompt: str, model: str | None, chat: bool, sampling: dict[str, Any]) -> int:
-    from mini_vllm.transport.client import ClientError, connect
+def _fail(message: str, out: _Output | None, code: int = EXIT_ERROR, prefix: str = "error: ") -> int:
+    if out is not None:
+        out.end()  # finish the output's line first, so the message starts one
+    print(f"mini-vllm generate: {prefix}{message}", file=sys.stderr)
+    return code
+
+
+async def _generate_remote(
+    url: str, prompt: PromptSpec, model: str | None, chat: bool, sampling: dict[str, Any], out: _Output
+) -> int:
+    from mini_vllm.transport.client import ClientError, InvalidRequestError, connect
 
     try:
-        async with connect(url) as client:
-            if chat:
-                stream = client.chat([{"role": "user", "content": prompt}], model=model, **sampling)
+        async with connect(url, connect_timeout=_CONNECT_TIMEOUT) as client:
+            if prompt.text is None:
+                info = _served_model(await client.models(), model)
+                ids = prompt.ids(info.vocab_size, info.max_model_len, info.name)
+                stream = client.generate(ids, model=model, **sampling)
+                # The server does not say whether a model has a tokenizer; one with a chat template has.
+                out.mode = "text" if info.has_chat_template else "auto"
+            elif chat:
+                stream = client.chat([{"role": "user", "content": prompt.text}], model=model, **sampling)
             else:
-                stream = client.generate(prompt, model=model, **sampling)
+                stream = client.generate(prompt.text, model=model, **sampling)
             async with stream:
                 async for delta in stream:
-                    sys.stdout.write(delta.text)
-                    sys.stdout.flush()
+                    if delta.index != 0:
+                        continue
+                    out.write(delta.text, delta.token_ids)
                     if delta.finish_reason is not None and delta.usage is not None:
+                        out.end()
                         _report(delta.finish_reason, delta.usage.prompt_tokens, delta.usage.completion_tokens)
+    except InvalidRequestError as exc:
+        if "no tokenizer" in exc.message:
+            return _fail(str(_no_tokenizer(model)), out, EXIT_USAGE)
+        return _fail(str(exc), out)
+    except CommandError as exc:
+        return _fail(str(exc), out, exc.code)
     except ClientError as exc:
-        print(f"\nmini-vllm generate: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return _fail(str(exc), out)
     return EXIT_OK
 
 
-def _generate_local(args: argparse.Namespace, sampling: dict[str, Any]) -> int:
-    from mini_vllm.engine import LLMEngine, SamplingParams
+def _served_model(models: Sequence[Any], name: str | None) -> Any:  # -> protocol.ModelInfo
+    names = ", ".join(m.name for m in models)
+    if name is None:
+        if len(models) == 1:
+            return models[0]
+        raise CommandError(f"the server serves several models ({names}): pick one with --model NAME", EXIT_USAGE)
+    for m in models:
+        if m.name == name:
+            return m
+    raise CommandError(f"the server has no model {name!r}; it serves: {names} (pick one with --model)", EXIT_USAGE)
 
-    engine = LLMEngine.from_engine_args(engine_args_from(args, args.model))
-    params = SamplingParams.from_dict(sampling)
+
+def _generate_local(args: argparse.Namespace, prompt: PromptSpec, sampling: dict[str, Any], out: _Output) -> int:
+    from mini_vllm.engine import LLMEngine, SamplingParams
+    from mini_vllm.engine.config import PRESETS
+
+    engine_args = engine_args_from(args, args.model)
+    params = SamplingParams.from_dict(sampling)  # a bad sampling flag fails before the model loads
+    if prompt.text is not None and engine_args.model in PRESETS:
+        raise _no_tokenizer(engine_args.model)  # known before loading: presets never have one
+    engine = LLMEngine.from_engine_args(engine_args)
     if args.chat:
-        ids = engine.apply_chat_template([{"role": "user", "content": args.prompt}])
+        ids = engine.apply_chat_template([{"role": "user", "content": prompt.text}])
+    elif prompt.text is not None:
+        if engine.tokenizer is None:
+            raise _no_tokenizer(engine.name)
+        ids = engine.tokenize(prompt.text)
     else:
-        ids = engine.tokenize(args.prompt)
+        ids = prompt.ids(engine.model_config.vocab_size, engine.max_model_len, engine.name)
+    out.mode = "text" if engine.tokenizer is not None else "ids"
     engine.add_request("cli-0", ids, params)
     completion = 0
     while engine.has_unfinished_requests():
@@ -244,17 +463,15 @@ def _generate_local(args: argparse.Namespace, sampling: dict[str, Any]) -> int:
             for s in delta.samples:
                 if s.index != 0:
                     continue
-                sys.stdout.write(s.text)
-                sys.stdout.flush()
+                out.write(s.text, s.token_ids)
                 completion += len(s.token_ids)
                 if s.finish_reason is not None:
+                    out.end()
                     _report(s.finish_reason, delta.num_prompt_tokens, completion)
     return EXIT_OK
 
 
 def _report(finish_reason: str, prompt_tokens: int, completion_tokens: int) -> None:
-    sys.stdout.write("\n")
-    sys.stdout.flush()
     print(
         f"[finish_reason={finish_reason} prompt_tokens={prompt_tokens} completion_tokens={completion_tokens}]",
         file=sys.stderr,

@@ -1,5 +1,7 @@
 """The command line's shared flags: engine flags (vLLM's spellings: ``--max-model-len``,
-``--block-size``, ...) for every subcommand that builds engines, sampling flags, and exit codes.
+``--block-size``, ...) for every subcommand that builds engines, sampling flags, exit codes (and
+how to tell a Ctrl-C), and the argument types that refuse bad values while parsing (before
+anything loads).
 
 Used by ``transport.commands`` (serve, generate) and by ``bench``; imports nothing of either.
 """
@@ -7,37 +9,152 @@ Used by ``transport.commands`` (serve, generate) and by ``bench``; imports nothi
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
+
+import attrs
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command stopped by Ctrl-C
 
 
+def leaf_exceptions(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) groups: nurseries wrap what their tasks raise."""
+    if not isinstance(exc, BaseExceptionGroup):
+        return [exc]
+    return [leaf for inner in exc.exceptions for leaf in leaf_exceptions(inner)]
+
+
+def is_interrupt(exc: BaseException) -> bool:
+    """Ctrl-C: a KeyboardInterrupt, or a group of them (as ``trio.run`` may raise it)."""
+    return all(isinstance(e, KeyboardInterrupt) for e in leaf_exceptions(exc))
+
+
+# ---- argument types: a bad value is an argparse error naming the flag --------------------------
+
+
+def port(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port must be in 0..65535 (0: any free port), got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _float(text)
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+# ---- defaults in the help ---------------------------------------------------------------------
+
+
+@attrs.frozen
+class _FieldDefault:
+    """A record field's default, looked up when the help is printed (so it cannot drift from the
+    record, and building the parser does not import torch). argparse fills ``%(field_default)s``
+    from the action's attributes; this object is one of them."""
+
+    record: Callable[[], type]
+    field: str
+    meanings: dict[Any, str]  # default value -> what it means, for defaults like None or "auto"
+
+    def __str__(self) -> str:
+        value = attrs.fields_dict(self.record())[self.field].default
+        if isinstance(value, bool):  # before the lookup: True == 1 would match a key 1
+            return "on" if value else "off"
+        if value in self.meanings:
+            return self.meanings[value]
+        if value is None or value == ():
+            return "none"
+        if self.field.endswith("_bytes"):
+            return f"{value} = {value / (1 << 30):g} GiB"
+        return str(value)
+
+
+def _engine_args() -> type:
+    from mini_vllm.engine.config import EngineArgs
+
+    return EngineArgs
+
+
+def _sampling_params() -> type:
+    from mini_vllm.engine.sampling_params import SamplingParams
+
+    return SamplingParams
+
+
+def _add(group: Any, flag: str, record: Callable[[], type], field: str, help: str,
+         meanings: dict[Any, str] | None = None, **kw: Any) -> None:
+    action = group.add_argument(flag, default=None, help=f"{help} (default: %(field_default)s)", **kw)
+    action.field_default = _FieldDefault(record, field, meanings or {})
+
+
+# ---- engine flags -----------------------------------------------------------------------------
+
 
 def add_engine_flags(parser: argparse.ArgumentParser, seed: bool = True) -> None:
-    """The EngineArgs fields as flags; unset flags keep EngineArgs' defaults.
+    """The EngineArgs fields as flags; unset flags keep EngineArgs' defaults (shown in the help).
 
     ``seed=False`` leaves ``--seed`` to the caller (``generate`` uses it for sampling).
     """
     g = parser.add_argument_group("engine (vLLM spellings; defaults are EngineArgs')")
-    g.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default=None)
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--block-size", type=int, default=None)
-    g.add_argument("--max-num-seqs", type=int, default=None)
-    g.add_argument("--max-num-batched-tokens", type=int, default=None)
-    g.add_argument("--gpu-memory-utilization", type=float, default=None)
-    g.add_argument("--cpu-kv-cache-bytes", type=int, default=None, help="KV budget on the CPU")
-    g.add_argument("--num-kv-blocks", type=int, default=None, help="fix the KV cache size (per model)")
-    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--load-format", choices=["auto", "safetensors", "dummy"], default=None)
+
+    def add(flag: str, help: str, meanings: dict[Any, str] | None = None, **kw: Any) -> None:
+        _add(g, flag, _engine_args, flag[2:].replace("-", "_"), help, meanings, **kw)
+
+    add("--dtype", "weights and activations", {"auto": "auto: bfloat16 on a GPU, float32 on the CPU"},
+        choices=["auto", "float32", "float16", "bfloat16"])
+    add("--max-model-len", "longest prompt + output in tokens",
+        {None: "the model's max_position_embeddings, capped to what the KV cache holds"}, type=positive_int)
+    add("--block-size", "tokens per KV block (a power of two <= 256)", type=positive_int)
+    add("--max-num-seqs", "sequences in one batch", type=positive_int)
+    add("--max-num-batched-tokens", "tokens computed in one step", type=positive_int)
+    add("--gpu-memory-utilization", "fraction of GPU memory for weights, activations and KV", type=float)
+    add("--cpu-kv-cache-bytes", "KV budget on the CPU", type=positive_int)
+    add("--num-kv-blocks", "fix the KV cache size (per model)",
+        {None: "sized by --gpu-memory-utilization on a GPU, --cpu-kv-cache-bytes on the CPU"}, type=positive_int)
+    add("--enable-prefix-caching", "share the KV blocks of common prompt prefixes",
+        action=argparse.BooleanOptionalAction)
+    add("--load-format", "dummy: random weights of the model's shapes",
+        {"auto": "auto: safetensors, or dummy for a preset"}, choices=["auto", "safetensors", "dummy"])
     if seed:
-        g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs")
-    g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=None,
-                   help="split long prompts over steps beside the decodes (default on)")
-    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="CPU schedules step N+1 while the GPU runs step N (default: on GPUs only)")
+        add("--seed", "the engine's random seed (weights of dummy models, sampling)", type=int)
+    add("--device", "auto, cpu, cuda or cuda:N", {"auto": "auto: cuda if available, else cpu"})
+    add("--enforce-eager", "no CUDA graphs", action="store_true")
+    add("--enable-chunked-prefill", "split long prompts over steps beside the decodes",
+        action=argparse.BooleanOptionalAction)
+    add("--async-scheduling", "the CPU schedules step N+1 while the GPU runs step N",
+        {None: "on GPUs only"}, action=argparse.BooleanOptionalAction)
 
 
 _ENGINE_FLAGS = (
@@ -71,26 +188,38 @@ def parse_model_spec(spec: str | None) -> tuple[str | None, str | None]:
 
 def engine_args_from(args: argparse.Namespace, spec: str | None) -> Any:  # -> engine.EngineArgs
     from mini_vllm.engine import EngineArgs
+    from mini_vllm.engine.config import PRESETS
 
     name, model = parse_model_spec(spec)
     given = {f: getattr(args, f) for f in _ENGINE_FLAGS if getattr(args, f, None) is not None}
+    if model in PRESETS and "load_format" not in given:
+        given["load_format"] = "dummy"  # a preset is shapes only: random weights are the only kind it has
     return EngineArgs(model=model, model_name=name, **given)
+
+
+# ---- sampling flags ---------------------------------------------------------------------------
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("sampling (SamplingParams' names)")
-    g.add_argument("--max-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--min-p", type=float, default=None)
-    g.add_argument("--min-tokens", type=int, default=None)
-    g.add_argument("--repetition-penalty", type=float, default=None)
-    g.add_argument("--presence-penalty", type=float, default=None)
-    g.add_argument("--frequency-penalty", type=float, default=None)
-    g.add_argument("--seed", dest="sampling_seed", type=int, default=None, help="per-request sampling seed")
-    g.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
-    g.add_argument("--ignore-eos", action="store_true", default=None)
+
+    def add(flag: str, help: str, meanings: dict[Any, str] | None = None, **kw: Any) -> None:
+        _add(g, flag, _sampling_params, flag[2:].replace("-", "_"), help, meanings, **kw)
+
+    # The command's own default: SamplingParams' 16 tokens is short for a look at a model.
+    g.add_argument("--max-tokens", type=positive_int, default=64, help="tokens to generate (default: %(default)s)")
+    add("--temperature", "0: greedy", type=float)
+    add("--top-p", "nucleus sampling's probability mass", type=float)
+    add("--top-k", "sample from the k likeliest tokens", {-1: "-1, the whole vocabulary"}, type=int)
+    add("--min-p", "drop tokens below this fraction of the likeliest's probability", type=float)
+    add("--min-tokens", "tokens to generate before EOS or a stop string may end the output", type=int)
+    add("--repetition-penalty", "> 1 discourages tokens already in the prompt or output", type=float)
+    add("--presence-penalty", "in [-2, 2]", type=float)
+    add("--frequency-penalty", "in [-2, 2]", type=float)
+    _add(g, "--seed", _sampling_params, "seed", "per-request sampling seed",
+         {None: "none, the engine's random stream"}, dest="sampling_seed", metavar="SEED", type=int)
+    add("--stop", "a stop string (repeatable)", action="append")
+    add("--ignore-eos", "keep generating past the end-of-sequence token", action="store_true")
 
 
 _SAMPLING_FLAGS = {
