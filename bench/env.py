@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # torch and the engine only when a benchmark needs them (bench memory does not)
     import torch
 
-    from mini_vllm.engine.config import EngineArgs
+    from mini_vllm.engine.config import EngineArgs, ModelConfig
     from mini_vllm.engine.llm_engine import LLMEngine
 
 
@@ -89,6 +89,41 @@ def measure_gpu_peaks(device: torch.device) -> tuple[float, float]:
     bandwidth = 2 * x.numel() * x.element_size() / timed(lambda: y.copy_(x))
     flops = 2 * 8192**3 / timed(lambda: a @ b)
     return bandwidth, flops
+
+
+def measure_cpu_peaks() -> tuple[float, float]:
+    """(copy bandwidth in bytes/s counting read + write, fp32 matmul FLOP/s): a quick probe, about
+    half a second, for an estimate (the CPU runs in float32)."""
+    import time
+
+    import torch
+
+    def rate(fn: Callable[[], object], work: float) -> float:
+        fn()
+        start, n = time.perf_counter(), 0
+        while time.perf_counter() - start < 0.2:
+            fn()
+            n += 1
+        return work * n / (time.perf_counter() - start)
+
+    x = torch.empty(1 << 25)  # 128 MiB: past the caches
+    y = torch.empty_like(x)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    return rate(lambda: y.copy_(x), 2 * x.numel() * x.element_size()), rate(lambda: a @ b, 2 * 1024**3)
+
+
+def model_config(model: str) -> ModelConfig | None:
+    """A preset's or a local directory's config, without loading anything; None if neither."""
+    from mini_vllm.engine.config import PRESETS, ModelConfig
+    from mini_vllm.engine.errors import MiniVllmError
+
+    try:
+        if model in PRESETS:
+            return ModelConfig.from_dict(PRESETS[model], model)
+        path = Path(model).expanduser() / "config.json"
+        return ModelConfig.from_file(path) if path.is_file() else None
+    except MiniVllmError:
+        return None
 
 
 def load_engine(command: str, make_args: Callable[[], EngineArgs]) -> LLMEngine | int:

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from mini_vllm.bench.command import HelpFormatter, fail, interruptible, unwritable, write_text
 from mini_vllm.bench.env import load_engine, measure_gpu_peaks, versions
 from mini_vllm.engine.config import PRESETS, EngineArgs, ModelConfig
 from mini_vllm.engine.kv_cache import bytes_per_block
@@ -38,23 +39,29 @@ ATTENTION_KERNEL_MARKS = ("_decode_", "_prefill_")
 
 
 def add_bench_latency(sub: Any) -> None:
-    p = sub.add_parser("latency", help="one batch step by step: TTFT, TPOT and the decode step against the weights' floor")
+    p = sub.add_parser("latency", help="one batch step by step: TTFT, TPOT and the decode step against the weights' floor",
+                       formatter_class=HelpFormatter)
     p.add_argument("--model", default="qwen3-0.6b", help="a preset (dummy weights), a model directory or demo")
-    p.add_argument("--load-format", choices=["auto", "dummy"], default=None, help="default: dummy for presets")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--load-format", choices=["auto", "dummy"], default=None,
+                   help="dummy: random weights (default: dummy for a preset, auto for a directory)")
+    p.add_argument("--batch-size", type=int, default=1, help="requests in the batch, all added at once")
     p.add_argument("--input-len", type=int, default=1024, help="prompt tokens per request (random ids)")
     p.add_argument("--output-len", type=int, default=128, help="output tokens per request (EOS ignored)")
-    p.add_argument("--num-iters", type=int, default=5)
-    p.add_argument("--warmup-iters", type=int, default=1)
-    p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--num-kv-blocks", type=int, default=None)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--num-iters", type=int, default=5, help="measured iterations (the batch run to the end)")
+    p.add_argument("--warmup-iters", type=int, default=1, help="unmeasured iterations first")
+    p.add_argument("--max-model-len", type=int, default=2048, help="longest prompt + output in tokens")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of GPU memory for weights, activations and KV")
+    p.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="fix the KV cache size (default: sized by --gpu-memory-utilization on a GPU, "
+                        "the engine's CPU budget on the CPU)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--no-async-scheduling", action="store_true", help="land every step before scheduling the next")
-    p.add_argument("--profile-steps", type=int, default=0, metavar="N", help="profile N steady decode steps (GPU)")
+    p.add_argument("--profile-steps", type=int, default=0, metavar="N",
+                   help="profile N steady decode steps (GPU; default: 0, no profile)")
     p.add_argument("--matmul-probe", action="store_true", help="time each weight shape's matmul alone (GPU)")
-    p.add_argument("--output", default=None, help="write the record as JSON here")
+    p.add_argument("--output", default=None, help="write the record as JSON here (default: no file, the table only)")
     p.set_defaults(func=run_latency)
 
 
@@ -74,7 +81,7 @@ def check_args(args: argparse.Namespace) -> str | None:
         return f"--input-len + --output-len ({args.input_len + args.output_len}) exceed --max-model-len ({args.max_model_len})"
     if (args.profile_steps or args.matmul_probe) and not torch.cuda.is_available():
         return "--profile-steps and --matmul-probe need a CUDA GPU"
-    return None
+    return unwritable(Path(args.output), "--output") if args.output else None
 
 
 def run_batch(engine: LLMEngine, prompts: list[list[int]], output_len: int, tag: str) -> dict[str, Any]:
@@ -222,11 +229,11 @@ def matmul_probe(config: ModelConfig, batch: int, device: torch.device) -> dict[
 
 
 # ---- the command -----------------------------------------------------------------------------------
+@interruptible("latency")
 def run_latency(args: argparse.Namespace) -> int:
     error = check_args(args)
     if error:
-        print(f"mini-vllm bench latency: error: {error}", file=sys.stderr)
-        return 2
+        return fail("latency", error)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     load_format = args.load_format or ("dummy" if args.model in PRESETS else "auto")
@@ -285,8 +292,9 @@ def run_latency(args: argparse.Namespace) -> int:
         record["matmul_probe"] = matmul_probe(config, args.batch_size, device)
     print_table(record)
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
+        failed = write_text("latency", Path(args.output), json.dumps(record, indent=2) + "\n")
+        if failed is not None:
+            return failed
         _log(f"wrote {args.output}")
     return 0
 

@@ -2,12 +2,11 @@
 
 No model and no device. The engine's own policy objects (``Scheduler`` and ``BlockManager``, with
 real ``Request`` and ``Sequence`` records) are driven step by step without look-ahead, as the
-scheduler actor drives the engine on the CPU: schedule a step, then land it. Landing mirrors
-``LLMEngine.process``: publish full blocks to the prefix cache, fork ``n > 1`` samples after the
-prefill, append the sampled token, finish a sequence at ``max_tokens`` / ``max_model_len`` and free
-its blocks. Where the engine would run the model, a made-up token id is written instead: KV memory
-depends only on lengths, arrival order and the policies, so every block count is the engine's own
-(``tests/test_bench_kv.py`` checks the replay against ``LLMEngine`` step by step).
+scheduler actor drives the engine on the CPU: schedule a step, then land it through the engine's
+own ``engine.landing.land_step`` (publish full blocks to the prefix cache, fork ``n > 1`` samples
+after the prefill, place the token, finish a sequence at ``max_tokens`` / ``max_model_len`` and free
+its blocks). Where the engine would run the model, made-up token ids are landed instead: KV memory
+depends only on lengths, arrival order and the policies, so every block count is the engine's own.
 
 Four measurements:
 
@@ -55,13 +54,17 @@ from typing import Any
 
 import attrs
 
+from mini_vllm.bench.command import HelpFormatter, fail, interruptible, unwritable, write_text
 from mini_vllm.bench.env import cpu_name, git_revision
 from mini_vllm.engine.block_manager import BlockManager, BlockStats
 from mini_vllm.engine.errors import ConfigError
+from mini_vllm.engine.landing import land_step
+from mini_vllm.engine.model_runner import ModelOutput
 from mini_vllm.engine.sampling_params import SamplingParams
 from mini_vllm.engine.scheduler import Scheduler, SchedulerOutput
-from mini_vllm.engine.sequence import PLACEHOLDER, Request, SeqStatus, Sequence
+from mini_vllm.engine.sequence import Request, SeqStatus, Sequence
 from mini_vllm.engine.workloads import offline_256
+from mini_vllm.transport.flags import EXIT_ERROR
 
 # ---- the configuration -------------------------------------------------------------------------------
 
@@ -166,6 +169,7 @@ class PolicyReplay:
         self.prompt_tokens_computed = 0
         self.tokens_reused = 0
         self.output_tokens = 0
+        self._next_token = 1 << 32  # made-up token ids, beyond any vocabulary
         self._started: set[int] = set()  # sequences scheduled since their (re)admission
         self.sequences: dict[int, Sequence] = {}  # every sequence by id, for reservations keyed by seq id
 
@@ -218,8 +222,7 @@ class PolicyReplay:
         )
 
     def _land(self, out: SchedulerOutput) -> None:
-        """``LLMEngine.process`` with a made-up token in place of the sampled one."""
-        bm, scheduler = self.block_manager, self.scheduler
+        """Count the step from the schedule, then land it as ``LLMEngine.process`` does, with made-up tokens."""
         self.cow_copies += len(out.copies)
         for victim in out.preempted:
             self._started.discard(victim.seq_id)
@@ -232,33 +235,17 @@ class PolicyReplay:
                 self.tokens_reused += s.start
             self.tokens_computed += s.num_new_tokens
             self.prompt_tokens_computed += max(0, min(s.end, seq.num_prompt_tokens) - s.start)
-            if seq.status is SeqStatus.RUNNING:
-                bm.cache_full_blocks(seq.seq_id, seq.token_ids, s.end)
-            if not s.num_samples:
-                continue
-            targets = [seq]
-            for k in range(1, s.num_samples):  # the prompt is done: fork the other samples, sharing its blocks
-                child = self._new_sequence(seq.request, k, [*seq.token_ids[: s.end], PLACEHOLDER])
-                if seq.status is SeqStatus.RUNNING:
-                    child.num_computed_tokens = s.end
-                    bm.fork(seq.seq_id, child.seq_id)
-                    scheduler.add_running(child)
-                    self._started.add(child.seq_id)  # it shares its parent's blocks; nothing came from the cache
-                else:
-                    scheduler.add(child)
-                targets.append(child)
-            for target in targets:
-                self._land_token(target, s.end)
-
-    def _land_token(self, seq: Sequence, index: int) -> None:
-        if seq.token_ids[index] != PLACEHOLDER:
-            raise RuntimeError(f"sequence {seq.seq_id}: token {index} landed twice")
-        seq.token_ids[index] = (seq.seq_id * 1_000_003 + index) % 1_000_000_007  # distinct per sequence
-        self.output_tokens += 1
-        if index + 1 - seq.num_prompt_tokens >= seq.request.params.max_tokens or index + 1 >= self.max_model_len:
-            seq.finish_reason = "length"
-            del seq.token_ids[index + 1 :]
-            self.scheduler.remove(seq)
+        # A fresh id per sampled token: no two sequences' outputs match, as real samples would not
+        # (a shared output block would be a prefix-cache hit no real run gets).
+        rows = sum(s.num_samples for s in out.seqs)
+        tokens = list(range(self._next_token, self._next_token + rows))
+        self._next_token += rows
+        landed = land_step(out, ModelOutput(tokens, None, None), self.scheduler, self._new_sequence, (),
+                           self.max_model_len)
+        self.output_tokens += landed.generation_tokens
+        for s in out.seqs:
+            if s.num_samples > 1:  # forked beside a running parent: shares its blocks, nothing came from the cache
+                self._started.update(c.seq_id for c in s.seq.request.sequences[1:] if c.status is SeqStatus.RUNNING)
 
 
 # ---- measurement 1: where the memory goes, step by step -------------------------------------------------
@@ -726,12 +713,14 @@ def add_bench_kv(bench_subparsers: Any) -> None:
         "final length) against paged blocks, split into reserved-but-unused and last-block tails; what prefix "
         "caching and copy-on-write forks share; and how many requests run at once in a fixed KV budget. "
         "Prints a table, writes JSON and a PNG (the PNG needs matplotlib: pip install 'mini-vllm[bench]').",
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--block-sizes", type=int, nargs="+", default=list(defaults.block_sizes),
                    help=f"paged block sizes to measure (default: {' '.join(map(str, defaults.block_sizes))})")
     for flag, field, text in _FLAGS:
         p.add_argument(flag, type=int, default=getattr(defaults, field), help=f"{text} (default: {getattr(defaults, field)})")
-    p.add_argument("--output", default=None, help="the JSON file (default: docs/benchmarks/memory-YYYYMMDD.json)")
+    p.add_argument("--output", default=None,
+                   help="the JSON file (default: memory-YYYYMMDD.json in the current directory)")
     p.add_argument("--plot", default=None, metavar="PATH", help="the PNG (default: the JSON file's name, .png)")
     p.set_defaults(func=run)
 
@@ -769,13 +758,21 @@ def _version(package: str) -> str | None:
         return None  # not installed: the picture is skipped
 
 
+@interruptible("memory")
 def run(args: argparse.Namespace) -> int:
     try:
         config = config_from(args)
     except ConfigError as exc:
-        print(f"mini-vllm bench memory: error: {exc}", file=sys.stderr)
-        return 2
+        return fail("memory", str(exc))
     now = dt.datetime.now(dt.UTC)
+    path = Path(args.output) if args.output else Path(f"memory-{now.strftime('%Y%m%d')}.json")
+    error = unwritable(path, "--output")
+    if error:  # before with_suffix, which refuses a name like "."
+        return fail("memory", error)
+    picture = Path(args.plot) if args.plot else path.with_suffix(".png")
+    error = unwritable(picture, "--plot")
+    if error:
+        return fail("memory", error)
     record = {
         "command": command_line(config, args.output, args.plot),
         "date": now.strftime("%Y-%m-%d %H:%M UTC"),
@@ -783,12 +780,15 @@ def run(args: argparse.Namespace) -> int:
         **run_memory(config),
     }
     print_table(record)
-    path = Path(args.output) if args.output else Path("docs/benchmarks") / f"memory-{now.strftime('%Y%m%d')}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    failed = write_text("memory", path, json.dumps(record, indent=2) + "\n")
+    if failed is not None:
+        return failed
     print(f"wrote {path}", file=sys.stderr)
-    picture = Path(args.plot) if args.plot else path.with_suffix(".png")
-    if draw_memory(record, picture):
+    try:
+        drawn = draw_memory(record, picture)
+    except OSError as exc:
+        return fail("memory", f"cannot write {picture}: {exc.strerror or exc}", EXIT_ERROR)
+    if drawn:
         print(f"wrote {picture}", file=sys.stderr)
     return 0
 

@@ -35,6 +35,7 @@ import random
 import shlex
 import sys
 import time
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, open_websocket_url
 
+from mini_vllm.bench.command import HelpFormatter, fail, interruptible, unwritable, write_text
 from mini_vllm.bench.env import device_description, versions
 from mini_vllm.engine.errors import ConfigError
 from mini_vllm.engine.workloads import arrival_times, online_1000
@@ -485,6 +487,8 @@ class ServeBenchConfig:
     ignore_eos: bool = True  # exact output lengths, as ONLINE-1000 defines them
 
     def __attrs_post_init__(self) -> None:
+        if self.url is not None and not _is_ws_url(self.url):
+            raise ConfigError(f"--url must be ws://HOST:PORT (or wss://), got {self.url!r}")
         if not self.ignore_eos and self.dataset is None:
             raise ConfigError("--no-ignore-eos needs --dataset: ONLINE-1000 defines exact output lengths")
         if self.num_prompts is not None and self.num_prompts < 1:
@@ -503,6 +507,14 @@ class ServeBenchConfig:
             raise ConfigError(f"--dataset-max-tokens must be >= 1, got {self.dataset_max_tokens}")
 
 
+def _is_ws_url(url: str) -> bool:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        return parts.scheme in ("ws", "wss") and bool(parts.hostname) and (parts.port is None or parts.port > 0)
+    except ValueError:  # a port that is not a number in range
+        return False
+
+
 def _rate(text: str) -> float:
     try:
         value = float(text)
@@ -518,12 +530,13 @@ def add_bench_serve(bench_subparsers: Any) -> None:
 
     p = bench_subparsers.add_parser(
         "serve", help="ONLINE-1000 over WebSockets: TTFT, TPOT, ITL, E2E, goodput; --sweep draws the curves",
-        description=(__doc__ or "").split("\n\n")[0],
+        description=(__doc__ or "").split("\n\n")[0], formatter_class=HelpFormatter,
     )
     s = p.add_argument_group("server")
     s.add_argument("--url", default=None, help="a running server (ws://HOST:PORT); default: start one in this process")
     s.add_argument("--model", default=None,
-                   help="the model: its name on a running server, or what to load in-process (path, preset, demo)")
+                   help="the model: its name on a running server, or what to load in-process (path, preset, demo) "
+                        "(default: the server's only model; in-process, the demo model)")
     s.add_argument("--connections", type=int, default=32, help="WebSocket connections to spread requests over")
     w = p.add_argument_group("workload")
     w.add_argument("--dataset", type=Path, default=None,
@@ -534,19 +547,21 @@ def add_bench_serve(bench_subparsers: Any) -> None:
     w.add_argument("--request-rate", type=_rate, action="append", default=None, metavar="RATE",
                    help="requests/s, or inf for all at once (default inf); repeat for several runs")
     w.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps: 1 Poisson, <1 burstier")
-    w.add_argument("--max-concurrency", type=int, default=None, help="at most this many requests in flight")
+    w.add_argument("--max-concurrency", type=int, default=None,
+                   help="at most this many requests in flight (default: no limit)")
     w.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="generate exactly max_tokens (default; ONLINE-1000 requires it); --no-ignore-eos lets a "
                         "real model stop at EOS on your --dataset")
     w.add_argument("--warmup-requests", type=int, default=16,
                    help="unmeasured short requests first (a fresh server compiles kernels on first use)")
     w.add_argument("--goodput", nargs="+", default=[], metavar="METRIC:MS",
-                   help="targets for goodput, e.g. ttft:500 tpot:50 (also the sweep's p99 targets)")
+                   help="targets for goodput, e.g. ttft:500 tpot:50 (also the sweep's p99 targets; default: none)")
     w.add_argument("--sweep", action="store_true",
                    help="a ladder of rates up to saturation (the given --request-rate values, or fractions of the "
                         "all-at-once throughput) and a PNG of throughput against latency")
     p.add_argument("--label", default=None, help="what this run is, for tables and plots (default: the model)")
-    p.add_argument("--output", default=None, help="the JSON file (default: docs/benchmarks/serve-LABEL-DATE.json)")
+    p.add_argument("--output", default=None,
+                   help="the JSON file (default: serve-LABEL-DATE.json in the current directory)")
     p.add_argument("--plot", default=None, help="the PNG of a sweep (default: next to the JSON)")
     add_engine_flags(p)  # for the in-process server (without --url)
     p.add_argument("--max-requests-per-connection", type=int, default=256, help="in-process server only")
@@ -571,7 +586,8 @@ async def _models(url: str) -> list[dict[str, Any]]:
             await ws.send_message(protocol.models_request("m"))
             reply = json.loads(await ws.get_message())
     except HandshakeError as exc:  # not an OSError: it would escape run() as a traceback
-        raise ConfigError(f"cannot connect to {url}: {exc.__cause__ or exc!r}") from None
+        raise ConfigError(f"cannot connect to {url}: {exc.__cause__ or exc!r}: is a server running there "
+                          f"(mini-vllm serve)? Without --url, bench serve starts one in this process") from None
     if reply.get("type") != "models":
         raise ConfigError(f"the server at {url} answered 'models' with {reply}")
     return list(reply["models"])
@@ -663,13 +679,21 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v if isinstance(v, str | int | float | bool | type(None)) else str(v) for k, v in d.items()}
 
 
+@interruptible("serve")
 def run(args: argparse.Namespace) -> int:
     try:
         config = config_from(args)
     except ConfigError as exc:
-        print(f"mini-vllm bench serve: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return fail("serve", str(exc))
     started = dt.datetime.now(dt.UTC)
+    out = Path(args.output or f"serve-{_slug(config.label)}-{started:%Y%m%d-%H%M}.json")
+    error = unwritable(out, "--output")
+    if error:  # before with_suffix, which refuses a name like "."
+        return fail("serve", error)
+    png = Path(args.plot) if args.plot else out.with_suffix(".png")
+    error = unwritable(png, "--plot") if config.sweep else None
+    if error:
+        return fail("serve", error)
     try:
         if config.url is not None:
             record = trio.run(_bench, config, config.url)
@@ -701,14 +725,17 @@ def run(args: argparse.Namespace) -> int:
     }
     if config.sweep:
         record["sweep"] = sweep_summary(record["runs"], config.targets)
-    out = Path(args.output or f"docs/benchmarks/serve-{_slug(config.label)}-{started:%Y%m%d-%H%M}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1) + "\n")
+    failed = write_text("serve", out, json.dumps(record, indent=1) + "\n")
+    if failed is not None:
+        return failed
     print_table(record)
     print(f"wrote {out}")
     if config.sweep:
-        png = Path(args.plot) if args.plot else out.with_suffix(".png")
-        if plot_sweeps([record], png, title=f"{record['model']} under {record['workload']}"):
+        try:
+            drawn = plot_sweeps([record], png, title=f"{record['model']} under {record['workload']}")
+        except OSError as exc:
+            return fail("serve", f"cannot write {png}: {exc.strerror or exc}", EXIT_FAILED)
+        if drawn:
             print(f"wrote {png}")
     return EXIT_OK if all(r["completed"] for r in record["runs"]) else EXIT_FAILED
 
@@ -812,15 +839,20 @@ def plot_sweeps(records: Sequence[dict[str, Any]], path: Path, title: str) -> bo
 
 
 def add_bench_plot(bench_subparsers: Any) -> None:
-    p = bench_subparsers.add_parser("plot", help="draw (or overlay) bench serve sweeps from their JSON files")
-    p.add_argument("files", nargs="+", type=Path, metavar="FILE.json")
-    p.add_argument("--output", required=True, type=Path, help="the PNG")
-    p.add_argument("--title", default=None)
+    p = bench_subparsers.add_parser("plot", help="draw (or overlay) bench serve sweeps from their JSON files",
+                                    formatter_class=HelpFormatter)
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE.json", help="bench serve results")
+    p.add_argument("--output", required=True, type=Path, help="the PNG (required)")
+    p.add_argument("--title", default=None, help="the figure's title (default: the first file's model and workload)")
     p.add_argument("--labels", nargs="+", default=None, help="one per file (default: each run's label)")
     p.set_defaults(func=run_plot)
 
 
+@interruptible("plot")
 def run_plot(args: argparse.Namespace) -> int:
+    error = unwritable(args.output, "--output")
+    if error:
+        return fail("plot", error)
     records = []
     for f in args.files:
         try:
@@ -837,8 +869,14 @@ def run_plot(args: argparse.Namespace) -> int:
             print("mini-vllm bench plot: error: give one --labels entry per file", file=sys.stderr)
             return EXIT_USAGE
         records = [{**r, "label": label} for r, label in zip(records, args.labels, strict=True)]
-    title = args.title or f"{records[0]['model']} under {records[0]['workload']}"
-    if not plot_sweeps(records, args.output, title):
-        return EXIT_FAILED
+    try:
+        title = args.title or f"{records[0]['model']} under {records[0]['workload']}"
+        if not plot_sweeps(records, args.output, title):
+            return EXIT_FAILED
+    except OSError as exc:
+        return fail("plot", f"cannot write {args.output}: {exc.strerror or exc}", EXIT_FAILED)
+    except (KeyError, TypeError) as exc:  # valid JSON, but not the shape bench serve writes
+        return fail("plot", f"a file lacks what bench serve writes ({type(exc).__name__}: {exc}): "
+                            "give files written by mini-vllm bench serve")
     print(f"wrote {args.output}")
     return EXIT_OK

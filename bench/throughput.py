@@ -1,7 +1,7 @@
 """``mini-vllm bench throughput``: OFFLINE-256 through the actor pipeline, against the peer and the floor.
 
-It measures, in one run: the GPU's copy bandwidth and bf16 matmul rate (for DESIGN.md's physical
-floor), mini-vllm through the same actors a trio program embeds (and the offline ``LLMEngine``
+It measures, in one run: the GPU's copy bandwidth and bf16 matmul rate (for the physical
+floor of docs/design.md), mini-vllm through the same actors a trio program embeds (and the offline ``LLMEngine``
 loop), the CPU time per decode step, and optionally transformers' own continuous batching on the
 same workload. It prints a table and writes one JSON file per run.
 """
@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from mini_vllm.bench.env import load_engine, measure_gpu_peaks, versions
+from mini_vllm.bench.command import HelpFormatter, fail, interruptible, unwritable, write_text
+from mini_vllm.bench.env import load_engine, measure_cpu_peaks, measure_gpu_peaks, model_config, versions
 from mini_vllm.engine.config import PRESETS, EngineArgs, ModelConfig
 from mini_vllm.engine.llm_engine import LLMEngine, StepTiming
 from mini_vllm.engine.sampling_params import SamplingParams
@@ -29,22 +30,33 @@ from mini_vllm.engine.workloads import WorkloadRequest, offline_256, physical_fl
 
 
 def add_bench_throughput(sub: Any) -> None:
-    t = sub.add_parser("throughput", help="OFFLINE-256: output tokens/s against the peer and the physical floor")
+    t = sub.add_parser("throughput", help="OFFLINE-256: output tokens/s against the peer and the physical floor",
+                       formatter_class=HelpFormatter)
     t.add_argument("--model", default="qwen3-0.6b", help="a preset (dummy weights) or a model directory")
-    t.add_argument("--load-format", choices=["auto", "dummy"], default=None, help="default: dummy for presets")
-    t.add_argument("--path", choices=["actors", "offline", "both"], default="both")
-    t.add_argument("--peer", choices=["none", "transformers"], default="none")
+    t.add_argument("--load-format", choices=["auto", "dummy"], default=None,
+                   help="dummy: random weights (default: dummy for a preset, auto for a directory)")
+    t.add_argument("--path", choices=["actors", "offline", "both"], default="both",
+                   help="what to time: the actors a trio program embeds, the offline LLMEngine loop, or both")
+    t.add_argument("--peer", choices=["none", "transformers"], default="none",
+                   help="also time transformers' own continuous batching on the same requests (GPU only)")
     t.add_argument("--peer-timeout", type=float, default=420.0, help="seconds before the peer run is cut short")
-    t.add_argument("--num-requests", type=int, default=256, help="the first N requests of OFFLINE-256 (smoke tests)")
-    t.add_argument("--max-num-seqs", type=int, default=256)
-    t.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    t.add_argument("--max-model-len", type=int, default=2048)
-    t.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    t.add_argument("--num-kv-blocks", type=int, default=None)
-    t.add_argument("--enforce-eager", action="store_true")
-    t.add_argument("--trace", metavar="DIR", help="profile steady-state decode steps; write a timeline PNG there")
-    t.add_argument("--output-dir", default="docs/benchmarks", help="where the run's JSON goes")
-    t.add_argument("--tag", default="", help="a suffix for the JSON file name")
+    t.add_argument("--num-requests", type=int, default=None,
+                   help="the first N requests of OFFLINE-256 (default: all 256; on a machine without CUDA it "
+                        "must be given, since the full run takes hours there)")
+    t.add_argument("--max-num-seqs", type=int, default=256, help="sequences in one batch")
+    t.add_argument("--max-num-batched-tokens", type=int, default=8192, help="tokens computed in one step")
+    t.add_argument("--max-model-len", type=int, default=2048, help="longest prompt + output in tokens")
+    t.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of GPU memory for weights, activations and KV")
+    t.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="fix the KV cache size (default: sized by --gpu-memory-utilization on a GPU, "
+                        "the engine's CPU budget on the CPU)")
+    t.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    t.add_argument("--trace", metavar="DIR", default=None,
+                   help="profile steady-state decode steps and write the trace and a timeline PNG into DIR "
+                        "(GPU; default: no trace)")
+    t.add_argument("--output-dir", default=".", help="where the run's JSON goes (default: the current directory)")
+    t.add_argument("--tag", default="", help="a suffix for the JSON file name (default: none)")
     t.set_defaults(func=run_throughput)
 
 
@@ -206,13 +218,62 @@ def run_peer(model: str, workload: list[WorkloadRequest], timeout: float) -> dic
 
 
 # ---- the command -----------------------------------------------------------------------------------
+def check_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with the flags, before anything loads (a bad path must not end a long run)."""
+    if args.num_requests is not None and not 1 <= args.num_requests <= 256:
+        return f"--num-requests must be in 1..256 (OFFLINE-256 has 256 requests), got {args.num_requests}"
+    # Lengths do not depend on the vocabulary: any size gives the same prompts' lengths.
+    longest = max(len(r.prompt_token_ids) for r in offline_256(1, args.num_requests or 256))
+    longest = max(longest, WARM_UP_PROMPT_LEN)
+    if args.max_model_len <= longest:
+        return (f"--max-model-len {args.max_model_len} cannot hold these prompts (up to {longest} tokens): "
+                f"give at least {longest + 1}")
+    if not args.peer_timeout > 0:
+        return f"--peer-timeout must be > 0 seconds, got {args.peer_timeout}"
+    if args.trace and not torch.cuda.is_available():
+        return "--trace profiles GPU kernels and needs a CUDA GPU: drop it on this machine"
+    if "/" in args.tag or "\\" in args.tag:
+        return f"--tag is part of a file name and cannot hold a path separator, got {args.tag!r}"
+    return unwritable(Path(args.output_dir), "--output-dir", folder=True) or (
+        unwritable(Path(args.trace), "--trace", folder=True) if args.trace else None)
+
+
+def cpu_refusal(model: str) -> str:
+    """Why the full run is refused without CUDA, with roughly how long it would take on this CPU."""
+    config = model_config(model)
+    if config is None:  # not a preset or a readable directory: the load will say why, once N is given
+        estimate = "hours"
+    else:
+        bandwidth, flops = measure_cpu_peaks()
+        floor = physical_floor(config, offline_256(config.vocab_size), bandwidth, flops, bytes_per_param=4)
+        estimate = (f"at least {_duration(floor.seconds)} (its floor at this CPU's measured {flops / 1e9:.0f} "
+                    f"GFLOP/s and {bandwidth / 1e9:.0f} GB/s; several times that in practice)")
+    return (f"no CUDA GPU, and the full OFFLINE-256 run of {model} would take {estimate}: pass --num-requests N "
+            f"to run only its first N requests on the CPU (e.g. --num-requests 2)")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+@interruptible("throughput")
 def run_throughput(args: argparse.Namespace) -> int:
+    error = check_args(args)
+    if error:
+        return fail("throughput", error)
+    cuda = torch.cuda.is_available()
+    if not cuda and args.num_requests is None:
+        return fail("throughput", cpu_refusal(args.model))
+    num_requests = 256 if args.num_requests is None else args.num_requests
     preset = args.model in PRESETS
     load_format = args.load_format or ("dummy" if preset else "auto")
-    cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     record: dict[str, Any] = {
-        "workload": "OFFLINE-256" if args.num_requests == 256 else f"OFFLINE-256[:{args.num_requests}]",
+        "workload": "OFFLINE-256" if num_requests == 256 else f"OFFLINE-256[:{num_requests}]",
         "model": args.model,
         "gpu": torch.cuda.get_device_name(device) if cuda else "none (CPU)",
         "versions": versions(),
@@ -240,7 +301,7 @@ def run_throughput(args: argparse.Namespace) -> int:
     _log(f"loaded in {record['engine']['load_seconds']:.1f} s: {record['engine']['kv_blocks']} KV blocks")
 
     config: ModelConfig = engine.model_config
-    workload = offline_256(config.vocab_size)[: args.num_requests]
+    workload = offline_256(config.vocab_size)[:num_requests]
     warm_up(engine)
     if cuda:
         floor = physical_floor(config, workload, bandwidth, flops)
@@ -271,11 +332,12 @@ def run_throughput(args: argparse.Namespace) -> int:
             except Exception as exc:  # report the peer's failure in the record, keep our numbers
                 record["peer_error"] = f"{type(exc).__name__}: {exc}"
     print_table(record)
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M")
-    path = out_dir / f"throughput-{args.model.replace('/', '_')}-{stamp}{('-' + args.tag) if args.tag else ''}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    name = f"throughput-{args.model.replace('/', '_')}-{stamp}{('-' + args.tag) if args.tag else ''}.json"
+    path = Path(args.output_dir) / name
+    failed = write_text("throughput", path, json.dumps(record, indent=2) + "\n")
+    if failed is not None:
+        return failed
     _log(f"wrote {path}")
     return 0
 
@@ -297,6 +359,9 @@ def engine_summary(engine: LLMEngine, load_seconds: float) -> dict[str, Any]:
             if graphs is not None and graphs.batch_sizes else None
         ),
     }
+
+
+WARM_UP_PROMPT_LEN = 200 + 37 * 3  # warm_up's longest prompt
 
 
 def warm_up(engine: LLMEngine) -> None:

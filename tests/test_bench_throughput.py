@@ -1,5 +1,6 @@
 """``mini-vllm bench throughput`` on the CPU: clear errors for bad settings, a short OFFLINE-256 run
-through both paths, and the host-time summary of decode steps."""
+through both paths, the host-time summary of decode steps, the full run refused without CUDA (with
+an estimate), and the JSON in the current directory by default."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from mini_vllm import cli
+from mini_vllm.bench import throughput as bench_throughput
+from mini_vllm.bench.env import measure_cpu_peaks
 from mini_vllm.bench.throughput import cpu_step_times
+from mini_vllm.engine.config import PRESETS, ModelConfig
 from mini_vllm.engine.llm_engine import StepTiming
-from mini_vllm.engine.workloads import offline_256
+from mini_vllm.engine.workloads import offline_256, physical_floor
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -68,3 +73,84 @@ def test_cpu_step_times_are_medians_of_full_decode_steps() -> None:
     }
     assert cpu_step_times([]) == {}
     assert cpu_step_times([_timing(3, False, 1.0)]) == {}
+
+
+# ---- on a machine without CUDA -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Behave as on a machine without a GPU, whichever machine runs the tests."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def _cpu_floor(config: ModelConfig) -> float:
+    return physical_floor(config, offline_256(config.vocab_size), 50e9, 200e9, bytes_per_param=4).seconds
+
+
+def test_the_full_run_is_refused_on_the_cpu_with_an_estimate(
+    no_cuda: None, tiny_model: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench_throughput, "measure_cpu_peaks", lambda: (50e9, 200e9))  # 50 GB/s, 200 GFLOP/s
+    assert cli.main(["bench", "throughput"]) == 2
+    [line] = capsys.readouterr().err.splitlines()  # one line, before anything loads
+    assert line.startswith("mini-vllm bench throughput: error: no CUDA GPU, and the full OFFLINE-256 run of qwen3-0.6b")
+    qwen = _cpu_floor(ModelConfig.from_dict(PRESETS["qwen3-0.6b"], "qwen3-0.6b"))
+    assert 20 * 60 < qwen < 90 * 60 and f"would take at least {qwen / 60:.0f} min" in line
+    assert "pass --num-requests N" in line and "200 GFLOP/s and 50 GB/s" in line
+    assert cli.main(["bench", "throughput", "--model", "llama3-8b", "--path", "offline"]) == 2
+    llama = _cpu_floor(ModelConfig.from_dict(PRESETS["llama3-8b"], "llama3-8b"))
+    assert f"would take at least {llama / 3600:.1f} h" in capsys.readouterr().err
+    # A model directory: its config.json gives the shapes. A model that cannot be read: no estimate.
+    path = tiny_model("LlamaForCausalLM", max_position_embeddings=2048)
+    assert cli.main(["bench", "throughput", "--model", str(path)]) == 2
+    assert f"the full OFFLINE-256 run of {path} would take at least " in capsys.readouterr().err
+    assert cli.main(["bench", "throughput", "--model", str(tmp_path / "missing")]) == 2
+    assert "would take hours: pass --num-requests N" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cpu_peaks_are_measured() -> None:
+    bandwidth, flops = measure_cpu_peaks()
+    assert bandwidth > 1e8 and flops > 1e8
+
+
+def test_bad_flags_are_one_line_errors_before_loading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("")
+    cases = [
+        (["--num-requests", "0"], "--num-requests must be in 1..256"),
+        (["--num-requests", "257"], "--num-requests must be in 1..256"),
+        (["--num-requests", "1", "--max-model-len", "900"], "--max-model-len 900 cannot hold these prompts (up to 964"),
+        (["--num-requests", "1", "--peer-timeout", "0"], "--peer-timeout must be > 0"),
+        (["--num-requests", "1", "--trace", "t"], "--trace profiles GPU kernels and needs a CUDA GPU"),
+        (["--num-requests", "1", "--tag", "a/b"], "--tag is part of a file name"),
+        (["--num-requests", "1", "--output-dir", "a-file"], "--output-dir a-file is a file: give a folder"),
+        (["--num-requests", "1", "--output-dir", "a-file/sub"], "a-file is a file, not a folder"),
+        (["--num-requests", "x"], "argument --num-requests: invalid int value: 'x'"),
+    ]
+    for flags, message in cases:
+        try:
+            code = cli.main(["bench", "throughput", *flags])
+        except SystemExit as exit_:  # argparse's own errors
+            code = exit_.code
+        assert code == 2, flags
+        [line] = capsys.readouterr().err.splitlines()
+        assert line.startswith("mini-vllm bench throughput: error: ") and message in line, (flags, line)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_the_json_goes_to_the_current_directory_by_default(
+    tiny_model: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tiny_model("LlamaForCausalLM", max_position_embeddings=2048)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["bench", "throughput", "--model", str(path), "--num-requests", "1", "--path", "offline"]) == 0
+    (out,) = tmp_path.iterdir()  # no docs/ tree
+    assert out.name.startswith(f"throughput-{str(path).replace('/', '_')}-") and out.suffix == ".json"
+    assert json.loads(out.read_text())["offline"]["output_tokens"] == offline_256(300)[0].output_len
