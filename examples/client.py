@@ -13,7 +13,7 @@ import sys
 
 import trio
 
-from mini_vllm.transport.client import ClientError, connect
+from mini_vllm import ClientError, connect
 
 
 async def main(url: str) -> None:

@@ -13,8 +13,7 @@ import sys
 
 import trio
 
-from mini_vllm.actors import ServiceConfig, open_service
-from mini_vllm.engine import EngineArgs
+from mini_vllm import EngineArgs, ServiceConfig, open_service
 
 
 async def main(model: str | None) -> None:
