@@ -11,18 +11,18 @@ and eagerly; and for the first LLM of a fresh process. Skipped without CUDA.
 from __future__ import annotations
 
 import collections
-import contextlib
 import gc
 import subprocess
 import sys
 import textwrap
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
 import torch
+from no_gc import no_gc
 
 from mini_vllm.engine import LLM, ConfigError, SamplingParams
 
@@ -39,18 +39,6 @@ ENGINE: dict[str, Any] = {"dtype": "bfloat16", "max_model_len": 256, "max_num_se
 PROMPTS = [[5, 6, 7, 8] * 10, [5, 6, 7, 8] * 10 + [9, 10]]  # a shared prefix of two full blocks
 SAMPLED = SamplingParams(n=2, temperature=0.8, seed=0, max_tokens=8, logprobs=2, ignore_eos=True)
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-
-
-@contextlib.contextmanager
-def no_gc() -> Iterator[None]:
-    gc.collect()  # earlier tests' garbage is not this test's business
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 class Usage(NamedTuple):

@@ -9,18 +9,17 @@ the KV cache's device memory until the collector happens to run, and a second ``
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 import subprocess
 import sys
 import textwrap
 import weakref
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from no_gc import no_gc
 
 from mini_vllm.engine import LLM, ConfigError, EngineArgs, LLMEngine, SamplingParams
 from mini_vllm.engine.errors import EngineClosed
@@ -31,18 +30,6 @@ SMALL = {"num_kv_blocks": 64, "device": "cpu"}
 # copy-on-write), sampling with a seed, logprobs and a stop string (the detokenizer's path).
 PROMPTS = ["The quick brown fox jumps over it", "The quick brown fox jumps over them"]
 SAMPLING = SamplingParams(n=3, temperature=0.8, seed=1, max_tokens=4, logprobs=2, stop=["zz"])
-
-
-@contextlib.contextmanager
-def no_gc() -> Iterator[None]:
-    gc.collect()  # earlier tests' garbage is not this test's business
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def refs_of(engine: LLMEngine) -> dict[str, weakref.ref[Any]]:
