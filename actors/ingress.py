@@ -5,8 +5,9 @@ pick the model (by name; optional when one model is served), turn the prompt or 
 into token ids, refuse a duplicate id, then hand a ``RequestStream`` to the model's scheduler,
 whose admission control answers at once (``Overloaded`` beyond its bounded queue). The scheduler
 pushes outputs into that stream, which is the fan-out: one mailbox per request, no shared queue
-that a slow reader could clog. Detokenization already happened in the engine (stop strings need
-the text), so deltas carry ready text.
+that a slow reader could clog. The "scheduler" here is the model's ``CoreProxy``: the engine core
+(in this process or its own) answers through it. Detokenization happens in the core's engine
+(stop strings need the text), so deltas carry ready text.
 
 Short prompts are tokenized right here on the event loop (well under a millisecond); long ones go
 to a worker thread, so a megabyte prompt cannot stall other clients.
@@ -20,11 +21,11 @@ from collections.abc import Mapping, Sequence
 import attrs
 import trio
 
+from mini_vllm.actors.core_client import CoreProxy
 from mini_vllm.actors.errors import DuplicateRequest, ModelRequired, ShuttingDown, UnknownModel
 from mini_vllm.actors.request_stream import RequestStream
-from mini_vllm.actors.scheduler import SchedulerActor
 from mini_vllm.engine.errors import MiniVllmError
-from mini_vllm.engine.llm_engine import LLMEngine
+from mini_vllm.engine.prompts import PromptEncoder
 from mini_vllm.engine.sampling_params import SamplingParams
 
 INLINE_TOKENIZE_CHARS = 16384
@@ -48,7 +49,7 @@ class IngressStats:
 
 
 class Ingress:
-    def __init__(self, engines: Mapping[str, LLMEngine], schedulers: Mapping[str, SchedulerActor]) -> None:
+    def __init__(self, engines: Mapping[str, PromptEncoder], schedulers: Mapping[str, CoreProxy]) -> None:
         self._engines = dict(engines)
         self._schedulers = dict(schedulers)
         self._streams: dict[str, RequestStream] = {}
@@ -66,8 +67,8 @@ class Ingress:
             ModelInfo(
                 name=name,
                 max_model_len=e.max_model_len,
-                vocab_size=e.model_config.vocab_size,
-                has_chat_template=bool(getattr(e.tokenizer, "chat_template", None)),
+                vocab_size=e.vocab_size,
+                has_chat_template=e.has_chat_template,
             )
             for name, e in self._engines.items()
         ]

@@ -11,64 +11,37 @@ the request, and its KV blocks return to the pool before that model's next step.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-import os
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import attrs
-import torch
 import trio
 
 from mini_vllm.actors.block_manager import BlockManagerActor, BlockManagerStats, plan_kv_budget
-from mini_vllm.actors.executor import ExecutorStats, ExecutorThread
+from mini_vllm.actors.core import CoreModel, CoreStart, check_model_names, run_core, spawn_core
+from mini_vllm.actors.core_client import CoreClient, CoreProxy
+from mini_vllm.actors.executor import ExecutorStats
 from mini_vllm.actors.ingress import Ingress, IngressStats, ModelInfo
+from mini_vllm.actors.link import Link, memory_link_pair
 from mini_vllm.actors.loop_lag import LoopLagMonitor, LoopLagStats
 from mini_vllm.actors.request_stream import GenerationDelta, RequestStream
-from mini_vllm.actors.scheduler import SchedulerActor, SchedulerStats
+from mini_vllm.actors.scheduler import SchedulerStats
+from mini_vllm.actors.service_config import LoadProgress as LoadProgress
+from mini_vllm.actors.service_config import ServiceConfig
 from mini_vllm.actors.task_group import open_task_group
-from mini_vllm.engine.config import PRESETS, EngineArgs
+from mini_vllm.engine.config import EngineArgs
 from mini_vllm.engine.errors import ConfigError
-from mini_vllm.engine.llm_engine import LLMEngine
+from mini_vllm.engine.llm_engine import LLMEngine, load_tokenizer
+from mini_vllm.engine.prompts import PromptEncoder
 from mini_vllm.engine.sampling_params import SamplingParams
 
+_CORE_STOP_GRACE = 10.0  # seconds a core gets to end its requests and free its memory
+
 log = logging.getLogger(__name__)
-
-
-@attrs.frozen
-class ServiceConfig:
-    max_pending_per_model: int = attrs.field(default=256)  # admitted and unfinished requests per model
-    loop_lag_interval: float | None = 0.01  # None: do not run the lag monitor
-    pipelined: bool | None = None  # queue step N+1 before processing step N; None: on GPUs only
-    # torch's intra-op threads when a model runs on the CPU. None: one fewer than the cores, so the
-    # event loop keeps a core (on 2 cores, 2 torch threads tripled the demo's TPOT under load:
-    # 22 ms against 6.5 ms with 1, docs/serving.md). Process-wide, as torch's setting is.
-    cpu_threads: int | None = attrs.field(default=None)
-
-    @cpu_threads.validator
-    def _check_threads(self, _: Any, value: int | None) -> None:
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ConfigError(f"cpu_threads must be an integer >= 1 or None (auto), got {value!r}")
-
-    @max_pending_per_model.validator
-    def _check_pending(self, _: Any, value: int) -> None:
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"max_pending_per_model must be an integer >= 1, got {value!r}")
-
-
-@attrs.frozen
-class LoadProgress:
-    """One model-loading event, for progress displays."""
-
-    index: int  # 0-based position in the list of models
-    total: int
-    model: str  # what was asked for (path, preset, or "demo")
-    phase: Literal["loading", "loaded"]
-    seconds: float  # time spent so far on this model
-    kv_rule: str
 
 
 @attrs.frozen
@@ -179,16 +152,16 @@ class Service:
     def __init__(
         self,
         ingress: Ingress,
-        schedulers: Mapping[str, SchedulerActor],
-        executors: Sequence[ExecutorThread],
+        schedulers: Mapping[str, CoreProxy],
         blocks: BlockManagerActor,
         lag: LoopLagMonitor | None,
+        core_pids: Mapping[str, int | None],
     ) -> None:
         self._ingress = ingress
         self._schedulers = dict(schedulers)
-        self._executors = list(executors)
         self._blocks = blocks
         self._lag = lag
+        self._core_pids = dict(core_pids)
 
     def generate(
         self,
@@ -237,11 +210,15 @@ class Service:
         """Refuse new requests; end every running one with finish reason ``error`` and ``message``."""
         self._ingress.shutdown(message)
 
+    def core_pids(self) -> dict[str, int | None]:
+        """Each model's engine core process id (None: its core runs in this process)."""
+        return dict(self._core_pids)
+
     def statistics(self) -> ServiceStats:
         return ServiceStats(
             ingress=self._ingress.statistics(),
             schedulers=tuple(s.statistics() for s in self._schedulers.values()),
-            executors=tuple(e.statistics() for e in self._executors),
+            executors=tuple(x for s in self._schedulers.values() if (x := s.executor_statistics()) is not None),
             blocks=self._blocks.statistics(),
             loop_lag=self._lag.statistics() if self._lag is not None else None,
         )
@@ -263,118 +240,125 @@ def _params(params: SamplingParams | None, sampling: dict[str, Any]) -> Sampling
     return params if params is not None else SamplingParams.from_dict(sampling)
 
 
-async def load_engines(
-    models: Sequence[EngineArgs | LLMEngine],
-    on_progress: Callable[[LoadProgress], None] | None = None,
-) -> tuple[list[LLMEngine], dict[str, str]]:
-    """Build the engines one after another in a worker thread (loading is slow, blocking work).
-
-    One at a time on purpose: on a GPU each model's KV share is measured after the previous
-    models took theirs (see ``plan_kv_budget``).
-    """
-    check_model_names(models)  # before loading anything: a clash found after loading wastes minutes
-    to_load = [m for m in models if isinstance(m, EngineArgs)]
-    shares = iter(plan_kv_budget(to_load))
-    engines: list[LLMEngine] = []
-    rules: dict[str, str] = {}
-    for i, m in enumerate(models):
-        if not isinstance(m, EngineArgs):  # an engine the caller built
-            engines.append(m)
-            rules[m.name] = f"num_kv_blocks={m.block_manager.num_blocks} (engine built by the caller)"
-            continue
-        share = next(shares)
-        label = m.model_name or m.model or "demo"
-        started = time.perf_counter()
-        if on_progress is not None:
-            on_progress(LoadProgress(i, len(models), label, "loading", 0.0, share.rule))
-        engine = await trio.to_thread.run_sync(LLMEngine.from_engine_args, share.args, abandon_on_cancel=True)
-        if on_progress is not None:
-            on_progress(LoadProgress(i, len(models), label, "loaded", time.perf_counter() - started, share.rule))
-        engines.append(engine)
-        rules[engine.name] = f"{share.rule} -> {engine.block_manager.num_blocks} blocks"
-    names = [e.name for e in engines]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:  # a backstop, should served_name and the loader's naming ever disagree
-        raise ConfigError(f"two models share the name {dupes[0]!r}: name them, e.g. --model NAME=PATH")
-    return engines, rules
-
-
-def served_name(args: EngineArgs) -> str:
-    """The name clients will pick the model by, known without loading it: the loader's rule
-    (``engine.loader.resolve_model``): model_name, else "demo", a preset's name, a directory's
-    last component, or the hub id."""
-    if args.model_name:
-        return args.model_name
-    if args.model is None:
-        return "demo"
-    if args.model in PRESETS:
-        return args.model
-    path = Path(args.model).expanduser()
-    return path.name if path.is_dir() else args.model
-
-
-def check_model_names(models: Sequence[EngineArgs | LLMEngine]) -> None:
-    """Raise ConfigError if two of ``models`` would be served under one name."""
-    seen: dict[str, str] = {}
-    for i, m in enumerate(models):
-        if isinstance(m, EngineArgs):
-            name, source = served_name(m), m.model or "demo"
-        else:
-            name, source = m.name, f"the engine at position {i + 1}"
-        if name in seen:
-            raise ConfigError(
-                f"two models share the name {name!r} ({seen[name]} and {source}): give each its own name, "
-                "e.g. --model NAME=PATH (EngineArgs.model_name from Python)"
-            )
-        seen[name] = source
-
-
 @contextlib.asynccontextmanager
 async def open_service(
     models: Sequence[EngineArgs | LLMEngine],
     config: ServiceConfig | None = None,
     on_progress: Callable[[LoadProgress], None] | None = None,
 ) -> AsyncIterator[Service]:
-    """Load the models (or take ready engines) and run every actor until the block exits.
+    """Start the engine core with ``models`` (or ready engines), the frontend's actors around it,
+    and run them until the block exits.
 
-    On exit the actors stop; a request still streaming ends with finish reason ``error``; the
-    engines loaded from ``EngineArgs`` are closed (their device memory freed).
+    The core runs in a process of its own with ``config.core_process`` (then ``models`` must be
+    ``EngineArgs``: an engine cannot move between processes), else in this one; the code path is
+    the same. On exit a request still streaming ends with finish reason ``error``, the core stops,
+    and the engines it loaded from ``EngineArgs`` are closed (their device memory freed).
     """
     if not models:
         raise ConfigError("open_service needs at least one model")
     config = config or ServiceConfig()
-    engines, rules = await load_engines(models, on_progress)
-    if any(e.runner.device.type == "cpu" for e in engines):
-        threads = config.cpu_threads or max(1, (os.cpu_count() or 1) - 1)
-        if threads != torch.get_num_threads():
-            log.info("torch intra-op threads: %d -> %d (a core for the event loop)", torch.get_num_threads(), threads)
-            torch.set_num_threads(threads)
-    executors = [ExecutorThread(e.name) for e in engines]
-    schedulers = {
-        e.name: SchedulerActor(e, x, config.max_pending_per_model, config.pipelined)
-        for e, x in zip(engines, executors, strict=True)
-    }
-    ingress = Ingress({e.name: e for e in engines}, schedulers)
-    lag = LoopLagMonitor(config.loop_lag_interval) if config.loop_lag_interval else None
-    service = Service(ingress, schedulers, executors, BlockManagerActor(schedulers, rules), lag)
-    for x in executors:
-        x.start()
-    try:
-        async with open_task_group() as nursery:
-            for s in schedulers.values():
-                await nursery.start(s.run)
+    check_model_names(models)  # before anything loads
+    if config.core_process and not all(isinstance(m, EngineArgs) for m in models):
+        raise ConfigError("with core_process=True give EngineArgs, not engines: an engine cannot move to another process")
+    shares = iter(plan_kv_budget([m for m in models if isinstance(m, EngineArgs)]))
+    cores: list[_Core] = []
+    async with open_task_group() as nursery:
+        try:
+            proxies: dict[str, CoreProxy] = {}
+            fronts: dict[str, PromptEncoder] = {}
+            rules: dict[str, str] = {}
+            # One after another: on a GPU each model's KV share is measured after the previous
+            # models took theirs (see plan_kv_budget).
+            for i, m in enumerate(models):
+                if isinstance(m, EngineArgs):
+                    share = next(shares)
+                    start = CoreStart(share.args, config, i, len(models), share.rule)
+                else:
+                    start = CoreStart(m, config, i, len(models), "")
+                core = await _start_core(nursery, start)
+                cores.append(core)
+                ready = await core.client.handshake(on_progress)
+                fronts[ready.name] = await trio.to_thread.run_sync(_prompt_encoder, ready)
+                rules[ready.name] = ready.kv_rule
+                await nursery.start(core.client.run)
+                proxies.update(core.client.proxies)
+            for proxy in proxies.values():  # the first statistics arrive with the core's first message
+                while proxy.available and not proxy.has_statistics:
+                    await proxy.wait_changed()
+            ingress = Ingress(fronts, proxies)
+            lag = LoopLagMonitor(config.loop_lag_interval) if config.loop_lag_interval else None
+            pids = {
+                name: core.process.pid if core.process is not None else None
+                for core in cores for name in core.client.proxies
+            }
+            service = Service(ingress, proxies, BlockManagerActor(proxies, rules), lag, pids)
             if lag is not None:
                 await nursery.start(lag.run)
             yield service
-    finally:
-        # The loops have stopped, so touching the engines from here is safe: end what still runs.
-        for s in schedulers.values():
-            s.close("the service has stopped")
-        with trio.CancelScope(shield=True):
-            for x in executors:
-                await x.aclose()
-        # The engines loaded here are the service's own: free their device memory now, not when
-        # the caller drops the service object (engines the caller built stay theirs to close).
-        for e, m in zip(engines, models, strict=True):
-            if isinstance(m, EngineArgs):
-                e.close()
+        finally:
+            with trio.CancelScope(shield=True):
+                for core in cores:
+                    await _stop_core(core)
+            nursery.cancel_scope.cancel()
+
+
+@attrs.frozen
+class _Core:
+    client: CoreClient
+    link: Link
+    process: trio.Process | None  # None: the core runs in this process
+
+
+async def _start_core(nursery: trio.Nursery, start: CoreStart) -> _Core:
+    if start.config.core_process:
+        link, process = await spawn_core(start)
+        client = CoreClient(link, start.config.max_pending_per_model, functools.partial(_exit_status, process))
+        return _Core(client, link, process)
+    ours, theirs = memory_link_pair()
+    nursery.start_soon(run_core, theirs, start)
+    return _Core(CoreClient(ours, start.config.max_pending_per_model, _in_process_exit), ours, None)
+
+
+def _prompt_encoder(model: CoreModel) -> PromptEncoder:
+    tokenizer = load_tokenizer(Path(model.tokenizer_dir)) if model.tokenizer_dir is not None else None
+    return PromptEncoder(model.name, tokenizer, model.max_model_len, model.vocab_size)
+
+
+async def _exit_status(process: trio.Process) -> str:
+    with trio.move_on_after(2):  # its end of the link closes a moment before the exit is seen
+        await process.wait()
+    code = process.returncode
+    if code is None:
+        return "its process closed the link but still runs"
+    return f"its process was killed by signal {-code}" if code < 0 else f"its process ended with status {code}"
+
+
+async def _in_process_exit() -> str:
+    return "it ran in this process and stopped"
+
+
+async def _stop_core(core: _Core) -> None:
+    """Ask the core to stop and wait for it (what it ends on the way out reaches the streams);
+    a core process that does not stop within its grace is killed, never left behind."""
+    client = core.client
+    if not client.proxies and core.process is not None:  # still loading: no request to end, and
+        core.process.kill()  # a load cannot be interrupted halfway (it runs in a thread)
+        await core.process.wait()
+        with contextlib.suppress(Exception):
+            await core.link.aclose()
+        return
+    for proxy in client.proxies.values():
+        proxy.fail_all("shutting_down", "the service has stopped")
+    await client.stop("the service has stopped")
+    with trio.move_on_after(_CORE_STOP_GRACE) as waited:
+        await client.finished.wait()  # the core's last messages have landed
+        if core.process is not None:
+            await core.process.wait()
+    if core.process is not None and waited.cancelled_caught:
+            log.error("the engine core did not stop within %.0f s: killing it", _CORE_STOP_GRACE)
+            core.process.kill()
+            await core.process.wait()
+    for proxy in client.proxies.values():
+        proxy.close("the service has stopped")
+    with contextlib.suppress(Exception):
+        await core.link.aclose()

@@ -27,6 +27,7 @@ from mini_vllm.engine.landing import land_step
 from mini_vllm.engine.loader import ModelSource, build_model, resolve_model
 from mini_vllm.engine.model_runner import ModelOutput, ModelRunner, StepHandle, StepInputs, prepare_inputs
 from mini_vllm.engine.outputs import RequestDelta, SampleDelta
+from mini_vllm.engine.prompts import PromptEncoder
 from mini_vllm.engine.sampling_params import SamplingParams
 from mini_vllm.engine.scheduler import Scheduler, SchedulerOutput
 from mini_vllm.engine.sequence import Request, SeqStatus, Sequence
@@ -98,7 +99,8 @@ class LLMEngine:
         self.name = source.name
         self.model_config = source.config
         self.runner = runner
-        self.tokenizer = tokenizer
+        self.prompts = PromptEncoder(source.name, tokenizer, max_model_len, source.config.vocab_size)
+        self.source_directory = source.directory  # where a frontend loads the same tokenizer from
         self.eos_ids = eos_ids
         self.max_model_len = max_model_len
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching, namespace=source.name)
@@ -118,6 +120,14 @@ class LLMEngine:
         self._steps = 0
         self._prompt_tokens = 0
         self._generation_tokens = 0
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.prompts.tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value: Any) -> None:
+        self.prompts.tokenizer = value
 
     # ---- construction --------------------------------------------------------------------------
     @classmethod
@@ -206,18 +216,10 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:
-        if self.tokenizer is None:
-            raise InvalidRequest(f"model {self.name!r} has no tokenizer (dummy preset): send prompt_token_ids")
-        return list(self.tokenizer.encode(prompt))
+        return self.prompts.tokenize(prompt)
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise InvalidRequest(f"model {self.name!r} has no chat template: use a plain prompt")
-        try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as exc:  # jinja errors from a template that rejects these messages
-            raise InvalidRequest(f"the chat template rejected the messages: {exc}") from None
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return self.prompts.apply_chat_template(messages)
 
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if not prompt_token_ids:

@@ -13,7 +13,7 @@ import trio
 
 from mini_vllm import cli
 from mini_vllm.actors import open_service
-from mini_vllm.actors.service import check_model_names, served_name
+from mini_vllm.actors.core import check_model_names, served_name
 from mini_vllm.engine import ConfigError, EngineArgs
 from mini_vllm.engine.loader import resolve_model
 from mini_vllm.transport import commands, flags

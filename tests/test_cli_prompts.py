@@ -120,7 +120,9 @@ async def test_token_id_prompts_against_a_server(
             server.url, commands.PromptSpec(token_ids=(5, 999)), None, False, greedy(6), commands._Output(sys.stdout)
         )
         assert code == flags.EXIT_USAGE and "999 is not a token of 'demo'" in capsys.readouterr().err
-        engine.tokenizer = None  # now like a preset: ids come back as ids; text prompts are refused
+    engine = build_engine(demo_model_dir)
+    engine.tokenizer = None  # now like a preset: ids come back as ids; text prompts are refused
+    async with running_server([engine]) as (_, server):
         code = await commands._generate_remote(
             server.url, commands.PromptSpec(random_len=4), None, False, greedy(6), commands._Output(sys.stdout)
         )

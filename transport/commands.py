@@ -84,6 +84,9 @@ def add_serve(subparsers: Any) -> None:
                    help="seconds a frame may wait for a client (default: %(default)s)")
     p.add_argument("--shutdown-grace", type=non_negative_float, default=5.0,
                    help="seconds to flush final frames on Ctrl-C (default: %(default)s)")
+    p.add_argument("--core-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="run each model's engine core in a process of its own, so the event loop that serves "
+                   "clients never shares the interpreter with the GPU loop (default: on)")
     p.add_argument("--cpu-threads", type=positive_int, default=None,
                    help="torch threads for models on the CPU (default: cores - 1, a core for the event loop)")
     add_engine_flags(p)
@@ -125,13 +128,16 @@ class _ProgressDisplay:
 
 def run_serve(args: argparse.Namespace) -> int:
     from mini_vllm.actors import ServiceConfig
-    from mini_vllm.actors.service import check_model_names
+    from mini_vllm.actors.core import check_model_names
     from mini_vllm.engine import MiniVllmError
 
     try:
         models = [engine_args_from(args, spec) for spec in (args.model or [None])]
         check_model_names(models)
-        config = ServiceConfig(max_pending_per_model=args.max_pending_requests, cpu_threads=args.cpu_threads)
+        config = ServiceConfig(
+            max_pending_per_model=args.max_pending_requests, cpu_threads=args.cpu_threads,
+            core_process=args.core_process,
+        )
         limits = ServerLimits(
             max_frame_bytes=args.max_frame_bytes,
             hard_max_frame_bytes=max(16 << 20, args.max_frame_bytes),

@@ -39,6 +39,7 @@ ERROR_CODES: Mapping[str, str] = {
     "overloaded": "the model's queue is full; retry later",
     "shutting_down": "the server is stopping and takes no new requests",
     "model_error": "the model failed while running the request",
+    "engine_core_exited": "the engine core process running the model exited (crashed or was killed)",
     "internal": "an unexpected server error (a bug; the connection stays usable)",
 }
 

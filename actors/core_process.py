@@ -1,0 +1,46 @@
+"""The engine core's process: ``python -m mini_vllm.actors.core_process FD PARENT_PID``, started by
+``core.spawn_core`` with one end of a socket pair as file descriptor FD."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from mini_vllm.actors.core import CoreStart, run_core
+from mini_vllm.actors.link import SocketLink
+
+
+def _die_with_parent(parent: int) -> None:
+    if sys.platform.startswith("linux"):
+        with_libc = ctypes.CDLL(None, use_errno=True)
+        with_libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: killed when the frontend dies
+    if os.getppid() != parent:  # it died before the line above took effect
+        os._exit(1)
+
+
+async def _core_main(fd: int) -> None:
+    link = SocketLink(trio.SocketStream(trio.socket.from_stdlib_socket(socket.socket(fileno=fd))))
+    start = await link.receive()
+    if not isinstance(start, CoreStart):
+        raise SystemExit(f"mini-vllm engine core: expected CoreStart, got {type(start).__name__}")
+    await run_core(link, start)
+
+
+def main(argv: Sequence[str]) -> int:
+    fd, parent = int(argv[0]), int(argv[1])
+    _die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the frontend decides when the core stops
+    logging.basicConfig(level=logging.WARNING, format="mini-vllm core: %(levelname)s %(message)s")
+    trio.run(_core_main, fd)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,91 @@
+"""The boundary between the frontend and the engine core: a pair of message channels.
+
+Both ends see the same two calls, ``send`` and ``receive`` (``EndOfChannel`` once the other side is
+gone), whatever carries the messages:
+
+- ``memory_link_pair``: trio memory channels, for a core in the same process (tests, small CPU
+  setups, a trio program embedding the engine);
+- ``SocketLink``: a Unix socket to a core in another process. Each message is pickled (protocol 5)
+  behind an 8-byte length. Both ends are this project's own processes, started by the frontend, so
+  pickle's trust model holds; the messages are kept to tuples of primitives on the hot path,
+  because pickling a record per token costs ten times more (see docs/design.md, "The boundary").
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+from typing import Any, Protocol
+
+import trio
+
+_HEADER = struct.Struct("<Q")
+_MAX_MESSAGE = 1 << 30  # a corrupt length must not make us allocate the moon
+
+
+class Link(Protocol):
+    async def send(self, message: Any) -> None: ...
+
+    async def receive(self) -> Any: ...
+
+    async def aclose(self) -> None: ...
+
+
+class MemoryLink:
+    def __init__(self, send: trio.MemorySendChannel[Any], receive: trio.MemoryReceiveChannel[Any]) -> None:
+        self._send = send
+        self._receive = receive
+
+    async def send(self, message: Any) -> None:
+        try:
+            await self._send.send(message)
+        except trio.ClosedResourceError:  # our own end, closed by aclose: the link is gone
+            raise trio.BrokenResourceError("the link is closed") from None
+
+    async def receive(self) -> Any:
+        try:
+            return await self._receive.receive()
+        except trio.ClosedResourceError:
+            raise trio.EndOfChannel from None
+
+    async def aclose(self) -> None:
+        await self._send.aclose()
+        await self._receive.aclose()
+
+
+def memory_link_pair(capacity: int = 1024) -> tuple[MemoryLink, MemoryLink]:
+    """Two connected ends. Bounded: a core that outruns its frontend waits (and coalesces)."""
+    a_send, b_receive = trio.open_memory_channel[Any](capacity)
+    b_send, a_receive = trio.open_memory_channel[Any](capacity)
+    return MemoryLink(a_send, a_receive), MemoryLink(b_send, b_receive)
+
+
+class SocketLink:
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._stream = stream
+        self._sending = trio.Lock()  # a stream takes one send_all at a time; several tasks send
+        self._buffer = bytearray()
+
+    async def send(self, message: Any) -> None:
+        payload = pickle.dumps(message, protocol=5)
+        async with self._sending:
+            await self._stream.send_all(_HEADER.pack(len(payload)) + payload)
+
+    async def receive(self) -> Any:
+        (size,) = _HEADER.unpack(await self._read(_HEADER.size))
+        if size > _MAX_MESSAGE:
+            raise trio.BrokenResourceError(f"a message of {size} bytes on the core link: the stream is corrupt")
+        return pickle.loads(await self._read(size))
+
+    async def _read(self, size: int) -> bytes:
+        while len(self._buffer) < size:
+            chunk = await self._stream.receive_some(max(65536, size - len(self._buffer)))
+            if not chunk:
+                raise trio.EndOfChannel
+            self._buffer += chunk
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return data
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()

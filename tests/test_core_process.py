@@ -1,0 +1,131 @@
+"""The engine core in a process of its own: the same streams as in-process, cancellation reaching
+the core's blocks, a killed core ending its requests without taking the other models down, and no
+core outliving its server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+from conftest_serving import SMALL_KV_BLOCKS, Reference, greedy, raw_client, running_server, wait_blocks_released
+
+from mini_vllm.actors import ServiceConfig
+from mini_vllm.engine import EngineArgs
+from mini_vllm.transport.client import GenerationFailed, RequestRejected, connect
+
+pytestmark = pytest.mark.timeout(180)
+IN_A_PROCESS = ServiceConfig(core_process=True, loop_lag_interval=None)
+PROMPTS = ["Hello", "The capital of France is", "abc abc abc"]
+
+
+@pytest.fixture(scope="module")
+def reference(demo_model_dir: Path) -> Reference:
+    return Reference(demo_model_dir)
+
+
+def _args(model_dir: Path, name: str = "demo") -> EngineArgs:
+    return EngineArgs(model=str(model_dir), model_name=name, num_kv_blocks=SMALL_KV_BLOCKS, device="cpu")
+
+
+async def test_greedy_streams_equal_the_offline_engine_with_the_core_in_its_own_process(
+    demo_model_dir: Path, reference: Reference
+) -> None:
+    async with running_server([_args(demo_model_dir)], config=IN_A_PROCESS) as (service, server):
+        (pid,) = service.core_pids().values()
+        assert pid is not None and pid != os.getpid()
+        results: dict[str, tuple[str, list[int]]] = {}
+        async with connect(server.url) as client:
+
+            async def one(prompt: str) -> None:
+                text, ids = "", []
+                async for delta in client.generate(prompt, **greedy(10)):
+                    text += delta.text
+                    ids.extend(delta.token_ids)
+                results[prompt] = (text, ids)
+
+            async with trio.open_nursery() as nursery:
+                for prompt in PROMPTS:
+                    nursery.start_soon(one, prompt)
+        for prompt in PROMPTS:
+            want = reference(prompt, **greedy(10))
+            assert results[prompt] == (want.text, list(want.token_ids)), prompt
+        await wait_blocks_released(service)
+        assert service.statistics().scheduler("demo").engine.generation_tokens == 30
+
+
+async def test_cancel_and_disconnect_free_every_block_in_the_core(demo_model_dir: Path) -> None:
+    long = {"max_tokens": 400, "ignore_eos": True, "temperature": 0}
+    async with running_server([_args(demo_model_dir)], config=IN_A_PROCESS) as (service, server):
+        async with connect(server.url) as client:
+            async with client.generate("Hello there", **long) as stream:
+                async for _ in stream:
+                    break  # leaving early sends cancel
+        async with raw_client(server.url) as raw:
+            await raw.send({"type": "generate", "id": "x", "prompt": "Hi", **long})
+            await raw.until(lambda f: f["type"] == "token")
+        # the socket closed: the server aborts the request; the core frees its blocks
+        await wait_blocks_released(service)
+        assert service.statistics().scheduler("demo").engine.num_requests == 0
+
+
+async def test_a_killed_core_ends_its_requests_and_the_other_model_keeps_serving(demo_model_dir: Path) -> None:
+    models = [_args(demo_model_dir, "a"), _args(demo_model_dir, "b")]
+    async with running_server(models, config=IN_A_PROCESS) as (service, server):
+        async with connect(server.url) as client:
+            stream = client.generate("Hello", model="a", max_tokens=400, ignore_eos=True, temperature=0)
+            with pytest.raises(GenerationFailed) as failed:
+                async for _ in stream:
+                    os.kill(service.core_pids()["a"], signal.SIGKILL)  # mid-stream
+            assert failed.value.code == "engine_core_exited"
+            assert "killed by signal 9" in str(failed.value)
+            with pytest.raises(RequestRejected) as rejected:
+                await client.complete("Hello", model="a", max_tokens=2)
+            assert rejected.value.code == "engine_core_exited"
+            done = await client.complete("Hello", model="b", **greedy(4))
+            assert len(done.token_ids) == 4
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's reaping is left
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+async def test_no_core_outlives_a_server_killed_with_sigkill(demo_model_dir: Path) -> None:
+    server = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "mini_vllm", "serve", "--port", "0", "--model", f"demo={demo_model_dir}",
+         "--num-kv-blocks", str(SMALL_KV_BLOCKS)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert server.stdout is not None
+        out = b""
+        with trio.fail_after(120):
+            while b"\n" not in out:
+                out += await server.stdout.receive_some()
+        assert b"serving demo on ws://" in out, out
+        (core,) = _children(server.pid)
+        assert _alive(core)
+        server.kill()
+        await server.wait()
+        with trio.fail_after(30):
+            while _alive(core):  # noqa: ASYNC110 (another process dying: no event to wait on)
+                await trio.sleep(0.05)
+    finally:
+        server.kill()
+        await server.wait()
