@@ -1,4 +1,4 @@
-"""mini-vllm's benchmarks: ``mini-vllm bench throughput | attention | memory | latency | serve | plot``.
+"""mini-vllm's benchmarks: ``mini-vllm bench throughput | attention | memory | latency | serve | plot | boundary``.
 
 Each module is one subcommand: it prints a table and writes JSON. They use the server side
 (``transport``, ``actors``, ``engine``) and nothing uses them; ``mini_vllm.cli`` registers them.
@@ -12,6 +12,7 @@ from typing import Any
 def add_bench(subparsers: Any) -> None:
     """The ``bench`` subcommand and its own subcommands, each setting ``func``."""
     from mini_vllm.bench.attention import add_bench_attention
+    from mini_vllm.bench.boundary import add_bench_boundary
     from mini_vllm.bench.latency import add_bench_latency
     from mini_vllm.bench.memory import add_bench_kv
     from mini_vllm.bench.serve import add_bench_plot, add_bench_serve
@@ -20,5 +21,5 @@ def add_bench(subparsers: Any) -> None:
     p = subparsers.add_parser("bench", help="benchmarks (print a table, write JSON)")
     sub = p.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
     for add in (add_bench_throughput, add_bench_attention, add_bench_kv, add_bench_latency, add_bench_serve,
-                add_bench_plot):
+                add_bench_plot, add_bench_boundary):
         add(sub)
