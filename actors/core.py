@@ -348,7 +348,7 @@ async def spawn_core(start: CoreStart) -> tuple[SocketLink, trio.Process]:
     """Start ``python -m mini_vllm.actors.core_process`` on one end of a socket pair; returns our end.
 
     The child gets a session of its own, so a Ctrl-C at the terminal reaches only the frontend,
-    which stops the core in order; and it dies with us (``PR_SET_PDEATHSIG``, and the socket's end
+    which stops the core in order; and it dies with us (it watches its parent, and the socket's end
     of file), so no core outlives its server, even one killed with SIGKILL.
     """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

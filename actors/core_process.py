@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
 import socket
 import sys
+import threading
+import time
 from collections.abc import Sequence
 
 import trio
@@ -16,13 +17,20 @@ import trio
 from mini_vllm.actors.core import CoreStart, run_core
 from mini_vllm.actors.link import SocketLink
 
+_PARENT_POLL = 0.2  # seconds between looks at our parent: how long an orphaned core lives at most
+
 
 def _die_with_parent(parent: int) -> None:
-    if sys.platform.startswith("linux"):
-        with_libc = ctypes.CDLL(None, use_errno=True)
-        with_libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: killed when the frontend dies
-    if os.getppid() != parent:  # it died before the line above took effect
+    """Exit as soon as the frontend is gone, even while a model loads (when no task reads the
+    socket). A watching thread rather than PR_SET_PDEATHSIG: that signal follows the *thread* that
+    started us, and trio starts processes from a worker thread that exits when idle."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_PARENT_POLL)
         os._exit(1)
+
+    threading.Thread(target=watch, name="mini-vllm-core-parent-watch", daemon=True).start()
 
 
 async def _core_main(fd: int) -> None:
