@@ -36,7 +36,7 @@ import shlex
 import sys
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -379,6 +379,18 @@ def _lag_and_engine(before: dict[str, Any] | None, after: dict[str, Any] | None,
     return out
 
 
+@attrs.frozen
+class Replay:
+    """What the client saw of one replay: every request's tracker, and the server's statistics
+    just before and after (None where it did not answer)."""
+
+    trackers: list[Tracker]
+    offsets: list[float]  # each request's planned send time after ``start``
+    start: float  # trio.current_time() when sending began
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+
+
 async def run_one_rate(
     url: str,
     requests: Sequence[ServeRequest],
@@ -394,6 +406,44 @@ async def run_one_rate(
     progress_interval: float | None = 5.0,
 ) -> dict[str, Any]:
     """Replay ``requests`` against ``url`` open-loop at one rate; the run's summary."""
+    run = await replay(
+        url, requests, model=model, request_rate=request_rate, burstiness=burstiness,
+        max_concurrency=max_concurrency, connections=connections, ignore_eos=ignore_eos, label=label,
+        progress_interval=progress_interval,
+    )
+    summary = summarize(run.trackers, targets)
+    return {
+        "request_rate": None if math.isinf(request_rate) else request_rate,  # null: all at once
+        "burstiness": burstiness,
+        "max_concurrency": max_concurrency,
+        "send_lag_ms": distribution([1e3 * (t.sent - run.start - o) for t, o in zip(run.trackers, run.offsets, strict=True)
+                                     if not math.isnan(t.sent)]),
+        **summary,
+        "server": _lag_and_engine(run.before, run.after, model),
+    }
+
+
+async def replay(
+    url: str,
+    requests: Sequence[ServeRequest],
+    *,
+    model: str | None,
+    request_rate: float,
+    burstiness: float,
+    max_concurrency: int | None,
+    connections: int,
+    ignore_eos: bool = True,
+    label: str = "run",
+    progress_interval: float | None = 5.0,
+    round_robin: bool = False,
+    ready: Callable[[], Awaitable[None]] | None = None,
+    stats: bool = True,
+) -> Replay:
+    """Send ``requests`` to ``url`` over ``connections`` WebSockets at their arrival times and track
+    every frame. Each goes on the connection with the fewest requests in flight, or with
+    ``round_robin`` on connection ``i % connections`` (a fixed spread). ``ready`` is awaited once the
+    connections are open, before the first send, and ``stats=False`` asks the server for no
+    statistics (both for ``bench throughput``'s client processes, which start together)."""
     offsets = arrival_times(len(requests), request_rate, burstiness)
     trackers = [
         Tracker(i, None if r.prompt_token_ids is None else len(r.prompt_token_ids), r.output_len)
@@ -408,14 +458,16 @@ async def run_one_rate(
             conn = _Connection(ws)
             conns.append(conn)
             outer.start_soon(conn.reader)
-        before = await _server_stats(conns[0], reset=True)
+        before = await _server_stats(conns[0], reset=True) if stats else None
+        if ready is not None:
+            await ready()
 
         async def one(i: int) -> None:
             tracker = trackers[i]
             if limit is not None:
                 await limit.acquire()
             try:
-                conn = min(conns, key=lambda c: len(c.routes))
+                conn = conns[i % len(conns)] if round_robin else min(conns, key=lambda c: len(c.routes))
                 rid = f"{label}-{i}"
                 conn.routes[rid] = tracker
                 frame = requests[i].frame(rid, model, ignore_eos)
@@ -442,21 +494,11 @@ async def run_one_rate(
                     await trio.sleep_until(start + offset)
                     senders.start_soon(one, i)
             runs.cancel_scope.cancel()
-        after = await _server_stats(conns[0], reset=False)
+        after = await _server_stats(conns[0], reset=False) if stats else None
         for conn in conns:
             await conn.ws.aclose()
         outer.cancel_scope.cancel()
-    summary = summarize(trackers, targets)
-    summary = {
-        "request_rate": None if math.isinf(request_rate) else request_rate,  # null: all at once
-        "burstiness": burstiness,
-        "max_concurrency": max_concurrency,
-        "send_lag_ms": distribution([1e3 * (t.sent - start - o) for t, o in zip(trackers, offsets, strict=True)
-                                     if not math.isnan(t.sent)]),
-        **summary,
-        "server": _lag_and_engine(before, after, model),
-    }
-    return summary
+    return Replay(trackers, offsets, start, before, after)
 
 
 async def _open_ws(url: str, *, task_status: trio.TaskStatus[WebSocketConnection] = trio.TASK_STATUS_IGNORED) -> None:

@@ -1,9 +1,12 @@
-"""``mini-vllm bench throughput``: OFFLINE-256 through the actor pipeline, against the peer and the floor.
+"""``mini-vllm bench throughput``: OFFLINE-256 (or ONLINE-1000, all at once) through each way in,
+against the peer and the floor.
 
 It measures, in one run: the GPU's copy bandwidth and bf16 matmul rate (for the physical
-floor of docs/design.md), mini-vllm through the same actors a trio program embeds (and the offline ``LLMEngine``
-loop), the CPU time per decode step, and optionally transformers' own continuous batching on the
-same workload. It prints a table and writes one JSON file per run.
+floor of docs/design.md), and mini-vllm on the same requests along the chosen ``--path`` list:
+``offline`` (the ``LLMEngine`` loop), ``actors`` (the actors a trio program embeds) and ``server``
+(a ``mini-vllm serve`` subprocess, timed at a client over WebSockets); the CPU time per decode
+step; and optionally transformers' own continuous batching on the same workload. It prints a
+table (each path with its fraction of ``offline``) and writes one JSON file per run.
 """
 
 from __future__ import annotations
@@ -11,37 +14,88 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
+import re
 import shlex
+import signal
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+import attrs
 import torch
+import trio
 
 from mini_vllm.bench.command import HelpFormatter, fail, interruptible, unwritable, write_text
 from mini_vllm.bench.env import load_engine, measure_cpu_peaks, measure_gpu_peaks, model_config, versions
 from mini_vllm.engine.config import PRESETS, EngineArgs, ModelConfig
 from mini_vllm.engine.llm_engine import LLMEngine, StepTiming
 from mini_vllm.engine.sampling_params import SamplingParams
-from mini_vllm.engine.workloads import WorkloadRequest, offline_256, physical_floor
+from mini_vllm.engine.workloads import WorkloadRequest, offline_256, online_1000, physical_floor
+from mini_vllm.transport.flags import EXIT_ERROR, leaf_exceptions, positive_int
+
+
+@attrs.frozen
+class Workload:
+    """A reference workload of docs/design.md by name: how many requests it has, and how to draw them."""
+
+    name: str
+    size: int
+    make: Callable[[int, int], list[WorkloadRequest]]  # (vocab_size, num_requests) -> the first requests
+
+
+WORKLOADS = {w.name: w for w in (Workload("OFFLINE-256", 256, offline_256), Workload("ONLINE-1000", 1000, online_1000))}
+# In the order they run: the in-process paths share one engine, which is closed before the server's
+# own process loads the model, so only one engine holds the GPU's memory at a time.
+PATHS = ("offline", "actors", "server")
+
+
+def parse_paths(text: str) -> tuple[str, ...]:
+    """``--path``: a comma-separated list of PATHS (``both`` is offline,actors), in run order."""
+    chosen: set[str] = set()
+    for item in (part.strip() for part in text.split(",")):
+        if item == "both":
+            chosen |= {"offline", "actors"}
+        elif item in PATHS:
+            chosen.add(item)
+        else:
+            raise argparse.ArgumentTypeError(
+                f"{item!r} is not a path: give a comma-separated list of {', '.join(PATHS)} (both: offline,actors)")
+    return tuple(p for p in PATHS if p in chosen)
 
 
 def add_bench_throughput(sub: Any) -> None:
     t = sub.add_parser("throughput", help="OFFLINE-256: output tokens/s against the peer and the physical floor",
                        formatter_class=HelpFormatter)
-    t.add_argument("--model", default="qwen3-0.6b", help="a preset (dummy weights) or a model directory")
+    t.add_argument("--model", default="qwen3-0.6b",
+                   help="a preset (dummy weights), a model directory, or demo (the built-in demo model)")
     t.add_argument("--load-format", choices=["auto", "dummy"], default=None,
                    help="dummy: random weights (default: dummy for a preset, auto for a directory)")
-    t.add_argument("--path", choices=["actors", "offline", "both"], default="both",
-                   help="what to time: the actors a trio program embeds, the offline LLMEngine loop, or both")
+    t.add_argument("--workload", choices=list(WORKLOADS), default="OFFLINE-256",
+                   help="the requests (docs/design.md), all submitted at once")
+    t.add_argument("--path", type=parse_paths, default="both",
+                   help="what to time, comma-separated: offline (the LLMEngine loop), actors (what a trio program "
+                        "embeds), server (a mini-vllm serve subprocess, timed at a WebSocket client); both: "
+                        "offline,actors")
+    t.add_argument("--connections", type=positive_int, default=256,
+                   help="the server path's WebSocket connections; with fewer than the requests, requests go "
+                        "round-robin over them, each connection running its requests at once")
+    t.add_argument("--serve-args", default="",
+                   help="more flags for the server path's mini-vllm serve, one shell-quoted string, e.g. "
+                        "'--no-core-process' (default: none)")
+    t.add_argument("--client-processes", type=positive_int, default=4,
+                   help="processes the server path's client runs in (at most one per connection): one event "
+                        "loop reads about 10,000 token frames/s, less than the server may send")
     t.add_argument("--peer", choices=["none", "transformers"], default="none",
                    help="also time transformers' own continuous batching on the same requests (GPU only)")
     t.add_argument("--peer-timeout", type=float, default=420.0, help="seconds before the peer run is cut short")
     t.add_argument("--num-requests", type=int, default=None,
-                   help="the first N requests of OFFLINE-256 (default: all 256; on a machine without CUDA it "
+                   help="the first N requests of the workload (default: all of them; on a machine without CUDA it "
                         "must be given, since the full run takes hours there)")
     t.add_argument("--max-num-seqs", type=int, default=256, help="sequences in one batch")
     t.add_argument("--max-num-batched-tokens", type=int, default=8192, help="tokens computed in one step")
@@ -217,38 +271,345 @@ def run_peer(model: str, workload: list[WorkloadRequest], timeout: float) -> dic
     return out
 
 
+# ---- the server path -------------------------------------------------------------------------------
+SERVER_WARMUP_REQUESTS = 16  # as bench serve: a fresh server's first requests compile kernels and allocate
+SERVER_START_TIMEOUT_S = 900.0  # loading llama3-8b and capturing its CUDA graphs takes a minute or two
+SERVER_STOP_GRACE_S = 15.0  # after SIGINT, time to flush, free the GPU and exit before SIGKILL
+CLIENT_BARRIER_TIMEOUT_S = 300.0  # for every client process to start and open its connections
+_SERVING_LINE = re.compile(r"^mini-vllm: serving .+ on (?P<url>wss?://\S+)\s*$")  # transport/commands.py prints it
+
+
+class ServerPathError(Exception):
+    """A failure of the server path, reported as one line (in the server's own words where it has them)."""
+
+
+def server_argv(args: argparse.Namespace, load_format: str, num_requests: int, connections: int) -> list[str]:
+    """``mini-vllm serve`` on a free port of 127.0.0.1, with the engine flags the in-process paths use."""
+    argv = [
+        sys.executable, "-m", "mini_vllm", "serve", "--host", "127.0.0.1", "--port", "0", "--model", args.model,
+        "--load-format", load_format, "--max-num-seqs", str(args.max_num_seqs),
+        "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--max-model-len", str(args.max_model_len),
+        "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--no-enable-prefix-caching",
+        # Admit every request at once, whatever its connection: queueing is what is timed, not refusals
+        # (split over the client processes, a connection may carry one more than its even share).
+        "--max-pending-requests", str(num_requests + SERVER_WARMUP_REQUESTS),
+        "--max-requests-per-connection", str(max(-(-num_requests // connections) + 1, SERVER_WARMUP_REQUESTS)),
+        "--shutdown-grace", "1",  # nothing is in flight when the bench stops it
+    ]
+    if args.num_kv_blocks is not None:
+        argv += ["--num-kv-blocks", str(args.num_kv_blocks)]
+    if args.enforce_eager:
+        argv.append("--enforce-eager")
+    return argv + shlex.split(args.serve_args)  # last: serve's argparse lets a later flag win
+
+
+def run_server(
+    argv: list[str], workload: Workload, num_requests: int, connections: int, client_processes: int
+) -> dict[str, Any]:
+    """Start ``argv`` (a ``mini-vllm serve``), time the workload at a WebSocket client, and stop the
+    server whatever happens: SIGINT, then SIGKILL after a grace period."""
+    from trio_websocket import HandshakeError
+
+    from mini_vllm.engine.errors import MiniVllmError
+
+    # A file, not a pipe: nobody has to drain it while the server loads, and it is there to quote afterwards.
+    with tempfile.TemporaryFile() as stderr:
+        try:
+            return trio.run(_serve_and_time, argv, stderr, workload, num_requests, connections, client_processes)
+        except Exception as exc:  # nurseries wrap what their tasks raise in groups
+            leaves = leaf_exceptions(exc)
+            if not all(isinstance(e, ServerPathError | MiniVllmError | OSError | HandshakeError) for e in leaves):
+                raise
+            raise ServerPathError("; ".join(
+                str(e) if isinstance(e, ServerPathError | MiniVllmError) else f"{type(e).__name__}: {e}"
+                for e in leaves)) from None
+
+
+async def _serve_and_time(
+    argv: list[str], stderr: IO[bytes], workload: Workload, num_requests: int, connections: int,
+    client_processes: int,
+) -> dict[str, Any]:
+    proc = await trio.lowlevel.open_process(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr)
+    interrupted = False
+    try:
+        # trio would hold a Ctrl-C back until the main task's next checkpoint, after the whole run:
+        # take the signal here and cancel at once.
+        with trio.open_signal_receiver(signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def on_interrupt() -> None:
+                    nonlocal interrupted
+                    async for _ in signals:
+                        interrupted = True
+                        nursery.cancel_scope.cancel()
+                        return
+
+                nursery.start_soon(on_interrupt)
+                url: str | None = None
+                with trio.move_on_after(SERVER_START_TIMEOUT_S):
+                    url = await nursery.start(_server_url, proc, stderr)
+                if url is None:
+                    raise ServerPathError(f"the server printed no URL within {SERVER_START_TIMEOUT_S:.0f} s "
+                                          f"(its stderr ends: {_last_line(stderr)})")
+                _log(f"[server] pid {proc.pid} serving on {url}")
+                result = await _time_requests(url, workload, num_requests, connections, client_processes)
+                nursery.cancel_scope.cancel()  # the tasks draining its stdout and waiting for a signal
+        if interrupted:
+            raise KeyboardInterrupt
+    finally:
+        with trio.CancelScope(shield=True):  # also on an error or Ctrl-C
+            await _stop(proc)
+    return {**result, "pid": proc.pid, "url": url, "server_command": shlex.join(["python", *argv[1:]])}
+
+
+async def _server_url(
+    proc: trio.Process, stderr: IO[bytes], *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Read the server's stdout up to the line saying where it serves, then keep draining it (a
+    full pipe would stall the server); an exit before that line is the start-up's failure."""
+    assert proc.stdout is not None
+    pending, found = b"", False
+    async for chunk in proc.stdout:
+        if found:
+            continue
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            match = _SERVING_LINE.match(line.decode(errors="replace"))
+            if match:
+                found = True
+                task_status.started(match["url"])
+                break
+    if not found:
+        code = await proc.wait()
+        raise ServerPathError(f"the server exited (status {code}) before serving: {_last_line(stderr)}")
+
+
+def _last_line(stderr: IO[bytes]) -> str:
+    stderr.seek(0)
+    lines = [line.strip() for line in stderr.read().decode(errors="replace").splitlines() if line.strip()]
+    return lines[-1] if lines else "nothing on its stderr"
+
+
+async def _stop(proc: trio.Process) -> None:
+    """SIGINT (serve's graceful stop); SIGKILL if it has not exited within the grace period."""
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGINT)
+        with trio.move_on_after(SERVER_STOP_GRACE_S):
+            await proc.wait()
+    if proc.returncode is None:
+        _log(f"[server] pid {proc.pid} did not stop within {SERVER_STOP_GRACE_S:.0f} s of SIGINT: killing it")
+        proc.kill()
+    await proc.wait()  # reaps it
+    if proc.stdout is not None:
+        await proc.stdout.aclose()
+
+
+async def _time_requests(
+    url: str, workload: Workload, num_requests: int, connections: int, client_processes: int
+) -> dict[str, Any]:
+    """Warm the server up on fresh random ids, then send every request at once from the client
+    processes and time from the first send to the last token."""
+    from trio_websocket import open_websocket_url
+
+    from mini_vllm.bench.serve import ServeRequest, _lag_and_engine, _models, replay, warmup_requests
+
+    info = (await _models(url))[0]
+    vocab_size = int(info["vocab_size"])
+    requests = [ServeRequest(None, tuple(r.prompt_token_ids), r.output_len)
+                for r in workload.make(vocab_size, num_requests)]
+    # The workload's prompt lengths but fresh ids: a measured prompt must not be served warm.
+    warm = warmup_requests(requests[:SERVER_WARMUP_REQUESTS], vocab_size)
+    _log(f"[server] warm-up: {len(warm)} short requests ...")
+    run = await replay(url, warm, model=info["name"], request_rate=math.inf, burstiness=1.0, max_concurrency=None,
+                       connections=min(connections, len(warm)), label="warmup", progress_interval=None)
+    _check_exact(run.trackers, warm, "warm-up")
+    processes = min(client_processes, connections)
+    _log(f"[server] {num_requests} requests over {connections} connections from {processes} client processes ...")
+    async with open_websocket_url(url, disconnect_timeout=2) as ws:  # the server's statistics around the run
+        before = await _stats(ws, reset=True)
+        seen, cpu = await _run_clients(url, info["name"], requests, connections, processes)
+        after = await _stats(ws, reset=False)
+    seen.sort(key=lambda s: s.index)
+    _check_exact(seen, requests, "the timed run")
+    start = min(s.sent for s in seen)
+    wall = max(s.last_token for s in seen) - start
+    tokens = sum(s.tokens for s in seen)
+    return {
+        "output_tokens": tokens, "seconds": wall, "output_tokens_per_s": tokens / wall, "connections": connections,
+        "client_processes": processes, "token_frames": sum(s.frames for s in seen),
+        # Near client_processes * seconds, the client itself may be what limits the figure.
+        "client_cpu_seconds": round(cpu, 3),
+        "server_stats": _lag_and_engine(before, after, info["name"]),
+    }
+
+
+async def _stats(ws: Any, reset: bool) -> dict[str, Any] | None:
+    """The server's ``stats`` frame, or None if it does not answer one."""
+    from mini_vllm.transport import protocol
+
+    await ws.send_message(protocol.stats_request("bench-stats", reset_loop_lag=reset))
+    with trio.move_on_after(10):
+        reply = json.loads(await ws.get_message())
+        return reply if reply.get("type") == "stats" else None
+    return None
+
+
+@attrs.frozen
+class _Seen:
+    """What a client process saw of one request, its times on this machine's monotonic clock
+    (``time.perf_counter``), which every process shares."""
+
+    index: int
+    tokens: int
+    frames: int
+    finish_reason: str | None
+    error: str | None
+    sent: float
+    last_token: float
+
+
+async def _run_clients(
+    url: str, model: str, requests: list[Any], connections: int, processes: int
+) -> tuple[list[_Seen], float]:
+    """One event loop reads about one token frame per 0.1 ms, less than the server may send: spread
+    the client over ``processes`` processes, request i in process i % processes, each with its share
+    of the connections (so one request per connection when there are as many), all sending together.
+    Returns every request's outcome and the client processes' CPU seconds."""
+    import functools
+    import multiprocessing
+    import queue
+
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no CUDA or trio state forked
+    barrier = ctx.Barrier(processes)
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(target=_client_main, daemon=True, args=(
+            url, model, p, [(i, r) for i, r in enumerate(requests) if i % processes == p],
+            connections // processes + (p < connections % processes), barrier, results))
+        for p in range(processes)
+    ]
+    try:
+        for proc in procs:
+            proc.start()
+        seen: list[_Seen] = []
+        cpu, reported = 0.0, 0
+        while reported < processes:
+            try:
+                item = await trio.to_thread.run_sync(functools.partial(results.get, timeout=1.0),
+                                                     abandon_on_cancel=True)
+            except queue.Empty:
+                dead = [q.exitcode for q in procs if q.exitcode not in (None, 0)]
+                if dead:
+                    raise ServerPathError(f"a client process exited with status {dead[0]}") from None
+                continue
+            if isinstance(item, str):
+                raise ServerPathError(f"a client process failed: {item}")
+            seen += item[0]
+            cpu += item[1]
+            reported += 1
+        return seen, cpu
+    finally:
+        for proc in procs:
+            if proc.pid is not None:
+                if proc.is_alive():
+                    proc.terminate()
+                proc.join()
+
+
+def _client_main(url: str, model: str, number: int, share: list[tuple[int, Any]], connections: int,
+                 barrier: Any, results: Any) -> None:
+    """A client process: its share of the requests over its connections; the outcome, or why not, to the parent."""
+    try:
+        results.put(trio.run(_client, url, model, number, share, connections, barrier))
+    except BaseException as exc:  # the parent fails the run with it, in one line
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
+async def _client(
+    url: str, model: str, number: int, share: list[tuple[int, Any]], connections: int, barrier: Any
+) -> tuple[list[_Seen], float]:
+    from mini_vllm.bench.serve import replay
+
+    async def ready() -> None:  # every client process has its connections open: send
+        await trio.to_thread.run_sync(barrier.wait, CLIENT_BARRIER_TIMEOUT_S)
+
+    cpu = time.process_time()
+    run = await replay(url, [r for _, r in share], model=model, request_rate=math.inf, burstiness=1.0,
+                       max_concurrency=None, connections=connections, label=f"server{number}",
+                       progress_interval=None, round_robin=True, ready=ready, stats=False)
+    cpu = time.process_time() - cpu
+    shift = time.perf_counter() - trio.current_time()  # trio's clock adds a random offset to perf_counter
+    return [
+        _Seen(i, t.tokens, len(t.token_times), t.finish_reason, t.error, t.sent + shift,
+              (t.token_times[-1] if t.token_times else math.nan) + shift)
+        for (i, _), t in zip(share, run.trackers, strict=True)
+    ], cpu
+
+
+def _check_exact(trackers: list[Any], requests: list[Any], what: str) -> None:
+    """Every request must end by length with exactly its max_tokens (EOS is ignored)."""
+    wrong = [(t, r) for t, r in zip(trackers, requests, strict=True)
+             if t.error is not None or t.finish_reason != "length" or t.tokens != r.output_len]
+    if wrong:
+        t, r = wrong[0]
+        raise ServerPathError(
+            f"{what}: {len(wrong)} of {len(requests)} requests did not get exactly their max_tokens over WebSocket "
+            f"(request {t.index}: {t.tokens} of {r.output_len} tokens, {t.error or f'finish_reason {t.finish_reason}'})")
+
+
 # ---- the command -----------------------------------------------------------------------------------
 def check_args(args: argparse.Namespace) -> str | None:
     """What is wrong with the flags, before anything loads (a bad path must not end a long run)."""
-    if args.num_requests is not None and not 1 <= args.num_requests <= 256:
-        return f"--num-requests must be in 1..256 (OFFLINE-256 has 256 requests), got {args.num_requests}"
+    workload = WORKLOADS[args.workload]
+    if args.num_requests is not None and not 1 <= args.num_requests <= workload.size:
+        return (f"--num-requests must be in 1..{workload.size} ({workload.name} has {workload.size} requests), "
+                f"got {args.num_requests}")
     # Lengths do not depend on the vocabulary: any size gives the same prompts' lengths.
-    longest = max(len(r.prompt_token_ids) for r in offline_256(1, args.num_requests or 256))
-    longest = max(longest, WARM_UP_PROMPT_LEN)
+    requests = workload.make(1, args.num_requests or workload.size)
+    longest = max(max(len(r.prompt_token_ids) for r in requests), WARM_UP_PROMPT_LEN)
     if args.max_model_len <= longest:
         return (f"--max-model-len {args.max_model_len} cannot hold these prompts (up to {longest} tokens): "
                 f"give at least {longest + 1}")
+    total = max(len(r.prompt_token_ids) + r.output_len for r in requests)
+    if args.max_model_len < total:  # the engine would stop them short of their output lengths
+        return (f"--max-model-len {args.max_model_len} cannot hold these requests' prompt + output (up to {total} "
+                f"tokens): give at least {total}")
     if not args.peer_timeout > 0:
         return f"--peer-timeout must be > 0 seconds, got {args.peer_timeout}"
     if args.trace and not torch.cuda.is_available():
         return "--trace profiles GPU kernels and needs a CUDA GPU: drop it on this machine"
+    try:
+        shlex.split(args.serve_args)
+    except ValueError as exc:
+        return f"--serve-args {args.serve_args!r}: {exc}"
     if "/" in args.tag or "\\" in args.tag:
         return f"--tag is part of a file name and cannot hold a path separator, got {args.tag!r}"
     return unwritable(Path(args.output_dir), "--output-dir", folder=True) or (
         unwritable(Path(args.trace), "--trace", folder=True) if args.trace else None)
 
 
-def cpu_refusal(model: str) -> str:
+def _model_config(model: str) -> ModelConfig | None:
+    """``model_config``, plus the demo model (built on first use, as loading it would)."""
+    if model != "demo":
+        return model_config(model)
+    from mini_vllm.engine.demo_model import ensure_demo_model
+    from mini_vllm.engine.loader import default_cache_dir
+
+    return ModelConfig.from_file(ensure_demo_model(default_cache_dir()) / "config.json")
+
+
+def cpu_refusal(model: str, workload: Workload) -> str:
     """Why the full run is refused without CUDA, with roughly how long it would take on this CPU."""
-    config = model_config(model)
+    config = _model_config(model)
     if config is None:  # not a preset or a readable directory: the load will say why, once N is given
         estimate = "hours"
     else:
         bandwidth, flops = measure_cpu_peaks()
-        floor = physical_floor(config, offline_256(config.vocab_size), bandwidth, flops, bytes_per_param=4)
+        floor = physical_floor(config, workload.make(config.vocab_size, workload.size), bandwidth, flops,
+                               bytes_per_param=4)
         estimate = (f"at least {_duration(floor.seconds)} (its floor at this CPU's measured {flops / 1e9:.0f} "
                     f"GFLOP/s and {bandwidth / 1e9:.0f} GB/s; several times that in practice)")
-    return (f"no CUDA GPU, and the full OFFLINE-256 run of {model} would take {estimate}: pass --num-requests N "
+    return (f"no CUDA GPU, and the full {workload.name} run of {model} would take {estimate}: pass --num-requests N "
             f"to run only its first N requests on the CPU (e.g. --num-requests 2)")
 
 
@@ -260,20 +621,26 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+IN_PROCESS_RUNS: dict[str, Callable[[LLMEngine, list[WorkloadRequest]], dict[str, Any]]] = {
+    "offline": run_offline, "actors": run_actors,
+}
+
+
 @interruptible("throughput")
 def run_throughput(args: argparse.Namespace) -> int:
     error = check_args(args)
     if error:
         return fail("throughput", error)
+    workload = WORKLOADS[args.workload]
     cuda = torch.cuda.is_available()
     if not cuda and args.num_requests is None:
-        return fail("throughput", cpu_refusal(args.model))
-    num_requests = 256 if args.num_requests is None else args.num_requests
+        return fail("throughput", cpu_refusal(args.model, workload))
+    num_requests = args.num_requests or workload.size
     preset = args.model in PRESETS
     load_format = args.load_format or ("dummy" if preset else "auto")
     device = torch.device("cuda" if cuda else "cpu")
     record: dict[str, Any] = {
-        "workload": "OFFLINE-256" if num_requests == 256 else f"OFFLINE-256[:{num_requests}]",
+        "workload": workload.name if num_requests == workload.size else f"{workload.name}[:{num_requests}]",
         "model": args.model,
         "gpu": torch.cuda.get_device_name(device) if cuda else "none (CPU)",
         "versions": versions(),
@@ -287,46 +654,73 @@ def run_throughput(args: argparse.Namespace) -> int:
         record["measured_bandwidth_bytes_per_s"] = bandwidth
         record["measured_bf16_flops"] = flops
 
-    _log(f"loading {args.model} ({load_format}) ...")
-    t0 = time.perf_counter()
-    engine = load_engine("bench throughput", lambda: EngineArgs(
-        model=args.model, load_format=load_format, max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
-        enforce_eager=args.enforce_eager, enable_prefix_caching=False,
-    ))
-    if isinstance(engine, int):
-        return engine
-    record["engine"] = engine_summary(engine, time.perf_counter() - t0)
-    _log(f"loaded in {record['engine']['load_seconds']:.1f} s: {record['engine']['kv_blocks']} KV blocks")
+    in_process = [p for p in args.path if p in IN_PROCESS_RUNS]
+    requests: list[WorkloadRequest] | None = None  # None: the model's vocabulary is unknown here
+    if in_process or args.trace:
+        _log(f"loading {args.model} ({load_format}) ...")
+        t0 = time.perf_counter()
+        engine = load_engine("bench throughput", lambda: EngineArgs(
+            model=None if args.model == "demo" else args.model, load_format=load_format,
+            max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
+            num_kv_blocks=args.num_kv_blocks, enforce_eager=args.enforce_eager, enable_prefix_caching=False,
+        ))
+        if isinstance(engine, int):
+            return engine
+        record["engine"] = engine_summary(engine, time.perf_counter() - t0)
+        _log(f"loaded in {record['engine']['load_seconds']:.1f} s: {record['engine']['kv_blocks']} KV blocks")
+        config = engine.model_config
+        requests = workload.make(config.vocab_size, num_requests)
+        warm_up(engine)
+        for path in in_process:
+            record[path] = IN_PROCESS_RUNS[path](engine, requests)
+        if args.trace:
+            from mini_vllm.bench.trace import trace_decode_steps
 
-    config: ModelConfig = engine.model_config
-    workload = offline_256(config.vocab_size)[:num_requests]
-    warm_up(engine)
-    if cuda:
-        floor = physical_floor(config, workload, bandwidth, flops)
+            record["trace"] = trace_decode_steps(engine, requests, Path(args.trace))
+        # Free the GPU now: the server's process (and the peer) load the model again.
+        engine.close()
+        del engine
+        if cuda:
+            torch.cuda.empty_cache()
+    else:
+        config = _model_config(args.model)
+        requests = None if config is None else workload.make(config.vocab_size, num_requests)
+    if cuda and config is not None and requests is not None:
+        floor = physical_floor(config, requests, bandwidth, flops)
         record["floor_seconds"] = floor.seconds
         record["floor_output_tokens_per_s"] = floor.output_tokens_per_s
-    if args.path in ("offline", "both"):
-        record["offline"] = run_offline(engine, workload)
-    if args.path in ("actors", "both"):
-        record["actors"] = run_actors(engine, workload)
-    main_path = record.get("actors") or record["offline"]
+
+    server_error: str | None = None
+    if "server" in args.path:
+        connections = min(args.connections, num_requests)
+        _log(f"[server] starting mini-vllm serve {args.model} for {num_requests} requests over {connections} "
+             f"connections ...")
+        try:
+            record["server"] = run_server(server_argv(args, load_format, num_requests, connections), workload,
+                                          num_requests, connections, args.client_processes)
+        except ServerPathError as exc:
+            server_error = f"the server path: {exc}"
+            if not in_process:  # nothing measured to keep
+                return fail("throughput", server_error, EXIT_ERROR)
+            record["server_error"] = server_error
+    if "offline" in record:
+        for path in ("actors", "server"):
+            if path in record:
+                record[path]["fraction_of_offline"] = (
+                    record[path]["output_tokens_per_s"] / record["offline"]["output_tokens_per_s"])
+    main_path = next(record[p] for p in ("actors", "offline", "server") if p in record)
     record["output_tokens_per_s"] = main_path["output_tokens_per_s"]
     if cuda and "floor_output_tokens_per_s" in record:
         record["floor_fraction"] = record["output_tokens_per_s"] / record["floor_output_tokens_per_s"]
-    if args.trace:
-        from mini_vllm.bench.trace import trace_decode_steps
-
-        record["trace"] = trace_decode_steps(engine, workload, Path(args.trace))
     if args.peer == "transformers":
         if not cuda:
             record["peer_error"] = "the peer runs on a GPU only"
+        elif requests is None:
+            record["peer_error"] = f"the peer needs a preset or a model directory, got {args.model}"
         else:
-            del engine
-            torch.cuda.empty_cache()
             try:
-                record["peer"] = run_peer(args.model, workload, args.peer_timeout)
+                record["peer"] = run_peer(args.model, requests, args.peer_timeout)
                 record["peer_output_tokens_per_s"] = record["peer"]["output_tokens_per_s"]
                 record["ratio_to_peer"] = record["output_tokens_per_s"] / record["peer_output_tokens_per_s"]
             except Exception as exc:  # report the peer's failure in the record, keep our numbers
@@ -339,6 +733,8 @@ def run_throughput(args: argparse.Namespace) -> int:
     if failed is not None:
         return failed
     _log(f"wrote {path}")
+    if server_error is not None:  # the other paths' figures are kept, but the run failed
+        return fail("throughput", server_error, EXIT_ERROR)
     return 0
 
 
@@ -375,10 +771,16 @@ def warm_up(engine: LLMEngine) -> None:
 
 def print_table(record: dict[str, Any]) -> None:
     rows = [("workload", record["workload"]), ("model", record["model"]), ("gpu", record["gpu"])]
-    for path in ("actors", "offline"):
+    for path in PATHS:
         if path in record:
             r = record[path]
-            rows.append((f"{path}: output tok/s", f"{r['output_tokens_per_s']:,.0f} ({r['output_tokens']:,} in {r['seconds']:.2f} s)"))
+            over = (f" over {r['connections']} connections from {r['client_processes']} processes"
+                    if "connections" in r else "")
+            fraction = f"; {r['fraction_of_offline']:.2f} of offline" if "fraction_of_offline" in r else ""
+            rows.append((f"{path}: output tok/s",
+                         f"{r['output_tokens_per_s']:,.0f} ({r['output_tokens']:,} in {r['seconds']:.2f} s{over}{fraction})"))
+    if "server_error" in record:
+        rows.append(("server", record["server_error"]))
     if "cpu_step_ms" in record.get("offline", {}):
         c = record["offline"]["cpu_step_ms"]
         rows.append((f"CPU ms per decode step @{c['running_seqs']} seqs",

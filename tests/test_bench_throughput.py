@@ -1,6 +1,7 @@
 """``mini-vllm bench throughput`` on the CPU: clear errors for bad settings, a short OFFLINE-256 run
-through both paths, the host-time summary of decode steps, the full run refused without CUDA (with
-an estimate), and the JSON in the current directory by default."""
+through both paths, ONLINE-1000 chosen by name, the --path list, the host-time summary of decode
+steps, the full run refused without CUDA (with an estimate), and the JSON in the current directory
+by default. The server path has its own file, test_bench_throughput_server.py."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ import torch
 from mini_vllm import cli
 from mini_vllm.bench import throughput as bench_throughput
 from mini_vllm.bench.env import measure_cpu_peaks
-from mini_vllm.bench.throughput import cpu_step_times
+from mini_vllm.bench.throughput import cpu_step_times, parse_paths
 from mini_vllm.engine.config import PRESETS, ModelConfig
 from mini_vllm.engine.llm_engine import StepTiming
-from mini_vllm.engine.workloads import offline_256, physical_floor
+from mini_vllm.engine.workloads import offline_256, online_1000, physical_floor
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -52,6 +53,25 @@ def test_one_offline_256_request_through_both_paths(
     assert "floor_output_tokens_per_s" not in record  # no GPU, no measured floor
     table = capsys.readouterr().out
     assert "actors: output tok/s" in table and "offline: output tok/s" in table
+
+
+def test_online_1000_is_chosen_by_name(tiny_model: Callable[..., Path], tmp_path: Path) -> None:
+    path = tiny_model("LlamaForCausalLM", max_position_embeddings=2048)
+    argv = ["bench", "throughput", "--model", str(path), "--workload", "ONLINE-1000", "--num-requests", "2",
+            "--path", "offline", "--output-dir", str(tmp_path)]
+    assert cli.main(argv) == 0
+    (out,) = tmp_path.glob("throughput-*.json")
+    record = json.loads(out.read_text())
+    assert record["workload"] == "ONLINE-1000[:2]" and "actors" not in record and "server" not in record
+    assert record["offline"]["output_tokens"] == sum(r.output_len for r in online_1000(300, 2))
+    assert record["output_tokens_per_s"] == record["offline"]["output_tokens_per_s"]
+
+
+def test_paths_are_a_comma_separated_list_in_run_order() -> None:
+    assert parse_paths("both") == ("offline", "actors")  # today's default
+    assert parse_paths("server") == ("server",)
+    assert parse_paths("server, actors,offline") == ("offline", "actors", "server")
+    assert parse_paths("both,server,offline") == ("offline", "actors", "server")
 
 
 def _timing(num_seqs: int, decode_only: bool, ms: float) -> StepTiming:
@@ -109,6 +129,12 @@ def test_the_full_run_is_refused_on_the_cpu_with_an_estimate(
     assert f"the full OFFLINE-256 run of {path} would take at least " in capsys.readouterr().err
     assert cli.main(["bench", "throughput", "--model", str(tmp_path / "missing")]) == 2
     assert "would take hours: pass --num-requests N" in capsys.readouterr().err
+    # The estimate is the chosen workload's.
+    assert cli.main(["bench", "throughput", "--workload", "ONLINE-1000", "--path", "server"]) == 2
+    online = physical_floor(ModelConfig.from_dict(PRESETS["qwen3-0.6b"], "qwen3-0.6b"),
+                            online_1000(PRESETS["qwen3-0.6b"]["vocab_size"]), 50e9, 200e9, bytes_per_param=4).seconds
+    assert f"the full ONLINE-1000 run of qwen3-0.6b would take at least {online / 60:.0f} min" in (
+        capsys.readouterr().err)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -133,6 +159,16 @@ def test_bad_flags_are_one_line_errors_before_loading(
         (["--num-requests", "1", "--output-dir", "a-file"], "--output-dir a-file is a file: give a folder"),
         (["--num-requests", "1", "--output-dir", "a-file/sub"], "a-file is a file, not a folder"),
         (["--num-requests", "x"], "argument --num-requests: invalid int value: 'x'"),
+        (["--num-requests", "1", "--max-model-len", "1000"],
+         "--max-model-len 1000 cannot hold these requests' prompt + output (up to 1458 tokens)"),
+        (["--workload", "ONLINE-1000", "--num-requests", "1001"], "--num-requests must be in 1..1000"),
+        (["--workload", "ONLINE-2000"], "argument --workload: invalid choice: 'ONLINE-2000'"),
+        (["--path", "offline,bogus"], "argument --path: 'bogus' is not a path: give a comma-separated list of "
+                                      "offline, actors, server"),
+        (["--path", "offline,"], "argument --path: '' is not a path"),
+        (["--connections", "0"], "argument --connections: must be an integer >= 1"),
+        (["--client-processes", "0"], "argument --client-processes: must be an integer >= 1"),
+        (["--num-requests", "1", "--serve-args", "'x"], "--serve-args \"'x\": No closing quotation"),
     ]
     for flags, message in cases:
         try:
