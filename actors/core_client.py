@@ -101,7 +101,7 @@ class CoreProxy:
     def statistics(self) -> SchedulerStats:
         if self._stats is None:
             raise RuntimeError("no statistics before the core's first step")
-        return attrs.evolve(self._stats, pending=len(self._streams))
+        return attrs.evolve(self._stats, pending=len(self._streams), available=self._gone is None)
 
     def executor_statistics(self) -> ExecutorStats | None:
         return self._executor

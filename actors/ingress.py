@@ -37,6 +37,7 @@ class ModelInfo:
     max_model_len: int
     vocab_size: int
     has_chat_template: bool
+    available: bool  # False once its engine core has exited: requests to it are refused
 
 
 @attrs.frozen
@@ -69,6 +70,7 @@ class Ingress:
                 max_model_len=e.max_model_len,
                 vocab_size=e.vocab_size,
                 has_chat_template=e.has_chat_template,
+                available=self._schedulers[name].available,
             )
             for name, e in self._engines.items()
         ]

@@ -79,6 +79,7 @@ class SchedulerStats:
     pipelined: bool  # step N+1 is queued on the device before step N's tokens are processed
     engine: EngineStats
     blocks: BlockStats
+    available: bool = True  # False once the model's engine core has exited (the frontend's view)
 
 
 class SchedulerActor:

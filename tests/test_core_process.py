@@ -88,6 +88,9 @@ async def test_a_killed_core_ends_its_requests_and_the_other_model_keeps_serving
             assert rejected.value.code == "engine_core_exited"
             done = await client.complete("Hello", model="b", **greedy(4))
             assert len(done.token_ids) == 4
+            assert {m.name: m.available for m in await client.models()} == {"a": False, "b": True}
+            stats = await client.stats()
+            assert {s["model"]: s["available"] for s in stats["service"]["schedulers"]} == {"a": False, "b": True}
 
 
 def _children(pid: int) -> list[int]:

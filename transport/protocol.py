@@ -339,6 +339,7 @@ class ModelInfo:
     max_model_len: int
     vocab_size: int
     has_chat_template: bool
+    available: bool = True  # False once the model's engine core has exited (older servers omit it)
 
 
 def models_frame(request_id: str | None, models: Sequence[ModelInfo]) -> str:
