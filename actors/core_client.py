@@ -167,8 +167,8 @@ class CoreClient:
         self._link = link
         self._max_pending = max_pending
         self._describe_exit = describe_exit  # why the core is gone, in words (exit status)
-        # Never full in practice: per proxy at most one request and one abort per admitted request
-        # and one fail-all; unbounded would hide a bug, so a bound well above that.
+        # Unbounded, so that the ingress's calls never block: what waits here is bounded anyway, by
+        # admission (one request and at most one abort per admitted request, one fail-all, a stop).
         self._outgoing_send, self._outgoing = trio.open_memory_channel[Any](math.inf)
         self.proxies: dict[str, CoreProxy] = {}
         self.finished = trio.Event()  # the core's link has ended (it stopped, or died)
