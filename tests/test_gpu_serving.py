@@ -1,4 +1,5 @@
-"""On a GPU: two models served at once, each on its own streams, their KV shares within budget."""
+"""On a GPU: two models served at once, each on its own streams (and in its own engine core process),
+their KV shares within budget."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 import trio
 
-from mini_vllm.actors import open_service
+from mini_vllm.actors import ServiceConfig, open_service
 from mini_vllm.engine import LLM, EngineArgs, ModelConfig, SamplingParams
 from mini_vllm.engine.kv_cache import bytes_per_block
 
@@ -22,7 +23,8 @@ PROMPTS = [[5, 6, 7], [9] * 40, list(range(3, 200)), [42] * 17]
 
 
 @pytest.mark.timeout(600)
-async def test_two_models_on_one_gpu_stream_like_each_alone(tiny_model: Callable[..., Path]) -> None:
+@pytest.mark.parametrize("core_process", [False, True], ids=["core-in-process", "core-processes"])
+async def test_two_models_on_one_gpu_stream_like_each_alone(tiny_model: Callable[..., Path], core_process: bool) -> None:
     paths = {"llama": tiny_model("LlamaForCausalLM"), "qwen3": tiny_model("Qwen3ForCausalLM")}
     params = SamplingParams(temperature=0, max_tokens=24)
     # One sequence per step on both sides: a sequence's fp32 logits depend on the batch it runs in
@@ -41,7 +43,9 @@ async def test_two_models_on_one_gpu_stream_like_each_alone(tiny_model: Callable
         for n, p in paths.items()
     ]
     got: dict[tuple[str, int], list[int]] = {}
-    async with open_service(args) as service:
+    # With core processes each model's core is a process of its own on the one GPU; the second
+    # measures its KV share after the first took its own, as in one process.
+    async with open_service(args, ServiceConfig(core_process=core_process)) as service:
 
         async def one(name: str, i: int) -> None:
             ids: list[int] = []
