@@ -132,3 +132,38 @@ async def test_no_core_outlives_a_server_killed_with_sigkill(demo_model_dir: Pat
     finally:
         server.kill()
         await server.wait()
+
+
+async def _answers(url: str) -> list[object]:
+    """Samples with seeds, logprobs and a stop string, and a prompt too long for the model."""
+    got: list[object] = []
+    async with connect(url) as client:
+        per_sample: dict[int, list[object]] = {}
+        async for d in client.generate("Hello", n=2, seed=7, temperature=0.9, max_tokens=12, logprobs=2):
+            per_sample.setdefault(d.index, []).append((d.text, d.token_ids, d.logprobs, d.finish_reason))
+        got.append(sorted(per_sample.items()))
+        full = (await client.complete("abc abc abc", max_tokens=30, temperature=0)).text
+        stop = next(c for c in full[5:] if c.isascii() and c.isalnum())  # a stop string that will occur
+        text, reason = "", None
+        async for d in client.generate("abc abc abc", stop=[stop], max_tokens=30, temperature=0):
+            text += d.text
+            reason = d.finish_reason or reason
+        got.append((text, reason, full.index(stop)))
+        with pytest.raises(RequestRejected) as rejected:
+            await client.complete([3] * 5000, max_tokens=2)
+        got.append((rejected.value.code, str(rejected.value)))
+    return got
+
+
+async def test_sampling_logprobs_stops_and_rejections_cross_the_process_boundary_unchanged(
+    demo_model_dir: Path,
+) -> None:
+    async with running_server([_args(demo_model_dir)], config=IN_A_PROCESS) as (_, server):
+        across = await _answers(server.url)
+    in_process = ServiceConfig(core_process=False, loop_lag_interval=None)
+    async with running_server([_args(demo_model_dir)], config=in_process) as (_, server):
+        here = await _answers(server.url)
+    assert across == here
+    text, reason, at = across[1]  # type: ignore[misc]
+    assert reason == "stop" and len(text) == at  # the text ends where the stop string begins
+    assert across[2][0] == "invalid_request"
