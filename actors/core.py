@@ -264,7 +264,12 @@ async def run_core(link: Link, start: CoreStart) -> None:
     try:
         _set_cpu_threads(engine, config)
         executor = ExecutorThread(engine.name)
-        scheduler = SchedulerActor(engine, executor, config.max_pending_per_model, config.pipelined)
+        # The frontend admits (its count is the limit) and detokenizes. It ends a request at a stop
+        # string before the core hears of it, so the core's own bound leaves room for requests
+        # whose abort is still on its way.
+        scheduler = SchedulerActor(
+            engine, executor, 2 * config.max_pending_per_model, config.pipelined, detokenize=False
+        )
         outbox = Outbox()
         executor.start()
         tokenizer_dir = engine.source_directory if engine.tokenizer is not None else None

@@ -43,6 +43,7 @@ from mini_vllm.actors.request_stream import RequestStream
 from mini_vllm.actors.scheduler import SchedulerStats
 from mini_vllm.actors.service_config import LoadProgress
 from mini_vllm.engine import errors as engine_errors
+from mini_vllm.engine.detokenizer import IncrementalDetokenizer
 from mini_vllm.engine.errors import MiniVllmError, ModelLoadError
 from mini_vllm.engine.sampling_params import SamplingParams
 
@@ -67,6 +68,7 @@ class CoreProxy:
         self._stats: SchedulerStats | None = None
         self._executor: ExecutorStats | None = None
         self._changed = trio.Event()
+        self.tokenizer: Any = None  # set by the service: text is made here, from the core's ids
 
     # ---- the ingress's calls: never block ------------------------------------------------------
     def submit(
@@ -81,8 +83,19 @@ class CoreProxy:
             raise Overloaded(
                 f"model {self.model!r} has {len(self._streams)} requests queued or running (the limit); retry later"
             )
+        if self.tokenizer is not None:
+            stream.detokenize(
+                [IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop) for _ in range(params.n)],
+                self._stopped,
+            )
         self._streams[stream.request_id] = stream
         self._client.send_soon(CoreRequest(self.model, stream.request_id, prompt_token_ids, params, priority, prompt))
+
+    def _stopped(self, stream: RequestStream) -> None:
+        """Stop strings ended the request here: the core aborts it (its blocks free at once)."""
+        if self._streams.pop(stream.request_id, None) is stream and self._gone is None:
+            self._client.send_soon(CoreAbort(self.model, stream.request_id))
+        self._signal()
 
     def abort(self, stream: RequestStream) -> None:
         if self._streams.get(stream.request_id) is stream and self._gone is None:

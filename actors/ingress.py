@@ -6,8 +6,8 @@ into token ids, refuse a duplicate id, then hand a ``RequestStream`` to the mode
 whose admission control answers at once (``Overloaded`` beyond its bounded queue). The scheduler
 pushes outputs into that stream, which is the fan-out: one mailbox per request, no shared queue
 that a slow reader could clog. The "scheduler" here is the model's ``CoreProxy``: the engine core
-(in this process or its own) answers through it. Detokenization happens in the core's engine
-(stop strings need the text), so deltas carry ready text.
+(in this process or its own) answers through it with token ids; each request's stream makes the
+text (incremental detokenization and stop strings) here, in the frontend.
 
 Short prompts are tokenized right here on the event loop (well under a millisecond); long ones go
 to a worker thread, so a megabyte prompt cannot stall other clients.

@@ -15,6 +15,7 @@ from typing import Literal
 import attrs
 import trio
 
+from mini_vllm.engine.detokenizer import IncrementalDetokenizer
 from mini_vllm.engine.outputs import RequestDelta, TokenLogprob
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
@@ -71,6 +72,23 @@ class _Pending:
 _ENGINE_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "cancelled"}
 
 
+def _detokenize(
+    detokenizer: IncrementalDetokenizer, token_ids: tuple[int, ...], logprobs: tuple[TokenLogprob, ...] | None,
+    finish_reason: str | None,
+) -> tuple[tuple[int, ...], str, tuple[TokenLogprob, ...] | None, str | None]:
+    """One sample's ids to text, token by token as the engine would: a stop string completed by a
+    token ends the sample there (that token kept, the text cut before the stop string)."""
+    for k, token in enumerate(token_ids):
+        detokenizer.add_tokens([token])
+        if detokenizer.stopped_by is not None:
+            kept = k + 1
+            text = detokenizer.take(final=True)
+            return token_ids[:kept], text, logprobs[:kept] if logprobs is not None else None, "stop"
+    if finish_reason is not None:
+        detokenizer.finish()
+    return token_ids, detokenizer.take(final=finish_reason is not None), logprobs, finish_reason
+
+
 class RequestStream:
     """The mailbox between one request's scheduler and its consumer (see the module docstring)."""
 
@@ -89,6 +107,15 @@ class RequestStream:
         self._done = False  # no more input will come (finished, cancelled, failed or rejected)
         self._delivered_last = False
         self.cancel_requested = False
+        self._text: list[IncrementalDetokenizer] | None = None
+        self._on_stop: Callable[[RequestStream], None] | None = None
+
+    def detokenize(self, detokenizers: list[IncrementalDetokenizer], on_stop: Callable[[RequestStream], None]) -> None:
+        """Make the text here, one detokenizer per sample, from the token ids pushed (the engine
+        core sends ids only). A stop string ends its sample at once; when every sample has ended
+        so before the core says so, ``on_stop`` tells the core to abort the request."""
+        self._text = detokenizers
+        self._on_stop = on_stop
 
     # ---- producer side (the scheduler's task) -----------------------------------------------------
     @property
@@ -113,6 +140,10 @@ class RequestStream:
         for index, token_ids, text, logprobs, finish_reason in samples:
             if not 0 <= index < self.n or self._finished[index]:
                 continue
+            if self._text is not None:
+                token_ids, text, logprobs, finish_reason = _detokenize(
+                    self._text[index], token_ids, logprobs, finish_reason
+                )
             p = self._pending.setdefault(index, _Pending())
             p.token_ids.extend(token_ids)
             if text:
@@ -125,6 +156,10 @@ class RequestStream:
                 self._finished[index] = True
         if finished:
             self._end_unfinished("cancelled")  # the engine finished the request: no sample stays open
+        elif all(self._finished):  # stop strings ended every sample here: the core is still at it
+            self._done = True
+            if self._on_stop is not None:
+                self._on_stop(self)
         self._ready.set()
 
     def set_prompt_tokens(self, count: int) -> None:

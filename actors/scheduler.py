@@ -84,9 +84,11 @@ class SchedulerStats:
 
 class SchedulerActor:
     def __init__(
-        self, engine: LLMEngine, executor: ExecutorThread, max_pending: int, pipelined: bool | None = None
+        self, engine: LLMEngine, executor: ExecutorThread, max_pending: int, pipelined: bool | None = None,
+        detokenize: bool = True,
     ) -> None:
         self.engine = engine
+        self.detokenize = detokenize  # False: the frontend turns the ids into text (the engine core)
         self.model = engine.name
         self.executor = executor
         self.max_pending = max_pending
@@ -246,7 +248,8 @@ class SchedulerActor:
             return
         try:
             self.engine.add_request(
-                stream.request_id, msg.prompt_token_ids, msg.params, msg.priority, prompt=msg.prompt
+                stream.request_id, msg.prompt_token_ids, msg.params, msg.priority, prompt=msg.prompt,
+                detokenize=self.detokenize,
             )
         except MiniVllmError as exc:  # InvalidRequest: too long, ids out of vocabulary, ...
             stream.reject(exc)

@@ -280,6 +280,7 @@ async def open_service(
                 ready = await core.client.handshake(on_progress)
                 fronts[ready.name] = await trio.to_thread.run_sync(_prompt_encoder, ready)
                 rules[ready.name] = ready.kv_rule
+                core.client.proxies[ready.name].tokenizer = fronts[ready.name].tokenizer
                 await nursery.start(core.client.run)
                 proxies.update(core.client.proxies)
             for proxy in proxies.values():  # the first statistics arrive with the core's first message

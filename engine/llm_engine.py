@@ -237,12 +237,15 @@ class LLMEngine:
             raise InvalidRequest("stop strings need a tokenizer; this model has none (use stop_token_ids)")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0,
-                    prompt: str | None = None) -> None:
+                    prompt: str | None = None, detokenize: bool = True) -> None:
+        """``detokenize=False``: no text and no stop strings here (a frontend does both on the
+        token ids and aborts the request at a stop string)."""
         self._check_open()
         if request_id in self.requests:
             raise InvalidRequest(f"request id {request_id!r} is already in flight")
         self.validate_request(prompt_token_ids, params)
-        request = Request(request_id, prompt, list(prompt_token_ids), params, priority, next(self._arrivals))
+        request = Request(request_id, prompt, list(prompt_token_ids), params, priority, next(self._arrivals),
+                          detokenize=detokenize)
         seq = self._new_sequence(request, 0, list(prompt_token_ids))
         self.requests[request_id] = request
         self.scheduler.add(seq)
@@ -250,7 +253,7 @@ class LLMEngine:
     def _new_sequence(self, request: Request, index: int, token_ids: list[int]) -> Sequence:
         detok = (
             IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, request.params.stop)
-            if self.tokenizer is not None
+            if self.tokenizer is not None and request.detokenize
             else None
         )
         seq = Sequence(next(self._seq_ids), request, index, token_ids, detok)

@@ -32,6 +32,8 @@ class Request:
     arrival: int  # a counter, not a clock: FCFS order is exact and tests are deterministic
     sequences: list[Sequence] = attrs.field(factory=list)
     forked: bool = False  # n > 1 samples have been split off after the prefill
+    # Text and stop strings here (False: the engine core's frontend detokenizes; deltas carry ids)
+    detokenize: bool = True
 
     @property
     def finished(self) -> bool:

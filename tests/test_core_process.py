@@ -167,3 +167,35 @@ async def test_sampling_logprobs_stops_and_rejections_cross_the_process_boundary
     text, reason, at = across[1]  # type: ignore[misc]
     assert reason == "stop" and len(text) == at  # the text ends where the stop string begins
     assert across[2][0] == "invalid_request"
+
+
+@pytest.mark.parametrize("core_process", [False, True], ids=["in-process", "own-process"])
+async def test_stop_strings_made_in_the_frontend_equal_the_offline_engine(
+    demo_model_dir: Path, reference: Reference, core_process: bool
+) -> None:
+    """The frontend detokenizes and ends a sample at its stop string (the core only sees ids and
+    an abort): text, ids and reasons as the offline engine, which checks stop strings itself."""
+    config = ServiceConfig(core_process=core_process, loop_lag_interval=None)
+    cases = []
+    for prompt in PROMPTS:
+        full = reference(prompt, **greedy(24))
+        picks = [c for c in full.text[3:] if c.isascii() and c.isalnum()]
+        cases.append((prompt, [picks[0], "never-there"] if picks else ["never-there"]))
+    async with running_server([_args(demo_model_dir)], config=config) as (service, server):
+        async with connect(server.url) as client:
+            for prompt, stop in cases:
+                done = await client.complete(prompt, stop=stop, **greedy(24))
+                want = reference(prompt, stop=stop, **greedy(24))
+                assert (done.text, list(done.token_ids), done.finish_reason) == (
+                    want.text, list(want.token_ids), want.finish_reason), (prompt, stop)
+                assert done.usage.completion_tokens == len(want.token_ids)
+            # n > 1: each sample stops on its own; the request ends when the last one does
+            samples: dict[int, str] = {}
+            reasons: dict[int, str] = {}
+            async for d in client.generate("Hello", n=3, seed=3, temperature=1.0, max_tokens=40, stop=["a", "e"]):
+                samples[d.index] = samples.get(d.index, "") + d.text
+                if d.finish_reason is not None:
+                    reasons[d.index] = d.finish_reason
+        assert set(reasons) == {0, 1, 2}
+        assert all("a" not in t and "e" not in t for t in samples.values())
+        await wait_blocks_released(service)
