@@ -19,7 +19,6 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -31,9 +30,10 @@ from mini_vllm.actors.executor import ExecutorStats, ExecutorThread
 from mini_vllm.actors.link import Link, SocketLink
 from mini_vllm.actors.scheduler import SchedulerActor, SchedulerStats
 from mini_vllm.actors.service_config import LoadProgress, ServiceConfig
-from mini_vllm.engine.config import PRESETS, EngineArgs
+from mini_vllm.engine.config import EngineArgs
 from mini_vllm.engine.errors import ConfigError, MiniVllmError
 from mini_vllm.engine.llm_engine import LLMEngine
+from mini_vllm.engine.loader import served_name
 from mini_vllm.engine.outputs import RequestDelta
 from mini_vllm.engine.sampling_params import SamplingParams
 
@@ -192,20 +192,6 @@ class Outbox:
 
 
 # ---- loading ----------------------------------------------------------------------------------
-def served_name(args: EngineArgs) -> str:
-    """The name clients will pick the model by, known without loading it: the loader's rule
-    (``engine.loader.resolve_model``): model_name, else "demo", a preset's name, a directory's
-    last component, or the hub id."""
-    if args.model_name:
-        return args.model_name
-    if args.model is None:
-        return "demo"
-    if args.model in PRESETS:
-        return args.model
-    path = Path(args.model).expanduser()
-    return path.name if path.is_dir() else args.model
-
-
 def check_model_names(models: Sequence[EngineArgs | LLMEngine]) -> None:
     """Raise ConfigError if two of ``models`` would be served under one name."""
     seen: dict[str, str] = {}

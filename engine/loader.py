@@ -47,28 +47,42 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mini-vllm"
 
 
+def served_name(args: EngineArgs) -> str:
+    """The name a model is served (and picked by clients) under, known without loading it:
+    ``model_name``, else "demo", a preset's name, a directory's last component, or the hub id."""
+    if args.model_name:
+        return args.model_name
+    if args.model is None:
+        return "demo"
+    if args.model in PRESETS:
+        return args.model
+    path = Path(args.model).expanduser()
+    return path.name if path.is_dir() else args.model
+
+
 def resolve_model(args: EngineArgs) -> ModelSource:
     """Turn ``args.model`` into a config and a directory, building or fetching what is needed."""
     dummy = args.load_format == "dummy"
     model = args.model
+    name = served_name(args)
     if model is None:
         from mini_vllm.engine.demo_model import ensure_demo_model
 
         directory = ensure_demo_model(default_cache_dir())
-        return ModelSource(args.model_name or "demo", ModelConfig.from_file(directory / "config.json"), directory, dummy)
+        return ModelSource(name, ModelConfig.from_file(directory / "config.json"), directory, dummy)
     if model in PRESETS:
         if not dummy:
             raise ModelLoadError(
                 f"{model!r} is a preset of shapes only: use load_format='dummy' (random weights) or give a model directory"
             )
-        return ModelSource(args.model_name or model, ModelConfig.from_dict(PRESETS[model], model), None, True)
+        return ModelSource(name, ModelConfig.from_dict(PRESETS[model], model), None, True)
     path = Path(model).expanduser()
     if path.is_dir():
-        return ModelSource(args.model_name or path.name, ModelConfig.from_file(path / "config.json"), path, dummy)
+        return ModelSource(name, ModelConfig.from_file(path / "config.json"), path, dummy)
     if path.exists():
         raise ModelLoadError(f"{model}: is a file; give the model's directory (with config.json)")
     directory = _download_from_hub(model, dummy)
-    return ModelSource(args.model_name or model, ModelConfig.from_file(directory / "config.json"), directory, dummy)
+    return ModelSource(name, ModelConfig.from_file(directory / "config.json"), directory, dummy)
 
 
 def _download_from_hub(model_id: str, dummy: bool) -> Path:

@@ -13,9 +13,9 @@ import trio
 
 from mini_vllm import cli
 from mini_vllm.actors import open_service
-from mini_vllm.actors.core import check_model_names, served_name
+from mini_vllm.actors.core import check_model_names
 from mini_vllm.engine import ConfigError, EngineArgs
-from mini_vllm.engine.loader import resolve_model
+from mini_vllm.engine.loader import resolve_model, served_name
 from mini_vllm.transport import commands, flags
 from mini_vllm.transport.client import ConnectionLost, InvalidURL, connect
 
