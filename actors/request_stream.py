@@ -16,7 +16,7 @@ import attrs
 import trio
 
 from mini_vllm.engine.detokenizer import IncrementalDetokenizer
-from mini_vllm.engine.outputs import RequestDelta, TokenLogprob
+from mini_vllm.engine.outputs import TokenLogprob
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 # One sample's news as it crosses the core's boundary: (index, token_ids, text, logprobs, finish_reason)
@@ -121,14 +121,6 @@ class RequestStream:
     @property
     def done(self) -> bool:
         return self._done
-
-    def push(self, delta: RequestDelta) -> None:
-        """Merge one engine delta (see ``push_parts``)."""
-        self.push_parts(
-            delta.num_prompt_tokens,
-            delta.finished,
-            [(s.index, s.token_ids, s.text, s.logprobs, s.finish_reason) for s in delta.samples],
-        )
 
     def push_parts(self, num_prompt_tokens: int, finished: bool, samples: Iterable[SampleParts]) -> None:
         """Merge one step's news, each sample as ``(index, token_ids, text, logprobs, finish_reason)``:
