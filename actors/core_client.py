@@ -184,6 +184,7 @@ class CoreClient:
         # admission (one request and at most one abort per admitted request, one fail-all, a stop).
         self._outgoing_send, self._outgoing = trio.open_memory_channel[Any](math.inf)
         self.proxies: dict[str, CoreProxy] = {}
+        self.running = False  # run() has started: the core's messages are being read
         self.finished = trio.Event()  # the core's link has ended (it stopped, or died)
 
     async def handshake(self, on_progress: Callable[[LoadProgress], None] | None) -> CoreModel:
@@ -213,11 +214,12 @@ class CoreClient:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._send_loop)
+            self.running = True
             task_status.started()
             await self._receive_loop()
             nursery.cancel_scope.cancel()
 
-    async def stop(self, message: str) -> None:
+    def stop(self, message: str) -> None:
         """Ask the core to stop; what it ends on the way out still arrives through ``run``."""
         self.send_soon(CoreStop(message))
 

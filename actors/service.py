@@ -342,23 +342,24 @@ async def _stop_core(core: _Core) -> None:
     """Ask the core to stop and wait for it (what it ends on the way out reaches the streams);
     a core process that does not stop within its grace is killed, never left behind."""
     client = core.client
-    if not client.proxies and core.process is not None:  # still loading: no request to end, and
-        core.process.kill()  # a load cannot be interrupted halfway (it runs in a thread)
-        await core.process.wait()
+    if not client.running:  # it never served (still loading, or it failed to): no request to end
+        if core.process is not None:  # a load cannot be interrupted halfway (it runs in a thread)
+            core.process.kill()
+            await core.process.wait()
         with contextlib.suppress(Exception):
             await core.link.aclose()
-        return
+        return  # an in-process core is cancelled with the service's nursery
     for proxy in client.proxies.values():
         proxy.fail_all("shutting_down", "the service has stopped")
-    await client.stop("the service has stopped")
+    client.stop("the service has stopped")
     with trio.move_on_after(_CORE_STOP_GRACE) as waited:
         await client.finished.wait()  # the core's last messages have landed
         if core.process is not None:
             await core.process.wait()
     if core.process is not None and waited.cancelled_caught:
-            log.error("the engine core did not stop within %.0f s: killing it", _CORE_STOP_GRACE)
-            core.process.kill()
-            await core.process.wait()
+        log.error("the engine core did not stop within %.0f s: killing it", _CORE_STOP_GRACE)
+        core.process.kill()
+        await core.process.wait()
     for proxy in client.proxies.values():
         proxy.close("the service has stopped")
     with contextlib.suppress(Exception):

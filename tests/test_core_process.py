@@ -138,17 +138,24 @@ async def _answers(url: str) -> list[object]:
     """Samples with seeds, logprobs and a stop string, and a prompt too long for the model."""
     got: list[object] = []
     async with connect(url) as client:
-        per_sample: dict[int, list[object]] = {}
+        # Per sample, the whole of it: how deltas are merged depends on timing, not on the boundary.
+        text: dict[int, str] = {}
+        ids: dict[int, list[int]] = {}
+        logprobs: dict[int, list[object]] = {}
+        reasons: dict[int, str | None] = {}
         async for d in client.generate("Hello", n=2, seed=7, temperature=0.9, max_tokens=12, logprobs=2):
-            per_sample.setdefault(d.index, []).append((d.text, d.token_ids, d.logprobs, d.finish_reason))
-        got.append(sorted(per_sample.items()))
+            text[d.index] = text.get(d.index, "") + d.text
+            ids.setdefault(d.index, []).extend(d.token_ids)
+            logprobs.setdefault(d.index, []).extend(d.logprobs or ())
+            reasons[d.index] = d.finish_reason or reasons.get(d.index)
+        got.append([(i, text[i], ids[i], logprobs[i], reasons[i]) for i in sorted(text)])
         full = (await client.complete("abc abc abc", max_tokens=30, temperature=0)).text
         stop = next(c for c in full[5:] if c.isascii() and c.isalnum())  # a stop string that will occur
-        text, reason = "", None
+        cut, reason = "", None
         async for d in client.generate("abc abc abc", stop=[stop], max_tokens=30, temperature=0):
-            text += d.text
+            cut += d.text
             reason = d.finish_reason or reason
-        got.append((text, reason, full.index(stop)))
+        got.append((cut, reason, full.index(stop)))
         with pytest.raises(RequestRejected) as rejected:
             await client.complete([3] * 5000, max_tokens=2)
         got.append((rejected.value.code, str(rejected.value)))
@@ -164,6 +171,7 @@ async def test_sampling_logprobs_stops_and_rejections_cross_the_process_boundary
     async with running_server([_args(demo_model_dir)], config=in_process) as (_, server):
         here = await _answers(server.url)
     assert across == here
+    assert [len(sample[2]) for sample in across[0]] == [12, 12]  # type: ignore[index]
     text, reason, at = across[1]  # type: ignore[misc]
     assert reason == "stop" and len(text) == at  # the text ends where the stop string begins
     assert across[2][0] == "invalid_request"
@@ -199,3 +207,16 @@ async def test_stop_strings_made_in_the_frontend_equal_the_offline_engine(
         assert set(reasons) == {0, 1, 2}
         assert all("a" not in t and "e" not in t for t in samples.values())
         await wait_blocks_released(service)
+
+
+@pytest.mark.parametrize("core_process", [False, True], ids=["in-process", "own-process"])
+async def test_a_model_that_fails_to_load_is_reported_at_once(tmp_path: Path, core_process: bool) -> None:
+    from mini_vllm.engine import ModelLoadError
+
+    config = ServiceConfig(core_process=core_process, loop_lag_interval=None)
+    # Within less than the 10 s grace a running core gets to stop: a core that never served has
+    # nothing to end, so the error comes at once (a process needs a few seconds to import torch).
+    with trio.fail_after(8 if core_process else 5):
+        with pytest.raises(ModelLoadError, match="no such directory"):
+            async with running_server([EngineArgs(model=str(tmp_path / "missing"))], config=config):
+                pass
