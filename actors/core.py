@@ -254,7 +254,7 @@ async def run_core(link: Link, start: CoreStart) -> None:
         # string before the core hears of it, so the core's own bound leaves room for requests
         # whose abort is still on its way.
         scheduler = SchedulerActor(
-            engine, executor, 2 * config.max_pending_per_model, config.pipelined, detokenize=False
+            engine, executor, 2 * config.max_pending_per_model, detokenize=False
         )
         outbox = Outbox()
         executor.start()

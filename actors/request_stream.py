@@ -125,8 +125,14 @@ class RequestStream:
     def push_parts(self, num_prompt_tokens: int, finished: bool, samples: Iterable[SampleParts]) -> None:
         """Merge one step's news, each sample as ``(index, token_ids, text, logprobs, finish_reason)``:
         the form a delta crosses the engine core's boundary in (tuples pickle ten times faster than
-        records). Ignored once cancelled: an aborted request shows no more output."""
-        if self._done or self.cancel_requested:
+        records). Once cancelled, an aborted request shows no more output; but if this is the
+        request's end (the core finished it before the abort arrived), it ends here, cancelled:
+        the core will not speak of it again, so each request still ends exactly once."""
+        if self._done:
+            return
+        if self.cancel_requested:
+            if finished:
+                self.finish_cancelled()
             return
         self._num_prompt_tokens = num_prompt_tokens
         for index, token_ids, text, logprobs, finish_reason in samples:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 import attrs
 import trio
@@ -30,8 +29,10 @@ from mini_vllm.actors.executor import ExecutorThread
 from mini_vllm.actors.request_stream import RequestStream
 from mini_vllm.engine.block_manager import BlockStats
 from mini_vllm.engine.errors import MiniVllmError
-from mini_vllm.engine.llm_engine import EngineStats, LLMEngine, ScheduledBatch
+from mini_vllm.engine.llm_engine import EngineStats, LLMEngine
+from mini_vllm.engine.outputs import RequestDelta
 from mini_vllm.engine.sampling_params import SamplingParams
+from mini_vllm.engine.step_loop import StepLoop, StepResult
 
 log = logging.getLogger(__name__)
 _SPARE_INBOX = 16  # room for the fail-all message, beyond three per admitted request
@@ -61,12 +62,6 @@ _Message = Submit | Abort | FailAll
 
 
 @attrs.frozen
-class _InFlight:
-    batch: ScheduledBatch
-    handle: Any  # the engine's StepHandle
-
-
-@attrs.frozen
 class SchedulerStats:
     model: str
     pending: int  # admitted and not yet finished (the admission-control count)
@@ -83,19 +78,15 @@ class SchedulerStats:
 
 
 class SchedulerActor:
-    def __init__(
-        self, engine: LLMEngine, executor: ExecutorThread, max_pending: int, pipelined: bool | None = None,
-        detokenize: bool = True,
-    ) -> None:
+    def __init__(self, engine: LLMEngine, executor: ExecutorThread, max_pending: int, detokenize: bool = True) -> None:
         self.engine = engine
         self.detokenize = detokenize  # False: the frontend turns the ids into text (the engine core)
         self.model = engine.name
         self.executor = executor
         self.max_pending = max_pending
-        # On a GPU, launching is asynchronous: queue step N+1 before processing step N, so the device
-        # never waits for Python. On the CPU a launch *is* the whole step, so pipelining would only
-        # delay each token by a step: run schedule -> execute -> process in order there.
-        self.pipelined = pipelined if pipelined is not None else engine.async_scheduling
+        # The engine's step loop, driven here with the device jobs on the executor thread; one step
+        # ahead where the engine schedules asynchronously (GPUs).
+        self.loop = StepLoop(engine.async_scheduling)
         self._send, self._inbox = trio.open_memory_channel[_Message](3 * max_pending + _SPARE_INBOX)
         self._streams: dict[str, RequestStream] = {}
         self._pending = 0
@@ -159,15 +150,14 @@ class SchedulerActor:
     # ---- the loop --------------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
-        in_flight: _InFlight | None = None
         while True:
-            if in_flight is None and not self.engine.has_unfinished_requests():
+            if not self.loop.has_work(self.engine):
                 self._handle(await self._inbox.receive())
             self._drain()
             try:
-                in_flight, progressed = await self._step(in_flight)
+                progressed = await self._step()
             except Exception as exc:  # a failing step must not take the server down
-                in_flight = None
+                self.loop.reset()
                 self._step_failed(exc)
                 continue
             self._drain()  # aborts that arrived during the step take effect now
@@ -175,48 +165,37 @@ class SchedulerActor:
             if not progressed:  # nothing can run until something changes: wait for a message
                 self._handle(await self._inbox.receive())
 
-    async def _step(self, in_flight: _InFlight | None) -> tuple[_InFlight | None, bool]:
-        """One turn of the loop; returns the launched step still in flight, and whether work was done."""
+    async def _step(self) -> bool:
+        """One turn of the step loop, its device jobs on the executor thread; whether work was done."""
         t0 = time.perf_counter()
-        if in_flight is not None and not self.engine.can_schedule_ahead():
-            # Penalties need the real tokens of the step in flight before the next can be scheduled.
-            self._deliver(in_flight.batch, await self.executor.run(self.engine.collect, in_flight.handle))
-            in_flight = None
-        t1 = time.perf_counter()
-        batch = self.engine.schedule() if self.engine.has_unfinished_requests() else None
-        self._busy += time.perf_counter() - t1
-        if not self.pipelined:
-            if batch is None:
-                return None, False
-            self._deliver(batch, await self.executor.run(self.engine.execute, batch))
+        steps = self.loop.step(self.engine)
+        busy = time.perf_counter()
+        try:
+            job = next(steps)
+            while True:
+                self._busy += time.perf_counter() - busy
+                result = await self.executor.run(job)
+                busy = time.perf_counter()
+                job = steps.send(result)
+        except StopIteration as done:
+            self._busy += time.perf_counter() - busy
+            outcome: StepResult = done.value
+        self._deliver(outcome.deltas)
+        if outcome.progressed:
+            self._steps += 1
             self._last_step = time.perf_counter() - t0
-            return None, True
-        if batch is None and in_flight is None:
-            return None, False
-        # One executor job: queue step N+1 behind step N on the device, then wait for N's tokens.
-        handle, output = await self.executor.run(self._launch_then_collect, batch, in_flight)
-        if in_flight is not None and output is not None:
-            self._deliver(in_flight.batch, output)  # the device runs step N+1 meanwhile
-        self._last_step = time.perf_counter() - t0
-        return (_InFlight(batch, handle) if batch is not None else None), True
+        return outcome.progressed
 
-    def _launch_then_collect(self, batch: ScheduledBatch | None, in_flight: _InFlight | None) -> tuple[Any, Any]:
-        # Runs on the executor thread: the only place that touches the device.
-        handle = self.engine.launch(batch) if batch is not None else None
-        output = self.engine.collect(in_flight.handle) if in_flight is not None else None
-        return handle, output
-
-    def _deliver(self, batch: ScheduledBatch, output: Any) -> None:
-        """Land a step's tokens (on this task) and push each request's delta into its stream."""
+    def _deliver(self, deltas: list[RequestDelta]) -> None:
+        """Push each request's delta of the landed step(s) into its stream."""
         t0 = time.perf_counter()
-        for delta in self.engine.process(batch, output):
+        for delta in deltas:
             stream = self._streams.get(delta.request_id)
             if stream is None:
                 continue
             stream.push(delta)
             if delta.finished:
                 self._forget(stream)
-        self._steps += 1
         self._busy += time.perf_counter() - t0
 
     def _drain(self) -> None:
@@ -302,7 +281,7 @@ class SchedulerActor:
             step_errors=self._step_errors,
             last_step_seconds=self._last_step,
             busy_seconds=self._busy,
-            pipelined=self.pipelined,
+            pipelined=self.loop.pipelined,
             engine=self.engine.statistics(),
             blocks=self.engine.block_manager.statistics(),
         )

@@ -13,7 +13,6 @@ from mini_vllm.engine.errors import ConfigError
 class ServiceConfig:
     max_pending_per_model: int = attrs.field(default=256)  # admitted and unfinished requests per model
     loop_lag_interval: float | None = 0.01  # None: do not run the lag monitor
-    pipelined: bool | None = None  # queue step N+1 before processing step N; None: on GPUs only
     # torch's intra-op threads when a model runs on the CPU. None: one fewer than the cores, so the
     # event loop keeps a core (on 2 cores, 2 torch threads tripled the demo's TPOT under load:
     # 22 ms against 6.5 ms with 1, docs/serving.md). Process-wide, as torch's setting is.

@@ -1,8 +1,8 @@
 """``mini-vllm bench memory``: how much of the KV memory holds real tokens, paged against contiguous.
 
 No model and no device. The engine's own policy objects (``Scheduler`` and ``BlockManager``, with
-real ``Request`` and ``Sequence`` records) are driven step by step without look-ahead, as the
-scheduler actor drives the engine on the CPU: schedule a step, then land it through the engine's
+real ``Request`` and ``Sequence`` records) are driven by the engine's own step loop
+(``engine.step_loop``), serial as on the CPU: schedule a step, then land it through the engine's
 own ``engine.landing.land_step`` (publish full blocks to the prefix cache, fork ``n > 1`` samples
 after the prefill, place the token, finish a sequence at ``max_tokens`` / ``max_model_len`` and free
 its blocks). Where the engine would run the model, made-up token ids are landed instead: KV memory
@@ -63,6 +63,7 @@ from mini_vllm.engine.model_runner import ModelOutput
 from mini_vllm.engine.sampling_params import SamplingParams
 from mini_vllm.engine.scheduler import Scheduler, SchedulerOutput
 from mini_vllm.engine.sequence import Request, SeqStatus, Sequence
+from mini_vllm.engine.step_loop import StepLoop
 from mini_vllm.engine.workloads import offline_256
 from mini_vllm.transport.flags import EXIT_ERROR
 
@@ -172,6 +173,8 @@ class PolicyReplay:
         self._next_token = 1 << 32  # made-up token ids, beyond any vocabulary
         self._started: set[int] = set()  # sequences scheduled since their (re)admission
         self.sequences: dict[int, Sequence] = {}  # every sequence by id, for reservations keyed by seq id
+        self.loop = StepLoop(pipelined=False)  # the engine's own step loop, serial as on the CPU
+        self._observe: Observer | None = None
 
     def add(self, request: ReplayRequest) -> None:
         if len(request.prompt_token_ids) >= self.max_model_len:
@@ -192,12 +195,12 @@ class PolicyReplay:
         pending = sorted(requests, key=lambda r: r.arrival_step)  # stable: equal steps keep their order
         nxt = 0
         step = 0
+        self._observe = observe
         while nxt < len(pending) or self.scheduler.has_work():
             while nxt < len(pending) and pending[nxt].arrival_step <= step:
                 self.add(pending[nxt])
                 nxt += 1
-            out = self.scheduler.schedule()
-            if not out.seqs:
+            if not self.loop.run(self).progressed:
                 if nxt == len(pending):
                     raise RuntimeError(
                         f"nothing can be scheduled and nothing else will arrive: the pool of "
@@ -205,9 +208,6 @@ class PolicyReplay:
                     )
                 step = max(step + 1, pending[nxt].arrival_step)  # idle until the next arrival
                 continue
-            if observe is not None:
-                observe(self, out)
-            self._land(out)
             self.steps += 1
             step += 1
         return ReplaySummary(
@@ -221,8 +221,38 @@ class PolicyReplay:
             blocks=self.block_manager.statistics(),
         )
 
-    def _land(self, out: SchedulerOutput) -> None:
-        """Count the step from the schedule, then land it as ``LLMEngine.process`` does, with made-up tokens."""
+    # ---- what the engine's step loop drives (``engine.step_loop.Steppable``) -----------------------
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    def can_schedule_ahead(self) -> bool:
+        return False  # the loop is serial here: every step lands before the next is scheduled
+
+    def schedule(self, in_flight: Any = None) -> SchedulerOutput | None:
+        out = self.scheduler.schedule()
+        if not out.seqs:
+            return None
+        if self._observe is not None:
+            self._observe(self, out)
+        return out
+
+    def launch(self, out: SchedulerOutput) -> ModelOutput:
+        """Where the engine runs the model: a fresh made-up id per sampled token, so that no two
+        sequences' outputs match, as real samples would not (a shared output block would be a
+        prefix-cache hit no real run gets)."""
+        rows = sum(s.num_samples for s in out.seqs)
+        tokens = list(range(self._next_token, self._next_token + rows))
+        self._next_token += rows
+        return ModelOutput(tokens, None, None)
+
+    def collect(self, output: ModelOutput) -> ModelOutput:
+        return output
+
+    def batch_shape(self, out: SchedulerOutput) -> tuple[int, int, bool]:
+        return len(out.seqs), sum(s.num_new_tokens for s in out.seqs), False
+
+    def process(self, out: SchedulerOutput, output: ModelOutput) -> list[Any]:
+        """Count the step from the schedule, then land it as ``LLMEngine.process`` does."""
         self.cow_copies += len(out.copies)
         for victim in out.preempted:
             self._started.discard(victim.seq_id)
@@ -235,17 +265,12 @@ class PolicyReplay:
                 self.tokens_reused += s.start
             self.tokens_computed += s.num_new_tokens
             self.prompt_tokens_computed += max(0, min(s.end, seq.num_prompt_tokens) - s.start)
-        # A fresh id per sampled token: no two sequences' outputs match, as real samples would not
-        # (a shared output block would be a prefix-cache hit no real run gets).
-        rows = sum(s.num_samples for s in out.seqs)
-        tokens = list(range(self._next_token, self._next_token + rows))
-        self._next_token += rows
-        landed = land_step(out, ModelOutput(tokens, None, None), self.scheduler, self._new_sequence, (),
-                           self.max_model_len)
+        landed = land_step(out, output, self.scheduler, self._new_sequence, (), self.max_model_len)
         self.output_tokens += landed.generation_tokens
         for s in out.seqs:
             if s.num_samples > 1:  # forked beside a running parent: shares its blocks, nothing came from the cache
                 self._started.update(c.seq_id for c in s.seq.request.sequences[1:] if c.status is SeqStatus.RUNNING)
+        return []  # no deltas: nobody reads the made-up tokens
 
 
 # ---- measurement 1: where the memory goes, step by step -------------------------------------------------

@@ -34,8 +34,9 @@ import trio
 from mini_vllm.bench.command import HelpFormatter, fail, interruptible, unwritable, write_text
 from mini_vllm.bench.env import load_engine, measure_cpu_peaks, measure_gpu_peaks, model_config, versions
 from mini_vllm.engine.config import PRESETS, EngineArgs, ModelConfig
-from mini_vllm.engine.llm_engine import LLMEngine, StepTiming
+from mini_vllm.engine.llm_engine import LLMEngine
 from mini_vllm.engine.sampling_params import SamplingParams
+from mini_vllm.engine.step_loop import StepTiming
 from mini_vllm.engine.workloads import WorkloadRequest, offline_256, online_1000, physical_floor
 from mini_vllm.transport.flags import EXIT_ERROR, leaf_exceptions, positive_int
 

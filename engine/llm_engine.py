@@ -1,9 +1,10 @@
 """The engine: one model, its KV cache, its scheduler; requests in, per-step deltas out.
 
-The three halves of a step are separate calls so that the serving layer can put them on
-different threads: ``schedule`` (CPU policy and input preparation), ``execute`` (the model and
-the sampler; the only call that touches the device) and ``process`` (append tokens, check stops,
-detokenize, free finished sequences). ``step`` is the three in a row.
+The parts of a step are separate calls so that a driver can put them on different threads:
+``schedule`` (CPU policy and input preparation), ``launch`` and ``collect`` (the model and the
+sampler; the only calls that touch the device) and ``process`` (append tokens, check stops,
+detokenize, free finished sequences). ``engine.step_loop.StepLoop`` strings them together, one
+step ahead on a GPU; ``step`` is one turn of the engine's own loop.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import gc
 import itertools
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,25 +31,13 @@ from mini_vllm.engine.prompts import PromptEncoder
 from mini_vllm.engine.sampling_params import SamplingParams
 from mini_vllm.engine.scheduler import Scheduler, SchedulerOutput
 from mini_vllm.engine.sequence import Request, SeqStatus, Sequence
+from mini_vllm.engine.step_loop import StepLoop, StepTiming
 
 
 @attrs.frozen
 class ScheduledBatch:
     scheduled: SchedulerOutput
     inputs: StepInputs
-
-
-@attrs.frozen
-class StepTiming:
-    """Host time of one ``step`` (benchmarks turn this on with ``engine.step_timings = []``)."""
-
-    num_seqs: int  # sequences in the step launched
-    num_tokens: int
-    decode_only: bool
-    schedule_s: float  # scheduling + input preparation
-    launch_s: float  # filling buffers and enqueueing the device work
-    wait_s: float  # blocked on the previous step's tokens (the GPU still busy)
-    process_s: float  # landing tokens, stops, deltas
 
 
 @attrs.frozen
@@ -108,12 +96,9 @@ class LLMEngine:
             self.block_manager, args.max_num_seqs, args.max_num_batched_tokens, max_model_len,
             chunked_prefill=args.enable_chunked_prefill,
         )
-        self._inflight: tuple[ScheduledBatch, StepHandle] | None = None  # step()'s own pipeline
-        self.async_scheduling = (
-            args.async_scheduling if args.async_scheduling is not None else runner.device.type == "cuda"
-        )
-        self._unlanded: ScheduledBatch | None = None  # launched, not yet processed
-        self.step_timings: list[StepTiming] | None = None
+        # Schedule step N+1 before step N lands: on GPUs, where a launch returns at once.
+        pipelined = args.async_scheduling if args.async_scheduling is not None else runner.device.type == "cuda"
+        self.loop = StepLoop(pipelined)  # step()'s; the scheduler actor runs its own
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
         self._seq_ids = itertools.count()
@@ -204,7 +189,7 @@ class LLMEngine:
         are dropped without a last delta; adding or launching afterwards raises ``EngineClosed``."""
         if self.runner.closed:
             return
-        self._inflight = self._unlanded = None
+        self.loop.reset()
         for request in self.requests.values():
             request.sequences.clear()  # Request <-> Sequence is a cycle (see _request_delta)
         self.requests.clear()
@@ -278,14 +263,33 @@ class LLMEngine:
         return RequestDelta(request_id, tuple(deltas), len(request.prompt_token_ids), True)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests) or self._inflight is not None
+        return bool(self.requests) or self.loop.in_flight
+
+    @property
+    def async_scheduling(self) -> bool:
+        return self.loop.pipelined
+
+    @async_scheduling.setter
+    def async_scheduling(self, value: bool) -> None:
+        self.loop.pipelined = value
+
+    @property
+    def step_timings(self) -> list[StepTiming] | None:
+        """Host time of each ``step`` (benchmarks turn this on with ``engine.step_timings = []``)."""
+        return self.loop.timings
+
+    @step_timings.setter
+    def step_timings(self, value: list[StepTiming] | None) -> None:
+        self.loop.timings = value
 
     # ---- the step ----------------------------------------------------------------------------
-    def schedule(self) -> ScheduledBatch | None:
+    def schedule(self, in_flight: ScheduledBatch | None = None) -> ScheduledBatch | None:
+        """The next step, or None; ``in_flight`` is the launched step not yet processed, whose
+        tokens this one reads as placeholders."""
         scheduled = self.scheduler.schedule()
         if not scheduled.seqs:
             return None
-        previous = self._unlanded.inputs if self._unlanded is not None else None
+        previous = in_flight.inputs if in_flight is not None else None
         return ScheduledBatch(scheduled, prepare_inputs(scheduled, self.args.block_size, self.eos_ids, previous))
 
     def launch(self, batch: ScheduledBatch) -> StepHandle:
@@ -295,9 +299,7 @@ class LLMEngine:
         tokens as placeholders. Check ``can_schedule_ahead`` first.
         """
         self._check_open()
-        handle = self.runner.launch(batch.inputs)
-        self._unlanded = batch
-        return handle
+        return self.runner.launch(batch.inputs)
 
     def collect(self, handle: StepHandle) -> ModelOutput:
         """Wait for a launched step and read its sampled tokens back."""
@@ -306,45 +308,14 @@ class LLMEngine:
     def execute(self, batch: ScheduledBatch) -> ModelOutput:
         return self.collect(self.launch(batch))
 
+    def batch_shape(self, batch: ScheduledBatch) -> tuple[int, int, bool]:
+        inputs = batch.inputs
+        return len(inputs.query_lens), len(inputs.input_ids), inputs.is_decode_only
+
     def step(self) -> list[RequestDelta]:
-        """One pipelined step: launch step N+1, then land step N (at most two in flight).
-
-        While the device runs step N, the CPU schedules N+1 with N's tokens as placeholders. When a
-        request's next step reads state that only the landed tokens give (penalties count output
-        tokens), the step in flight is landed first.
-        """
-        deltas: list[RequestDelta] = []
-        if self._inflight is not None and (not self.async_scheduling or not self.can_schedule_ahead()):
-            deltas.extend(self._land())
-        t0 = time.perf_counter()
-        batch = self.schedule()
-        t1 = time.perf_counter()
-        launched = (batch, self.launch(batch)) if batch is not None else None
-        t2 = time.perf_counter()
-        if self.async_scheduling:
-            previous, self._inflight = self._inflight, launched
-        else:  # land this very step: nothing is scheduled ahead (the one in flight landed above)
-            previous = launched
-        if previous is not None:
-            output = self.collect(previous[1])
-            t3 = time.perf_counter()
-            deltas.extend(self.process(previous[0], output))
-        else:
-            t3 = t2
-        if self.step_timings is not None and batch is not None:
-            inputs = batch.inputs
-            self.step_timings.append(StepTiming(
-                len(inputs.query_lens), len(inputs.input_ids), inputs.is_decode_only,
-                t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3,
-            ))
-        return deltas
-
-    def _land(self) -> list[RequestDelta]:
-        if self._inflight is None:
-            return []
-        batch, handle = self._inflight
-        self._inflight = None
-        return self.process(batch, self.collect(handle))
+        """One turn of the engine's step loop (``engine.step_loop``): on a GPU, launch step N+1,
+        then land step N."""
+        return self.loop.run(self).deltas
 
     def can_schedule_ahead(self) -> bool:
         """Whether the next step may be scheduled before the launched one lands: not while a
@@ -356,8 +327,6 @@ class LLMEngine:
 
     def process(self, batch: ScheduledBatch, output: ModelOutput) -> list[RequestDelta]:
         """Land a step's tokens: fill placeholders, fork n > 1 samples, check stops, free finished."""
-        if self._unlanded is batch:
-            self._unlanded = None
         self._steps += 1
         landed = land_step(batch.scheduled, output, self.scheduler, self._new_sequence, self.eos_ids,
                            self.max_model_len)

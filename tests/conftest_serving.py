@@ -171,7 +171,7 @@ async def wait_blocks_released(service: Service) -> None:
 
 
 class GatedEngine:
-    """A real engine whose ``execute`` waits for the test's go-ahead (runs on the executor thread)."""
+    """A real engine whose ``launch`` waits for the test's go-ahead (runs on the executor thread)."""
 
     def __init__(self, engine: LLMEngine) -> None:
         self._engine = engine
@@ -189,11 +189,7 @@ class GatedEngine:
             exc, self.fail_next = self.fail_next, None
             raise exc
 
-    def execute(self, batch: Any) -> Any:  # the serial loop (CPU)
-        self._gate()
-        return self._engine.execute(batch)
-
-    def launch(self, batch: Any) -> Any:  # the pipelined loop (GPU, or ServiceConfig(pipelined=True))
+    def launch(self, batch: Any) -> Any:  # the step loop's device job, serial or one step ahead
         self._gate()
         return self._engine.launch(batch)
 

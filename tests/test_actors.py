@@ -36,9 +36,10 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(params=[False, True], ids=["serial", "pipelined"])
-def config(request: pytest.FixtureRequest) -> ServiceConfig:
-    """Both scheduler loops: serial (the CPU default) and pipelined (the GPU default)."""
-    return ServiceConfig(pipelined=request.param)
+def config(request: pytest.FixtureRequest, engine: LLMEngine) -> ServiceConfig:
+    """Both ways of the step loop: serial (the CPU default) and one step ahead (the GPU default)."""
+    engine.async_scheduling = request.param
+    return ServiceConfig()
 
 
 async def test_streamed_output_equals_the_offline_engine(

@@ -17,7 +17,7 @@ from mini_vllm.bench import throughput as bench_throughput
 from mini_vllm.bench.env import measure_cpu_peaks
 from mini_vllm.bench.throughput import cpu_step_times, parse_paths
 from mini_vllm.engine.config import PRESETS, ModelConfig
-from mini_vllm.engine.llm_engine import StepTiming
+from mini_vllm.engine.step_loop import StepTiming
 from mini_vllm.engine.workloads import offline_256, online_1000, physical_floor
 
 pytestmark = pytest.mark.timeout(120)

@@ -1,4 +1,4 @@
-"""Random mixes of requests, aborts and memory pressure through the pipelined engine.
+"""Random mixes of requests, aborts and memory pressure through the engine's step loop, both ways.
 
 Checks what must hold whatever happens: the block books balance after every step, every request
 ends exactly once, every block comes back, and each greedy request's tokens equal that request run
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mini_vllm.engine import LLM, LLMEngine, SamplingParams
+from mini_vllm.engine import LLM, SamplingParams
 from mini_vllm.engine.outputs import RequestDelta
 
 pytestmark = pytest.mark.timeout(240)
@@ -37,12 +37,6 @@ def random_params(rng: random.Random) -> SamplingParams:
         stop=rng.choice([(), ("a",), ("\n", "xy")]),
         presence_penalty=rng.choice([0.0, 0.5]),
     )
-
-
-def serial_step(engine: LLMEngine) -> list[RequestDelta]:
-    """The actors' CPU loop: schedule, execute, process, nothing in flight between calls."""
-    batch = engine.schedule()
-    return [] if batch is None else engine.process(batch, engine.execute(batch))
 
 
 @pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "serial"])
@@ -82,7 +76,7 @@ def test_random_mix_keeps_books_and_outputs(seed: int, pipelined: bool, alone: L
             assert final is not None
             aborted.add(victim)
             take([final])
-        take(engine.step() if pipelined else serial_step(engine))
+        take(engine.step())  # the one step loop, one step ahead or serial
         engine.block_manager.check_invariants()
         steps += 1
         assert steps < 5000, "the engine stopped making progress"
