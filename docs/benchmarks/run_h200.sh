@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lease of the H200: GPU correctness tests, then OFFLINE-256 on both presets.
 # Run from the repository root on the GPU machine: bash docs/benchmarks/run_h200.sh OUT_DIR [PEER]
-# (PEER=transformers adds the peer runs; each takes minutes.) That machine has no git: pass the
+# (PEER=transformers adds the peer runs; each takes minutes. MODELS, PATHS, WORKLOAD, SKIP_TESTS=1 narrow it.) That machine has no git: pass the
 # commit along as MINI_VLLM_COMMIT=$(git rev-parse --short HEAD) so the JSON records it. Source
 # docs/benchmarks/device_env.sh first (wheels, and the mini_vllm package laid out in /tmp/src).
 set -u
@@ -20,6 +20,6 @@ fi
 for model in ${MODELS:-qwen3-0.6b llama3-8b}; do
   trace=""
   [ "$model" = qwen3-0.6b ] && trace="--trace $OUT/trace"
-  timeout ${BENCH_TIMEOUT:-400} python3 -m mini_vllm bench throughput --model "$model" --path ${PATHS:-offline,actors,server} --peer "$PEER" \
+  timeout ${BENCH_TIMEOUT:-400} python3 -m mini_vllm bench throughput --model "$model" --path ${PATHS:-offline,actors,server} --workload ${WORKLOAD:-OFFLINE-256} --peer "$PEER" \
     $trace --output-dir "$OUT" 2>&1 | tee "$OUT/bench-$model.log" | grep -vE "^\[(offline|actors|peer)\]" | tail -20
 done
