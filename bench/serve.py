@@ -375,6 +375,13 @@ def _lag_and_engine(before: dict[str, Any] | None, after: dict[str, Any] | None,
         a, b = earlier[name]["engine"], schedulers[name]["engine"]
         # Differences of the cumulative counters only: a gauge's difference (running, blocks) means nothing.
         out["engine"] = {k: b[k] - a[k] for k in ENGINE_COUNTERS if k in a and k in b}
+        # The engine core's own loop (schedule and land, on its event loop) and its device jobs
+        # (launch and wait, on its executor thread), in seconds over the run.
+        out["core_loop_busy_s"] = round(schedulers[name]["busy_seconds"] - earlier[name]["busy_seconds"], 3)
+        executors = {e["name"]: e for e in service.get("executors", ())}
+        executors_before = {e["name"]: e for e in before["service"].get("executors", ())}
+        if name in executors and name in executors_before:
+            out["core_device_jobs_s"] = round(executors[name]["busy_seconds"] - executors_before[name]["busy_seconds"], 3)
     out["frames_sent"] = after["server"]["frames_sent"] - before["server"]["frames_sent"]
     return out
 

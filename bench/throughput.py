@@ -15,6 +15,7 @@ import argparse
 import datetime as dt
 import json
 import math
+import os
 import re
 import shlex
 import signal
@@ -155,7 +156,8 @@ def run_offline(engine: LLMEngine, workload: list[WorkloadRequest]) -> dict[str,
         progress.update(done)
     timings, engine.step_timings = engine.step_timings, None
     wall = last_token - start
-    return {"output_tokens": done, "seconds": wall, "output_tokens_per_s": done / wall, **cpu_step_times(timings)}
+    return {"output_tokens": done, "seconds": wall, "output_tokens_per_s": done / wall, "steps": len(timings),
+            **cpu_step_times(timings)}
 
 
 def cpu_step_times(timings: list[StepTiming]) -> dict[str, Any]:
@@ -353,7 +355,7 @@ async def _serve_and_time(
                     raise ServerPathError(f"the server printed no URL within {SERVER_START_TIMEOUT_S:.0f} s "
                                           f"(its stderr ends: {_last_line(stderr)})")
                 _log(f"[server] pid {proc.pid} serving on {url}")
-                result = await _time_requests(url, workload, num_requests, connections, client_processes)
+                result = await _time_requests(url, workload, num_requests, connections, client_processes, proc.pid)
                 nursery.cancel_scope.cancel()  # the tasks draining its stdout and waiting for a signal
         if interrupted:
             raise KeyboardInterrupt
@@ -405,8 +407,27 @@ async def _stop(proc: trio.Process) -> None:
         await proc.stdout.aclose()
 
 
+def server_cpu_seconds(pid: int) -> dict[str, float]:
+    """User + system CPU seconds of the server process ("frontend") and each child ("core PID"),
+    from /proc; empty where there is no /proc."""
+    def cpu(p: int) -> float:
+        with open(f"/proc/{p}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+    try:
+        out = {"frontend": cpu(pid)}
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                for child in f.read().split():
+                    out[f"core {child}"] = cpu(int(child))
+    except (OSError, ValueError, IndexError):
+        return {}
+    return out
+
+
 async def _time_requests(
-    url: str, workload: Workload, num_requests: int, connections: int, client_processes: int
+    url: str, workload: Workload, num_requests: int, connections: int, client_processes: int, server_pid: int
 ) -> dict[str, Any]:
     """Warm the server up on fresh random ids, then send every request at once from the client
     processes and time from the first send to the last token."""
@@ -428,7 +449,9 @@ async def _time_requests(
     _log(f"[server] {num_requests} requests over {connections} connections from {processes} client processes ...")
     async with open_websocket_url(url, disconnect_timeout=2) as ws:  # the server's statistics around the run
         before = await _stats(ws, reset=True)
+        cpu_before = server_cpu_seconds(server_pid)
         seen, cpu = await _run_clients(url, info["name"], requests, connections, processes)
+        cpu_after = server_cpu_seconds(server_pid)
         after = await _stats(ws, reset=False)
     seen.sort(key=lambda s: s.index)
     _check_exact(seen, requests, "the timed run")
@@ -441,6 +464,9 @@ async def _time_requests(
         # Near client_processes * seconds, the client itself may be what limits the figure.
         "client_cpu_seconds": round(cpu, 3),
         "server_stats": _lag_and_engine(before, after, info["name"]),
+        # CPU seconds of the frontend process and of its engine core(s) over the run: one near the
+        # run's seconds is a process that is saturated (Linux only; empty elsewhere).
+        "server_cpu_seconds": {k: round(cpu_after[k] - cpu_before[k], 3) for k in cpu_after if k in cpu_before},
     }
 
 
