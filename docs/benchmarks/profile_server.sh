@@ -16,7 +16,7 @@ SPY=${SPY:-py-spy}
 $PY -m mini_vllm bench throughput --path server --output-dir "$OUT" "$@" > "$OUT/bench.log" 2>&1 &
 BENCH=$!
 for _ in $(seq 1 1200); do  # the timed run starts after the server's start-up and the warm-up
-  grep -q "requests over" "$OUT/bench.log" && break
+  grep -q "client processes" "$OUT/bench.log" && break
   kill -0 $BENCH 2>/dev/null || break
   sleep 0.25
 done
