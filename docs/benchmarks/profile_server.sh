@@ -20,7 +20,7 @@ for _ in $(seq 1 1200); do  # the timed run starts after the server's start-up a
   kill -0 $BENCH 2>/dev/null || break
   sleep 0.25
 done
-sleep 1  # past the first admissions
+sleep "${DELAY_S:-12}"  # the client processes start (they import torch) and connect first
 FRONT=$(pgrep -f "mini_vllm serve" | head -1)
 CORE=$(pgrep -f "mini_vllm.actors.core_process" | head -1)
 echo "frontend pid ${FRONT:-?}, core pid ${CORE:-?}"
