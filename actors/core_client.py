@@ -114,7 +114,10 @@ class CoreProxy:
     def statistics(self) -> SchedulerStats:
         if self._stats is None:
             raise RuntimeError("no statistics before the core's first step")
-        return attrs.evolve(self._stats, pending=len(self._streams), available=self._gone is None)
+        # The frontend's count and bound: the core's own bound is larger (room for aborts in flight).
+        return attrs.evolve(
+            self._stats, pending=len(self._streams), max_pending=self.max_pending, available=self._gone is None
+        )
 
     def executor_statistics(self) -> ExecutorStats | None:
         return self._executor

@@ -11,12 +11,18 @@ text (incremental detokenization and stop strings) here, in the frontend.
 
 Short prompts are tokenized right here on the event loop (well under a millisecond); long ones go
 to a worker thread, so a megabyte prompt cannot stall other clients.
+
+Before any of that work, a request is checked against the server's per-request limits
+(``ServiceConfig``: max n, logprobs, stop strings, ...) and the model (top_k and token ids inside
+the vocabulary, the prompt inside max_model_len): what passes cannot fail the engine core's step,
+which would fail every request batched with it (docs/protocol.md, "Request limits").
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import attrs
 import trio
@@ -24,9 +30,10 @@ import trio
 from mini_vllm.actors.core_client import CoreProxy
 from mini_vllm.actors.errors import DuplicateRequest, ModelRequired, ShuttingDown, UnknownModel
 from mini_vllm.actors.request_stream import RequestStream
-from mini_vllm.engine.errors import MiniVllmError
+from mini_vllm.actors.service_config import ServiceConfig
+from mini_vllm.engine.errors import InvalidRequest, MiniVllmError
 from mini_vllm.engine.prompts import PromptEncoder
-from mini_vllm.engine.sampling_params import SamplingParams
+from mini_vllm.engine.sampling_params import INT64_MAX, INT64_MIN, SamplingParams, show_value
 
 INLINE_TOKENIZE_CHARS = 16384
 
@@ -50,9 +57,15 @@ class IngressStats:
 
 
 class Ingress:
-    def __init__(self, engines: Mapping[str, PromptEncoder], schedulers: Mapping[str, CoreProxy]) -> None:
+    def __init__(
+        self,
+        engines: Mapping[str, PromptEncoder],
+        schedulers: Mapping[str, CoreProxy],
+        config: ServiceConfig | None = None,
+    ) -> None:
         self._engines = dict(engines)
         self._schedulers = dict(schedulers)
+        self._config = config or ServiceConfig()  # only its request limits are read here
         self._streams: dict[str, RequestStream] = {}
         self._ids = itertools.count()
         self._submitted = 0
@@ -103,15 +116,25 @@ class Ingress:
                 raise DuplicateRequest(f"request id {request_id!r} is already in flight")
             name = self.route(model)
             engine = self._engines[name]
+            # The cheap checks first: n = 10**6 is refused before any tokenizing or allocating.
+            _check_priority(priority)
+            check_request_limits(params, self._config)
+            engine.check_params(params)
             if messages is not None:
-                ids = engine.apply_chat_template([dict(m) for m in messages])
+                chat: list[Any] = [dict(m) if isinstance(m, Mapping) else m for m in messages]
+                if _text_size(chat) <= INLINE_TOKENIZE_CHARS:
+                    ids = engine.apply_chat_template(chat)
+                else:  # a megabyte of chat through a template is as slow as a megabyte prompt
+                    ids = await trio.to_thread.run_sync(engine.apply_chat_template, chat)
             elif prompt is not None:
-                if len(prompt) <= INLINE_TOKENIZE_CHARS:
-                    ids = engine.tokenize(prompt)
+                if not isinstance(prompt, str) or len(prompt) <= INLINE_TOKENIZE_CHARS:
+                    ids = engine.tokenize(prompt)  # (a prompt that is no string is refused there)
                 else:
                     ids = await trio.to_thread.run_sync(engine.tokenize, prompt)
             else:
                 ids = list(prompt_token_ids or ())
+            engine.check_prompt(ids)
+            check_request_tokens(params, len(ids), engine.max_model_len, self._config)
             # Re-check after a possible await: another task may have taken the id meanwhile.
             if request_id in self._streams:
                 raise DuplicateRequest(f"request id {request_id!r} is already in flight")
@@ -158,3 +181,53 @@ class Ingress:
             cancelled=self._cancelled,
             rejections_by_code=tuple(sorted(self._rejections.items())),
         )
+
+
+def check_request_limits(params: SamplingParams, config: ServiceConfig) -> None:
+    """The server's per-request limits on the sampling fields (``InvalidRequest`` naming the field)."""
+    if params.n > config.max_n:
+        raise InvalidRequest(f"n must be in [1, {config.max_n}] (this server's limit), got {params.n}")
+    if params.logprobs is not None and params.logprobs > config.max_logprobs:
+        raise InvalidRequest(
+            f"logprobs must be in [0, {config.max_logprobs}] (this server's limit), got {params.logprobs}"
+        )
+    if len(params.stop) > config.max_stop_strings:
+        raise InvalidRequest(
+            f"stop must have at most {config.max_stop_strings} strings (this server's limit), got {len(params.stop)}"
+        )
+    for i, s in enumerate(params.stop):
+        if len(s) > config.max_stop_string_chars:
+            raise InvalidRequest(
+                f"stop[{i}] must be at most {config.max_stop_string_chars} characters long (this server's limit), "
+                f"got {len(s)}"
+            )
+    if len(params.stop_token_ids) > config.max_stop_token_ids:
+        raise InvalidRequest(
+            f"stop_token_ids must have at most {config.max_stop_token_ids} ids (this server's limit), "
+            f"got {len(params.stop_token_ids)}"
+        )
+
+
+def check_request_tokens(params: SamplingParams, prompt_len: int, max_model_len: int, config: ServiceConfig) -> None:
+    """n × max_tokens within the server's limit. max_tokens counts only up to the room the prompt
+    leaves in max_model_len: beyond it no token is made, and clients often send a large max_tokens
+    to mean "until the end"."""
+    per_sample = min(params.max_tokens, max(max_model_len - prompt_len, 0))
+    if params.n * per_sample > config.max_request_tokens:
+        raise InvalidRequest(
+            f"n × max_tokens must be at most {config.max_request_tokens} (this server's limit), got "
+            f"n={params.n} × max_tokens={per_sample} = {params.n * per_sample}"
+            + (f" (max_tokens={params.max_tokens} counted as the {per_sample} tokens the prompt leaves in "
+               f"max_model_len={max_model_len})" if per_sample < params.max_tokens else "")
+        )
+
+
+def _check_priority(priority: object) -> None:
+    # The core's scheduler orders by it: a value it cannot compare would fail its step.
+    if not isinstance(priority, int) or isinstance(priority, bool) or not INT64_MIN <= priority <= INT64_MAX:
+        raise InvalidRequest(f"priority must be an integer in [-2**63, 2**63-1], got {show_value(priority)}")
+
+
+def _text_size(messages: Sequence[object]) -> int:
+    """Characters of the messages' strings (what the template and the tokenizer will read)."""
+    return sum(len(v) for m in messages if isinstance(m, Mapping) for v in m.values() if isinstance(v, str))

@@ -286,7 +286,7 @@ async def open_service(
             for proxy in proxies.values():  # the first statistics arrive with the core's first message
                 while proxy.available and not proxy.has_statistics:
                     await proxy.wait_changed()
-            ingress = Ingress(fronts, proxies)
+            ingress = Ingress(fronts, proxies, config)
             lag = LoopLagMonitor(config.loop_lag_interval) if config.loop_lag_interval else None
             pids = {
                 name: core.process.pid if core.process is not None else None

@@ -714,7 +714,8 @@ async def _bench_in_process(config: ServeBenchConfig, args: argparse.Namespace) 
         engine_args = attrs.evolve(engine_args, load_format="dummy")
     # Admit every request: queueing under overload is what is measured, not refusals.
     service_config = ServiceConfig(max_pending_per_model=max(config.num_prompts or 1000, 256) + 16)
-    limits = ServerLimits(max_requests_per_connection=args.max_requests_per_connection)
+    # One client, many requests: no fair share between clients to refuse it with.
+    limits = ServerLimits(max_requests_per_connection=args.max_requests_per_connection, client_key="off")
     async with open_service([engine_args], service_config) as service, open_task_group() as nursery:
         server = await nursery.start(serve, service, "127.0.0.1", 0, limits)
         record = await _bench(config, server.url)

@@ -295,7 +295,7 @@ def server_argv(args: argparse.Namespace, load_format: str, num_requests: int, c
         "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--no-enable-prefix-caching",
         # Admit every request at once, whatever its connection: queueing is what is timed, not refusals
         # (split over the client processes, a connection may carry one more than its even share).
-        "--max-pending-requests", str(num_requests + SERVER_WARMUP_REQUESTS),
+        "--max-pending-requests", str(num_requests + SERVER_WARMUP_REQUESTS), "--client-key", "off",
         "--max-requests-per-connection", str(max(-(-num_requests // connections) + 1, SERVER_WARMUP_REQUESTS)),
         "--shutdown-grace", "1",  # nothing is in flight when the bench stops it
     ]

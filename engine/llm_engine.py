@@ -207,17 +207,9 @@ class LLMEngine:
         return self.prompts.apply_chat_template(messages)
 
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        if not prompt_token_ids:
-            raise InvalidRequest("the prompt is empty: give at least one token")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise InvalidRequest(
-                f"the prompt has {len(prompt_token_ids)} tokens but max_model_len is {self.max_model_len} "
-                f"(the prompt must leave room for at least one generated token)"
-            )
-        vocab = self.model_config.vocab_size
-        bad = [t for t in prompt_token_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequest(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
+        """What would fail a step if it reached one (the step of every request batched with it)."""
+        self.prompts.check_prompt(prompt_token_ids)
+        self.prompts.check_params(params)
         if params.stop and self.tokenizer is None:
             raise InvalidRequest("stop strings need a tokenizer; this model has none (use stop_token_ids)")
 

@@ -2,7 +2,9 @@
 
 Plain CDP over a WebSocket (trio-websocket), no extra packages: Chromium prints its DevTools URL
 on stderr; the test opens the page as a file with ``?server=ws://127.0.0.1:PORT``, types a prompt,
-watches tokens arrive, presses Stop, and checks that every KV block went back to the pool.
+watches tokens arrive, presses Stop, and checks that every KV block went back to the pool. A page
+opened from file:// sends ``Origin: null``, which the server refuses unless allowed: the server
+runs with ``allowed_origins=("null",)``, as ``mini-vllm serve --allowed-origins null``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import pytest
 import trio
 from conftest_serving import Reference, build_engine, running_server, wait_blocks_released
 from trio_websocket import WebSocketConnection, open_websocket_url
+
+from mini_vllm.transport.server import ServerLimits
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 PAGE = Path(__file__).resolve().parent.parent / "examples" / "browser" / "index.html"
@@ -141,7 +145,8 @@ async def chromium_page(url: str, profile: Path) -> AsyncIterator[Page]:
 
 async def test_type_a_prompt_watch_tokens_stream_and_stop(demo_model_dir: Path, tmp_path: Path) -> None:
     reference = Reference(demo_model_dir)
-    async with running_server([build_engine(demo_model_dir)]) as (service, server):
+    limits = ServerLimits(allowed_origins=("null",))  # the page's origin, as a file
+    async with running_server([build_engine(demo_model_dir)], limits) as (service, server):
         async with chromium_page(f"{PAGE.as_uri()}?server={server.url}", tmp_path / "profile") as page:
             await page.wait_for("document.querySelector('#model option[value=demo]') !== null")
 

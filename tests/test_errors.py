@@ -79,7 +79,7 @@ def test_prompt_longer_than_max_model_len(demo_llm: LLM) -> None:
 
 
 def test_token_ids_out_of_vocab(demo_llm: LLM) -> None:
-    with pytest.raises(InvalidRequest, match=r"integers in \[0, 259\)"):
+    with pytest.raises(InvalidRequest, match=r"token ids in \[0, 259\) \(the model.s vocabulary\), got \[100000\]"):
         demo_llm.generate([[1, 2, 100000]])
 
 

@@ -21,6 +21,7 @@ from typing import Any, Literal, TextIO
 import attrs
 import trio
 
+from mini_vllm.actors.service_config import ServiceConfig
 from mini_vllm.transport.flags import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -29,20 +30,23 @@ from mini_vllm.transport.flags import (
     add_engine_flags,
     add_sampling_flags,
     engine_args_from,
+    fraction,
     is_interrupt,
     leaf_exceptions,
     non_negative_float,
+    origins,
     port,
     positive_float,
     positive_int,
     sampling_from,
 )
-from mini_vllm.transport.server import DEFAULT_HOST, DEFAULT_PORT, ServerLimits
+from mini_vllm.transport.server import CLIENT_KEYS, DEFAULT_HOST, DEFAULT_PORT, ServerLimits
 
 # Imported lazily below: engine and actors pull in torch (seconds), which `--help` should not pay for.
 
 BROWSER_PAGE = Path(__file__).resolve().parent.parent / "examples" / "browser" / "index.html"
 _CONNECT_TIMEOUT = 10.0  # seconds for generate --url to reach the server (the client's default is 60)
+_RESERVED_FDS = 128  # descriptors kept for the process itself (model files, pipes, the loop) beside connections
 
 
 class CommandError(Exception):
@@ -73,7 +77,8 @@ def add_serve(subparsers: Any) -> None:
     limits = attrs.fields(ServerLimits)
     p.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default: %(default)s)")
     p.add_argument("--port", type=port, default=DEFAULT_PORT, help="0..65535; 0: any free port (default: %(default)s)")
-    p.add_argument("--max-pending-requests", type=positive_int, default=256,
+    p.add_argument("--max-pending-requests", type=positive_int,
+                   default=attrs.fields(ServiceConfig).max_pending_per_model.default,
                    help="per model, queued + running, beyond which requests are refused (default: %(default)s)")
     p.add_argument("--max-requests-per-connection", type=positive_int,
                    default=limits.max_requests_per_connection.default,
@@ -82,6 +87,37 @@ def add_serve(subparsers: Any) -> None:
                    help="larger client frames get an error frame (default: %(default)s)")
     p.add_argument("--slow-client-timeout", type=positive_float, default=limits.slow_client_timeout.default,
                    help="seconds a frame may wait for a client (default: %(default)s)")
+    p.add_argument("--max-connections", type=positive_int, default=limits.max_connections.default,
+                   help="open WebSocket connections; more are refused with HTTP 503 (default: %(default)s; "
+                   "capped to what the open-file limit allows)")
+    p.add_argument("--idle-timeout", type=positive_float, default=limits.idle_timeout.default,
+                   help="seconds a connection with no request in flight may stay silent before it is "
+                   "closed (code 1001) (default: %(default)s)")
+    p.add_argument("--allowed-origins", type=origins, action="append", default=None, metavar="ORIGIN[,ORIGIN...]",
+                   help="browser origins that may connect beside the server's own http://HOST:PORT, "
+                   "comma-separated or repeated: scheme://host[:port], null (pages opened from file://, "
+                   "e.g. examples/browser/index.html; also sandboxed frames of any site) or * (any page); "
+                   "clients that send no Origin (programs) are always served "
+                   "(default: only the server's own origin)")
+    p.add_argument("--client-key", choices=CLIENT_KEYS, default=limits.client_key.default,
+                   help="who is one client for the fair share of each model's queue: ip (remote address), "
+                   "connection (behind a proxy), off (no share) (default: %(default)s)")
+    p.add_argument("--client-share", type=fraction, default=limits.client_share.default,
+                   help="a client's share of each model's --max-pending-requests (at least "
+                   f"{limits.min_client_share.default} requests); beyond it a client is served only while a "
+                   "share stays free for others (default: %(default)s)")
+    service = attrs.fields(ServiceConfig)
+    for flag, field, what in (
+        ("--max-n", service.max_n, "samples per request (n)"),
+        ("--max-logprobs", service.max_logprobs, "top logprobs per token a request may ask for"),
+        ("--max-stop-strings", service.max_stop_strings, "stop strings per request"),
+        ("--max-stop-string-chars", service.max_stop_string_chars, "characters per stop string"),
+        ("--max-stop-token-ids", service.max_stop_token_ids, "stop_token_ids per request"),
+        ("--max-request-tokens", service.max_request_tokens,
+         "n x max_tokens of one request (max_tokens counted up to what max_model_len leaves)"),
+    ):
+        p.add_argument(flag, type=int, default=field.default, metavar="N",
+                       help=f"at most this many {what}; more is refused as invalid_request (default: %(default)s)")
     p.add_argument("--shutdown-grace", type=non_negative_float, default=5.0,
                    help="seconds to flush final frames on Ctrl-C (default: %(default)s)")
     p.add_argument("--core-process", action=argparse.BooleanOptionalAction, default=True,
@@ -127,7 +163,6 @@ class _ProgressDisplay:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from mini_vllm.actors import ServiceConfig
     from mini_vllm.actors.core import check_model_names
     from mini_vllm.engine import MiniVllmError
 
@@ -136,17 +171,25 @@ def run_serve(args: argparse.Namespace) -> int:
         check_model_names(models)
         config = ServiceConfig(
             max_pending_per_model=args.max_pending_requests, cpu_threads=args.cpu_threads,
-            core_process=args.core_process,
+            core_process=args.core_process, max_n=args.max_n, max_logprobs=args.max_logprobs,
+            max_stop_strings=args.max_stop_strings, max_stop_string_chars=args.max_stop_string_chars,
+            max_stop_token_ids=args.max_stop_token_ids, max_request_tokens=args.max_request_tokens,
         )
         limits = ServerLimits(
             max_frame_bytes=args.max_frame_bytes,
             hard_max_frame_bytes=max(16 << 20, args.max_frame_bytes),
             max_requests_per_connection=args.max_requests_per_connection,
             slow_client_timeout=args.slow_client_timeout,
+            max_connections=args.max_connections,
+            idle_timeout=args.idle_timeout,
+            allowed_origins=tuple(o for group in args.allowed_origins or () for o in group),
+            client_key=args.client_key,
+            client_share=args.client_share,
         )
     except MiniVllmError as exc:
         print(f"mini-vllm serve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    limits = _fit_open_file_limit(limits, raise_open_file_limit())
     try:
         return trio.run(_serve, models, config, limits, args.host, args.port, args.shutdown_grace)
     except BaseException as exc:  # nurseries wrap errors in groups (a KeyboardInterrupt too): report the leaves
@@ -163,6 +206,46 @@ def run_serve(args: argparse.Namespace) -> int:
             elif isinstance(e, MiniVllmError):
                 print(f"mini-vllm serve: error: {e}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def raise_open_file_limit() -> int | None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (every connection is a descriptor; the
+    soft limit is often 1024) and say so on stderr. Returns the soft limit now in force (None:
+    unlimited, or unknown on this platform)."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # An unlimited hard limit cannot always be the soft one (macOS caps it): try a large number, then less.
+    targets = [hard] if hard != resource.RLIM_INFINITY else [1 << 20, 10240]
+    if soft == resource.RLIM_INFINITY or soft >= targets[0]:
+        return None if soft == resource.RLIM_INFINITY else soft
+    for target in targets:
+        if target <= soft:
+            break
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            continue
+        shown = "unlimited" if hard == resource.RLIM_INFINITY else hard
+        print(f"mini-vllm: raised the open-file limit from {soft} to {target} (hard limit: {shown})",
+              file=sys.stderr, flush=True)
+        return target
+    print(f"mini-vllm: could not raise the open-file limit above {soft}", file=sys.stderr, flush=True)
+    return soft
+
+
+def _fit_open_file_limit(limits: ServerLimits, open_files: int | None) -> ServerLimits:
+    """Cap max_connections below the open-file limit: past it, accept fails (EMFILE) before the
+    server can answer 503, and every new client is locked out instead of told."""
+    if open_files is None or limits.max_connections <= open_files - _RESERVED_FDS:
+        return limits
+    fitted = max(1, open_files - _RESERVED_FDS)
+    print(f"mini-vllm: --max-connections {limits.max_connections} lowered to {fitted}: the open-file limit is "
+          f"{open_files} ({_RESERVED_FDS} kept for the server itself; raise it with ulimit -Hn)",
+          file=sys.stderr, flush=True)
+    return attrs.evolve(limits, max_connections=fitted)
 
 
 def _listen_failure(e: OSError) -> str:
@@ -214,7 +297,12 @@ async def _serve(models: list[Any], config: Any, limits: ServerLimits, host: str
                     names = ", ".join(m.name for m in service.models())
                     print(f"mini-vllm: serving {names} on {server.url}", flush=True)
                     if BROWSER_PAGE.is_file():
-                        print(f"mini-vllm: browser page: {BROWSER_PAGE.as_uri()}?server={server.url}", flush=True)
+                        page = f"{BROWSER_PAGE.as_uri()}?server={server.url}"
+                        if server.origin_allowed("null"):
+                            print(f"mini-vllm: browser page: {page}", flush=True)
+                        else:  # a file:// page sends Origin: null, refused unless allowed
+                            print(f"mini-vllm: browser page: {page} (start with --allowed-origins null "
+                                  "to let it connect)", flush=True)
                     await stop.wait()
                     await server.shutdown("the server is shutting down (interrupted)", grace)
                     listening.cancel_scope.cancel()

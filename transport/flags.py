@@ -61,6 +61,30 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def fraction(text: str) -> float:
+    value = _float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text}")
+    return value
+
+
+def origins(text: str) -> tuple[str, ...]:
+    """``--allowed-origins``: comma-separated origins (scheme://host[:port]), ``null`` or ``*``;
+    the server checks each one's form when it starts."""
+    items = tuple(item.strip() for item in text.split(","))
+    if not all(items):
+        raise argparse.ArgumentTypeError(
+            f"give origins separated by commas, e.g. http://localhost:3000,null; got {text!r}"
+        )
+    for item in items:
+        if item not in ("*", "null") and "://" not in item:
+            raise argparse.ArgumentTypeError(
+                f"{item!r} is not an origin: give scheme://host[:port] (e.g. http://localhost:3000), "
+                "null (pages opened from file://) or * (any page)"
+            )
+    return items
+
+
 def _int(text: str) -> int:
     try:
         return int(text)

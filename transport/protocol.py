@@ -16,9 +16,11 @@ import attrs
 
 from mini_vllm.engine.errors import ConfigError
 from mini_vllm.engine.outputs import TokenLogprob
-from mini_vllm.engine.sampling_params import SamplingParams
+from mini_vllm.engine.sampling_params import INT64_MAX, INT64_MIN, SamplingParams, lone_surrogate
 
 MAX_ID_LENGTH = 256
+MAX_MODEL_NAME_LENGTH = 1024  # served names are short; this only keeps the unknown_model answer short
+MAX_ROLE_LENGTH = 256
 DEFAULT_MAX_FRAME_BYTES = 1 << 20
 
 # Every error code the server sends. Clients may switch on these; they never change meaning.
@@ -55,7 +57,7 @@ _SIMPLE_FIELDS = {
     "stats": frozenset({"type", "id", "reset_loop_lag"}),
 }
 _TYPES = "generate, chat, cancel, models, stats"
-# Sampling fields that hold lists in JSON but tuples in SamplingParams.
+# Sampling fields that hold lists in JSON but tuples in SamplingParams (``stop`` may be one string).
 _LIST_FIELDS = frozenset({"stop", "stop_token_ids"})
 
 
@@ -141,7 +143,7 @@ def parse_client_frame(message: str | bytes, max_bytes: int = DEFAULT_MAX_FRAME_
     raw = decode_json(message, max_bytes)
     if not isinstance(raw, dict):
         raise ProtocolError("invalid_frame", f"a frame must be a JSON object, got {_json_type(raw)}")
-    request_id = raw.get("id") if isinstance(raw.get("id"), str) else None
+    request_id = _readable_id(raw.get("id"))  # for errors found before the id itself is checked
     kind = raw.get("type")
     if kind is None:
         raise ProtocolError(
@@ -165,10 +167,12 @@ def parse_client_frame(message: str | bytes, max_bytes: int = DEFAULT_MAX_FRAME_
         return CancelFrame(_parse_id(raw, required=True) or "")
     _check_unknown(raw, _REQUEST_FIELDS[kind] | _SAMPLING_FIELDS, kind, request_id)
     rid = _parse_id(raw, required=True) or ""
-    model = _optional_str(raw, "model", rid)
+    model = _optional_str(raw, "model", rid, MAX_MODEL_NAME_LENGTH)
     priority = raw.get("priority", 0)
-    if not _is_int(priority):
-        raise ProtocolError("invalid_field", f"'priority' must be an integer, got {_json_type(priority)}", rid)
+    if not _is_int(priority) or not INT64_MIN <= priority <= INT64_MAX:
+        raise ProtocolError(
+            "invalid_field", f"'priority' must be an integer in [-2**63, 2**63-1], got {_short(priority)}", rid
+        )
     params = _parse_sampling(raw, rid)
     if kind == "chat":
         return ChatFrame(rid, model, _parse_messages(raw, rid), params, priority)
@@ -179,11 +183,18 @@ def parse_client_frame(message: str | bytes, max_bytes: int = DEFAULT_MAX_FRAME_
 def _check_unknown(raw: dict[str, Any], allowed: frozenset[str], kind: str, rid: str | None) -> None:
     unknown = sorted(set(raw) - allowed)
     if unknown:
+        named = ", ".join(map(repr, unknown[:10])) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
         raise ProtocolError(
-            "unknown_field",
-            f"unknown field(s) for {kind!r}: {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(allowed))}",
-            rid,
+            "unknown_field", f"unknown field(s) for {kind!r}: {named}; allowed: {', '.join(sorted(allowed))}", rid
         )
+
+
+def _readable_id(rid: object) -> str | None:
+    """``rid`` if it is a valid id: only such an id is echoed (a lone surrogate in an echoed id
+    would make the reply frame impossible to encode, and the connection would drop)."""
+    if isinstance(rid, str) and 1 <= len(rid) <= MAX_ID_LENGTH and lone_surrogate(rid) is None:
+        return rid
+    return None
 
 
 def _parse_id(raw: dict[str, Any], required: bool) -> str | None:
@@ -193,14 +204,31 @@ def _parse_id(raw: dict[str, Any], required: bool) -> str | None:
         return None
     rid = raw["id"]
     if not isinstance(rid, str) or not 1 <= len(rid) <= MAX_ID_LENGTH:
-        raise ProtocolError("invalid_field", f"'id' must be a string of 1 to {MAX_ID_LENGTH} characters, got {rid!r}")
+        raise ProtocolError(
+            "invalid_field", f"'id' must be a string of 1 to {MAX_ID_LENGTH} characters, got {_short(rid)}"
+        )
+    _check_text(rid, "id", None)
     return rid
 
 
-def _optional_str(raw: dict[str, Any], name: str, rid: str) -> str | None:
+def _check_text(value: str, name: str, rid: str | None) -> None:
+    """A string field must be valid Unicode: JSON lets ``"\\ud800"`` through as a lone surrogate."""
+    at = lone_surrogate(value)
+    if at is not None:
+        raise ProtocolError(
+            "invalid_field", f"{name!r} must be valid Unicode text (UTF-8): a lone surrogate is at index {at}", rid
+        )
+
+
+def _optional_str(raw: dict[str, Any], name: str, rid: str, max_length: int) -> str | None:
     value = raw.get(name)
-    if value is not None and not isinstance(value, str):
-        raise ProtocolError("invalid_field", f"{name!r} must be a string, got {_json_type(value)}", rid)
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > max_length:
+        raise ProtocolError(
+            "invalid_field", f"{name!r} must be a string of at most {max_length} characters, got {_short(value)}", rid
+        )
+    _check_text(value, name, rid)
     return value
 
 
@@ -217,11 +245,15 @@ def _parse_prompt(raw: dict[str, Any], rid: str) -> tuple[str | None, tuple[int,
         prompt = raw["prompt"]
         if not isinstance(prompt, str) or not prompt:
             raise ProtocolError("invalid_field", f"'prompt' must be a non-empty string, got {_short(prompt)}", rid)
+        _check_text(prompt, "prompt", rid)
         return prompt, None
     ids = raw["prompt_token_ids"]
-    if not isinstance(ids, list) or not ids or not all(_is_int(t) and t >= 0 for t in ids):
+    # At most 64 bits here; the vocabulary bound needs the model, and the ingress checks it.
+    if not isinstance(ids, list) or not ids or not all(_is_int(t) and 0 <= t <= INT64_MAX for t in ids):
         raise ProtocolError(
-            "invalid_field", f"'prompt_token_ids' must be a non-empty list of integers >= 0, got {_short(ids)}", rid
+            "invalid_field",
+            f"'prompt_token_ids' must be a non-empty list of integers >= 0 (token ids), got {_short(ids)}",
+            rid,
         )
     return None, tuple(ids)
 
@@ -240,11 +272,19 @@ def _parse_messages(raw: dict[str, Any], rid: str) -> tuple[ChatMessage, ...]:
                 f"messages[{i}] must be an object with exactly 'role' and 'content', got {_short(m)}",
                 rid,
             )
-        if not isinstance(m["role"], str) or not m["role"] or not isinstance(m["content"], str):
+        role, content = m["role"], m["content"]
+        if not isinstance(role, str) or not 1 <= len(role) <= MAX_ROLE_LENGTH:
             raise ProtocolError(
-                "invalid_field", f"messages[{i}]: 'role' must be a non-empty string and 'content' a string", rid
+                "invalid_field",
+                f"messages[{i}].role must be a non-empty string of at most {MAX_ROLE_LENGTH} characters, "
+                f"got {_short(role)}",
+                rid,
             )
-        out.append(ChatMessage(m["role"], m["content"]))
+        if not isinstance(content, str):  # (content parts, OpenAI's list form, are not supported)
+            raise ProtocolError("invalid_field", f"messages[{i}].content must be a string, got {_json_type(content)}", rid)
+        _check_text(role, f"messages[{i}].role", rid)
+        _check_text(content, f"messages[{i}].content", rid)
+        out.append(ChatMessage(role, content))
     return tuple(out)
 
 
@@ -252,7 +292,8 @@ def _parse_sampling(raw: dict[str, Any], rid: str) -> SamplingParams:
     fields = {k: v for k, v in raw.items() if k in _SAMPLING_FIELDS}
     for name in _LIST_FIELDS & fields.keys():
         value = fields[name]
-        if not isinstance(value, list | str):  # SamplingParams' converter would iterate a dict's keys
+        # SamplingParams' converter would iterate a dict's keys, or a string's characters as ids
+        if not isinstance(value, list | str) or (name == "stop_token_ids" and isinstance(value, str)):
             raise ProtocolError("invalid_field", f"{name!r} must be a list, got {_json_type(value)}", rid)
     try:
         return SamplingParams.from_dict(fields)
@@ -330,6 +371,12 @@ def done_frame(
 
 
 def error_frame(request_id: str | None, code: str, message: str) -> str:
+    # The one frame that can carry what a client sent: keep it encodable whatever it holds (a
+    # frame with a lone surrogate cannot be sent, and the connection would drop instead).
+    if request_id is not None and lone_surrogate(request_id) is not None:
+        request_id = None
+    if lone_surrogate(message) is not None:
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return _dump({"type": "error", "id": request_id, "code": code, "message": message})
 
 

@@ -41,7 +41,7 @@ start_server() {  # NAME MODEL [serve flags...]: start, wait for its URL (or fai
   # No prefix caching: every rate replays the same random prompts, so a cache would serve later
   # runs' prompts from earlier runs' KV and flatter their TTFT.
   $PY -m mini_vllm serve --model "$model" "${load[@]}" --port 0 --max-model-len $MAXLEN --no-enable-prefix-caching \
-    --max-pending-requests 2048 --max-requests-per-connection 256 "$@" < /dev/null > "$log" 2>&1 &
+    --max-pending-requests 2048 --max-requests-per-connection 256 --client-key off "$@" < /dev/null > "$log" 2>&1 &
   SERVER_PID=$!
   for _ in $(seq 1 600); do
     URL=$(grep -o 'ws://[0-9.:]*' "$log" | head -1)
