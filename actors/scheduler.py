@@ -27,6 +27,7 @@ import trio
 from mini_vllm.actors.errors import Overloaded, ServiceError, ShuttingDown
 from mini_vllm.actors.executor import ExecutorThread
 from mini_vllm.actors.request_stream import RequestStream
+from mini_vllm.actors.resources import resident_bytes
 from mini_vllm.engine.block_manager import BlockStats
 from mini_vllm.engine.errors import MiniVllmError
 from mini_vllm.engine.llm_engine import EngineStats, LLMEngine
@@ -75,6 +76,7 @@ class SchedulerStats:
     engine: EngineStats
     blocks: BlockStats
     available: bool = True  # False once the model's engine core has exited (the frontend's view)
+    rss_bytes: int = 0  # resident memory of the process this scheduler runs in (the engine core's)
 
 
 class SchedulerActor:
@@ -284,6 +286,7 @@ class SchedulerActor:
             pipelined=self.loop.pipelined,
             engine=self.engine.statistics(),
             blocks=self.engine.block_manager.statistics(),
+            rss_bytes=resident_bytes(),
         )
 
     def _publish(self) -> None:

@@ -38,6 +38,7 @@ from trio_websocket import ConnectionClosed, Endpoint, WebSocketConnection, WebS
 
 from mini_vllm.actors.errors import Overloaded
 from mini_vllm.actors.request_stream import GenerationDelta
+from mini_vllm.actors.resources import resident_bytes
 from mini_vllm.actors.service import Generation, Service
 from mini_vllm.engine.errors import ConfigError, MiniVllmError
 from mini_vllm.transport import protocol
@@ -139,6 +140,7 @@ class ServerStats:
     idle_closed: int
     fair_share_refused: int  # `overloaded` because the client holds its share of a busy model
     accept_errors: int  # accept(2) failed (EMFILE, ...)
+    rss_bytes: int = 0  # the frontend process's resident memory (each engine core's: its scheduler's)
 
 
 @attrs.define
@@ -693,7 +695,8 @@ def own_origins(host: str, port: int) -> frozenset[tuple[str, str, int | None]]:
 
 
 def _stats(c: _Counters) -> ServerStats:
-    return ServerStats(**attrs.asdict(c))  # a frozen snapshot of the live counters (same fields)
+    # A frozen snapshot of the live counters (same fields), and the process's memory.
+    return ServerStats(**attrs.asdict(c), rss_bytes=resident_bytes())
 
 
 async def serve(
