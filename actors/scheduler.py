@@ -30,6 +30,7 @@ from mini_vllm.actors.request_stream import RequestStream
 from mini_vllm.actors.resources import resident_bytes
 from mini_vllm.engine.block_manager import BlockStats
 from mini_vllm.engine.errors import MiniVllmError
+from mini_vllm.engine.fault_isolation import FaultIsolation, Verdict
 from mini_vllm.engine.llm_engine import EngineStats, LLMEngine
 from mini_vllm.engine.outputs import RequestDelta
 from mini_vllm.engine.sampling_params import SamplingParams
@@ -98,6 +99,7 @@ class SchedulerActor:
         self._last_step = 0.0
         self._busy = 0.0
         self._changed = trio.Event()
+        self._isolation = FaultIsolation()  # after a failed step: whose request broke it
         self._stats = self._snapshot()
 
     # ---- called from other tasks (ingress); never block, never touch the engine ------------------
@@ -198,6 +200,9 @@ class SchedulerActor:
             stream.push(delta)
             if delta.finished:
                 self._forget(stream)
+        if self._isolation.needs_news:  # a failed step's cause is being sought
+            tokens = {d.request_id: sum(len(s.token_ids) for s in d.samples) for d in deltas}
+            self._apply(self._isolation.landed(tokens, [d.request_id for d in deltas if d.finished]))
         self._busy += time.perf_counter() - t0
 
     def _drain(self) -> None:
@@ -243,6 +248,8 @@ class SchedulerActor:
             return
         stream.set_prompt_tokens(len(msg.prompt_token_ids))
         self._streams[stream.request_id] = stream
+        if self._isolation.arrived(stream.request_id):  # held until the search for a bad request ends
+            self.engine.hold(stream.request_id)
 
     def _abort(self, stream: RequestStream) -> None:
         if self._streams.get(stream.request_id) is not stream:
@@ -257,6 +264,7 @@ class SchedulerActor:
     def _forget(self, stream: RequestStream) -> None:
         del self._streams[stream.request_id]
         self._pending -= 1
+        self._isolation.forget(stream.request_id)
 
     def _fail_everything(self, code: str, message: str) -> None:
         for stream in list(self._streams.values()):
@@ -268,10 +276,41 @@ class SchedulerActor:
             self._forget(stream)
 
     def _step_failed(self, exc: Exception) -> None:
+        """One request's bad input must not end the others: roll the running requests back to their
+        landed tokens and search for the one(s) that break the step (``engine.fault_isolation``)."""
         self._step_errors += 1
-        log.error("model %r: a step failed; failing the requests in flight", self.model, exc_info=exc)
-        self._fail_everything("model_error", f"model {self.model!r} failed: {type(exc).__name__}: {exc}")
+        try:
+            verdict = self._isolation.failed(self.engine.roll_back())
+        except Exception:  # the engine's books are broken too: nothing left to save
+            log.exception("model %r: rolling back a failed step failed", self.model)
+            verdict = Verdict(systemic=True)
+        log.error("model %r: a step failed (%s)", self.model,
+                  "failing every request" if verdict.systemic else
+                  f"failing {list(verdict.blame)}" if verdict.blame else
+                  f"holding {len(verdict.hold)} requests out while the others retry", exc_info=exc)
+        self._apply(verdict, exc)
         self._publish()
+
+    def _apply(self, verdict: Verdict, exc: Exception | None = None) -> None:
+        reason = f"{type(exc).__name__}: {exc}" if exc is not None else "a step failed"
+        if verdict.systemic:
+            self._fail_everything(
+                "model_error", f"model {self.model!r} failed, and its steps fail whatever they hold: {reason}"
+            )
+            return
+        for request_id in verdict.blame:
+            stream = self._streams.get(request_id)
+            try:
+                self.engine.abort_request(request_id)
+            except Exception:
+                log.exception("model %r: abort_request failed", self.model)
+            if stream is not None:
+                stream.fail("model_error", f"this request makes the model's step fail ({reason}); the others go on")
+                self._forget(stream)
+        for request_id in verdict.hold:
+            self.engine.hold(request_id)
+        for request_id in verdict.release:
+            self.engine.release(request_id)
 
     def _snapshot(self) -> SchedulerStats:
         return SchedulerStats(

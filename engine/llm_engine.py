@@ -30,7 +30,7 @@ from mini_vllm.engine.outputs import RequestDelta, SampleDelta
 from mini_vllm.engine.prompts import PromptEncoder
 from mini_vllm.engine.sampling_params import SamplingParams
 from mini_vllm.engine.scheduler import Scheduler, SchedulerOutput
-from mini_vllm.engine.sequence import Request, SeqStatus, Sequence
+from mini_vllm.engine.sequence import PLACEHOLDER, Request, SeqStatus, Sequence
 from mini_vllm.engine.step_loop import StepLoop, StepTiming
 
 
@@ -256,6 +256,36 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests) or self.loop.in_flight
+
+    # ---- after a failed step (engine.fault_isolation) --------------------------------------------
+    def roll_back(self) -> list[str]:
+        """A step failed and its tokens are lost: every running sequence goes back to its landed
+        tokens and waits to be recomputed (as after a preemption, so greedy outputs stay exact).
+        The driver resets its step loop. Returns the requests that were running, in batch order."""
+        running = list(self.scheduler.running)
+        for seq in [*running, *self.scheduler.waiting, *self.scheduler.held]:
+            while seq.token_ids and seq.token_ids[-1] == PLACEHOLDER:
+                seq.token_ids.pop()
+            seq.length_capped = False  # decided again when it is scheduled
+        for seq in running:
+            self.scheduler.requeue(seq)
+        for request in self.requests.values():
+            if request.forked and len(request.sequences) == 1 and request.params.n > 1:
+                request.forked = False  # the fork never landed: the prefill forks again
+        return list(dict.fromkeys(seq.request.request_id for seq in running))
+
+    def hold(self, request_id: str) -> None:
+        """Keep a request's waiting sequences out of scheduling (while a failed step's cause is sought)."""
+        for seq in self._sequences_of(request_id):
+            self.scheduler.hold(seq)
+
+    def release(self, request_id: str) -> None:
+        for seq in self._sequences_of(request_id):
+            self.scheduler.release(seq)
+
+    def _sequences_of(self, request_id: str) -> list[Sequence]:
+        request = self.requests.get(request_id)
+        return [s for s in request.sequences if s.status is not SeqStatus.FINISHED] if request is not None else []
 
     @property
     def async_scheduling(self) -> bool:

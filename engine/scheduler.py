@@ -66,6 +66,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.waiting: list[Sequence] = []  # sorted by sort_key
         self.running: list[Sequence] = []  # sorted by sort_key
+        self.held: list[Sequence] = []  # waiting, but kept out of scheduling (engine.fault_isolation)
         self.num_preemptions = 0
 
     @staticmethod
@@ -91,9 +92,27 @@ class Scheduler:
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING:
-            self.waiting.remove(seq)
+            (self.waiting if seq not in self.held else self.held).remove(seq)
         self.block_manager.free(seq.seq_id)
         seq.status = SeqStatus.FINISHED
+
+    def requeue(self, seq: Sequence) -> None:
+        """A running sequence back to waiting, to be recomputed (its step failed; not a preemption)."""
+        self.running.remove(seq)
+        self.block_manager.free(seq.seq_id)
+        seq.num_computed_tokens = 0
+        self.add(seq)
+
+    def hold(self, seq: Sequence) -> None:
+        """Keep a waiting sequence out of scheduling until ``release``."""
+        if seq.status is SeqStatus.WAITING and seq not in self.held:
+            self.waiting.remove(seq)
+            self.held.append(seq)
+
+    def release(self, seq: Sequence) -> None:
+        if seq in self.held:
+            self.held.remove(seq)
+            self.add(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
