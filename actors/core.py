@@ -253,7 +253,7 @@ async def run_core(link: Link, start: CoreStart) -> None:
         # on it (inline): a second thread would contend with the launches for the interpreter lock
         # (on the H200, ONLINE-1000 over WebSocket: 10,177 tok/s with the thread, 15,313 inline,
         # docs/serving.md). In-process, the thread keeps the frontend's loop free for its clients.
-        executor = ExecutorThread(engine.name, inline=config.core_process)
+        executor = ExecutorThread(engine.name, inline=config.core_process, stop_timeout=config.stop_timeout)
         # The frontend admits (its count is the limit) and detokenizes. It ends a request at a stop
         # string before the core hears of it, so the core's own bound leaves room for requests
         # whose abort is still on its way.

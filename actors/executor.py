@@ -12,6 +12,7 @@ take turns on the interpreter lock, which cost a third of the throughput under l
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -21,6 +22,8 @@ from typing import Any, TypeVar
 import attrs
 import outcome
 import trio
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -51,9 +54,12 @@ class ExecutorThread:
     the device works, a second thread only adds interpreter-lock contention with the launches.
     """
 
-    def __init__(self, name: str, inline: bool = False) -> None:
+    def __init__(self, name: str, inline: bool = False, stop_timeout: float = 10.0) -> None:
         self.name = name
         self.inline = inline
+        # A cancelled caller waits this long for its job to end, and ``aclose`` for the thread: a
+        # wedged step is then abandoned (a daemon thread), so that no shutdown waits forever.
+        self.stop_timeout = stop_timeout
         self._closed = False
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._main, name=f"mini-vllm-executor[{name}]", daemon=True)
@@ -68,7 +74,8 @@ class ExecutorThread:
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run one job in the thread. A model step cannot be interrupted halfway, so cancellation
-        takes effect when the job ends (as with ``trio.to_thread.run_sync``)."""
+        takes effect when the job ends (as with ``trio.to_thread.run_sync``), or after
+        ``stop_timeout`` if it does not (the job is then abandoned, its result lost)."""
         if self.inline:
             return await self._run_inline(fn, *args)
         if not self._thread.is_alive():
@@ -87,8 +94,15 @@ class ExecutorThread:
         started = time.perf_counter()
         self._jobs.put(_Job(fn, args, trio.lowlevel.current_trio_token(), report))
         try:
-            with trio.CancelScope(shield=True):
+            try:
                 await done.wait()
+            except trio.Cancelled:
+                with trio.move_on_after(self.stop_timeout, shield=True):
+                    await done.wait()
+                if not done.is_set():
+                    log.error("executor %r: a job has run %.0f s past its cancellation: abandoning it",
+                              self.name, self.stop_timeout)
+                raise
         finally:
             self._running = False
             self._last = time.perf_counter() - started
@@ -125,11 +139,15 @@ class ExecutorThread:
                 pass
 
     async def aclose(self) -> None:
-        """Stop the thread after its current job; waits for it without blocking the event loop."""
+        """Stop the thread after its current job; waits for it (at most ``stop_timeout``, then
+        leaves the daemon thread behind) without blocking the event loop."""
         self._closed = True
         self._jobs.put(None)
         if self._thread.is_alive():
-            await trio.to_thread.run_sync(self._thread.join)
+            await trio.to_thread.run_sync(self._thread.join, self.stop_timeout)
+            if self._thread.is_alive():
+                log.error("executor %r: its thread did not stop within %.0f s: leaving it behind",
+                          self.name, self.stop_timeout)
 
     def statistics(self) -> ExecutorStats:
         return ExecutorStats(

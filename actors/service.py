@@ -39,8 +39,6 @@ from mini_vllm.engine.llm_engine import LLMEngine, load_tokenizer
 from mini_vllm.engine.prompts import PromptEncoder
 from mini_vllm.engine.sampling_params import SamplingParams
 
-_CORE_STOP_GRACE = 10.0  # seconds a core gets to end its requests and free its memory
-
 log = logging.getLogger(__name__)
 
 
@@ -299,7 +297,7 @@ async def open_service(
         finally:
             with trio.CancelScope(shield=True):
                 for core in cores:
-                    await _stop_core(core)
+                    await _stop_core(core, config.stop_timeout)
             nursery.cancel_scope.cancel()
 
 
@@ -338,7 +336,7 @@ async def _in_process_exit() -> str:
     return "it ran in this process and stopped"
 
 
-async def _stop_core(core: _Core) -> None:
+async def _stop_core(core: _Core, grace: float) -> None:
     """Ask the core to stop and wait for it (what it ends on the way out reaches the streams);
     a core process that does not stop within its grace is killed, never left behind."""
     client = core.client
@@ -352,12 +350,12 @@ async def _stop_core(core: _Core) -> None:
     for proxy in client.proxies.values():
         proxy.fail_all("shutting_down", "the service has stopped")
     client.stop("the service has stopped")
-    with trio.move_on_after(_CORE_STOP_GRACE) as waited:
+    with trio.move_on_after(grace) as waited:
         await client.finished.wait()  # the core's last messages have landed
         if core.process is not None:
             await core.process.wait()
     if core.process is not None and waited.cancelled_caught:
-        log.error("the engine core did not stop within %.0f s: killing it", _CORE_STOP_GRACE)
+        log.error("the engine core did not stop within %.0f s: killing it", grace)
         core.process.kill()
         await core.process.wait()
     for proxy in client.proxies.values():

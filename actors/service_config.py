@@ -40,6 +40,9 @@ class ServiceConfig:
     # loop serving clients never shares an interpreter lock with the one launching GPU work. Off:
     # the same core runs in this process, behind a memory link (tests, small CPU setups).
     core_process: bool = attrs.field(default=False)
+    # Seconds an engine core gets to end its requests and stop; then a core process is killed, and
+    # an in-process core's wedged step is abandoned: no shutdown waits forever on a step.
+    stop_timeout: float = attrs.field(default=10.0)
     # Per-request limits the ingress applies before a request reaches an engine core, so that no
     # client can make a step, the frontend or the event loop slow or fail for the others
     # (docs/protocol.md, "Request limits"). Each bounds work that grows with the field.
@@ -55,6 +58,11 @@ class ServiceConfig:
     def _check_core_process(self, _: Any, value: bool) -> None:
         if not isinstance(value, bool):
             raise ConfigError(f"core_process must be True or False, got {value!r}")
+
+    @stop_timeout.validator
+    def _check_stop_timeout(self, _: Any, value: float) -> None:
+        if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < float("inf"):
+            raise ConfigError(f"stop_timeout must be a positive number of seconds, got {value!r}")
 
     @cpu_threads.validator
     def _check_threads(self, _: Any, value: int | None) -> None:

@@ -63,3 +63,31 @@ async def test_cancel_against_the_last_token_many_times(demo_model_dir: Path, co
         assert service.statistics().schedulers[0].pending == 0  # every admission slot came back
     assert len(ends) == rounds * per_round and set(ends.values()) == {1}
     assert set(reasons) <= {"cancelled", "length"}, reasons
+
+
+async def test_a_shutdown_behind_a_wedged_step_ends_within_its_deadline(demo_model_dir: Path) -> None:
+    """A step that never returns (the in-process core's executor thread is stuck in it) must not
+    hold the shutdown: after stop_timeout the step is abandoned and every request still ends."""
+    from conftest_serving import GatedEngine, build_engine, wait_thread_event
+
+    gated = GatedEngine(build_engine(demo_model_dir))
+    config = ServiceConfig(stop_timeout=0.5, loop_lag_interval=None)
+    ended: list[object] = []
+    try:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                async with open_service([gated], config) as service:  # type: ignore[list-item]
+
+                    async def one() -> None:
+                        async for delta in service.generate("wedged", params=SamplingParams(max_tokens=4)):
+                            if delta.finished:
+                                ended.append(delta.error)
+
+                    nursery.start_soon(one)
+                    await wait_thread_event(gated.entered)  # the step is stuck in the thread
+                    started = trio.current_time()
+                # Leaving the block stops the service: within its deadlines, not when the step returns.
+                assert trio.current_time() - started < 5
+    finally:
+        gated.release.set()  # let the abandoned thread finish
+    assert len(ended) == 1 and ended[0] is not None

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import random
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -260,6 +262,21 @@ def _listen_failure(e: OSError) -> str:
     return hints.get(e.errno or 0, e.strerror or str(e))
 
 
+def _exit_after(seconds: float) -> None:
+    """The last resort that bounds every shutdown: if this process still runs ``seconds`` from now
+    (a step wedged in-process, a peer that never lets go), it exits anyway, and says so. A daemon
+    thread, since the event loop may be the thing that is stuck."""
+
+    def exit_anyway() -> None:
+        print(f"mini-vllm serve: the shutdown did not finish within {seconds:.0f} s: exiting anyway",
+              file=sys.stderr, flush=True)
+        os._exit(EXIT_ERROR)
+
+    timer = threading.Timer(seconds, exit_anyway)
+    timer.daemon = True
+    timer.start()
+
+
 async def _serve(models: list[Any], config: Any, limits: ServerLimits, host: str, port: int, grace: float) -> int:
     """Serve until a signal: the first while serving stops gracefully (exit 0); one while loading,
     or a second one, stops at once (exit 128 + the signal, 130 for Ctrl-C)."""
@@ -279,6 +296,7 @@ async def _serve(models: list[Any], config: Any, limits: ServerLimits, host: str
                     if serving and not stop.is_set():
                         print("\nmini-vllm: stopping (press Ctrl-C again to force) ...", file=sys.stderr, flush=True)
                         stop.set()
+                        _exit_after(grace + 2 * config.stop_timeout + 5)
                     else:  # while loading, or a second Ctrl-C: stop now
                         forced = signum
                         what = "while loading the models" if not serving else "before the shutdown finished"
