@@ -2,8 +2,11 @@
 
 A decode step of N sequences, as the core sends it: one ``CoreStep`` with N delta events (one new
 token each, a few characters of text), pickled, written to a Unix socket, read, unpickled and
-applied to N ``RequestStream``s on the frontend's side. It times each part per step, on this
-machine, and writes the table as JSON.
+applied to N ``RequestStream``s on the frontend's side; then the frontend's work per client frame
+for the same step: one ``token`` frame per request as JSON, framed as a WebSocket message
+(wsproto, as trio-websocket does) and written to a socket. It times each part per step, on this
+machine, and writes the table as JSON. (Not timed: the trio task switches between a stream, its
+request task and its connection's writer, which the server adds per frame.)
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from mini_vllm.bench.env import cpu_name, git_revision, versions
 from mini_vllm.engine.block_manager import BlockStats
 from mini_vllm.engine.llm_engine import EngineStats
 from mini_vllm.engine.outputs import RequestDelta, SampleDelta
+from mini_vllm.transport import protocol
 
 
 def add_bench_boundary(sub: Any) -> None:
@@ -56,10 +60,15 @@ def measure(sequences: int, steps: int) -> dict[str, float]:
     # The engine's deltas, as the scheduler actor hands them to the core's streams.
     deltas = [RequestDelta(rid, (SampleDelta(0, (1234,), "ab", None, None),), 500, False) for rid in ids]
     streams = [RequestStream(rid, "m", 1, lambda s: None) for rid in ids]
+    from wsproto.frame_protocol import FrameProtocol
+
+    framing = FrameProtocol(client=False, extensions=[])
     a, b = socket.socketpair()
     a.setblocking(True)
     b.setblocking(True)
-    parts: dict[str, list[float]] = {"encode": [], "pickle": [], "send_receive": [], "unpickle": [], "apply": []}
+    client_end, server_end = socket.socketpair()  # where the frames go (drained after each step)
+    parts: dict[str, list[float]] = {"encode": [], "pickle": [], "send_receive": [], "unpickle": [], "apply": [],
+                                     "frame_json": [], "frame_ws": [], "frame_send": []}
     for _ in range(steps):
         t0 = time.perf_counter()
         events = [(DELTA, d.request_id, d.num_prompt_tokens, d.finished,
@@ -76,15 +85,29 @@ def measure(sequences: int, steps: int) -> dict[str, float]:
         for stream, event in zip(streams, step.events, strict=True):
             stream.push_parts(event[2], event[3], event[4])
         t5 = time.perf_counter()
-        for stream in streams:  # what the consumers take, outside the timed part
-            stream._pending.clear()
+        frames = []
+        for stream in streams:  # each request's news as its client's frame
+            p = stream._pending.pop(0)
+            frames.append(protocol.token_frame(stream.request_id, 0, "".join(p.text), p.token_ids, None))
+        t6 = time.perf_counter()
+        wire = [framing.send_data(frame, True) for frame in frames]
+        t7 = time.perf_counter()
+        for data in wire:  # one send per frame, as each connection's writer does
+            server_end.sendall(data)
+        t8 = time.perf_counter()
+        pending = sum(len(w) for w in wire)
+        while pending:
+            pending -= len(client_end.recv(1 << 20))
         for key, start, end in (("encode", t0, t1), ("pickle", t1, t2), ("send_receive", t2, t3),
-                                ("unpickle", t3, t4), ("apply", t4, t5)):
+                                ("unpickle", t3, t4), ("apply", t4, t5), ("frame_json", t5, t6),
+                                ("frame_ws", t6, t7), ("frame_send", t7, t8)):
             parts[key].append((end - start) * 1e6)
-    a.close()
-    b.close()
+    for s in (a, b, client_end, server_end):
+        s.close()
     result = {k: round(statistics.median(v), 1) for k, v in parts.items()}
-    result["total"] = round(sum(result.values()), 1)
+    result["boundary_total"] = round(sum(result[k] for k in ("encode", "pickle", "send_receive", "unpickle", "apply")), 1)
+    result["frames_total"] = round(sum(result[k] for k in ("frame_json", "frame_ws", "frame_send")), 1)
+    result["frame_us"] = round(result["frames_total"] / sequences, 2)  # per client frame
     result["bytes"] = len(payload)
     return result
 
@@ -103,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
         "benchmark": "engine core boundary, one decode step",
         "sequences": args.sequences,
         "steps": args.steps,
-        "microseconds_per_step": {k: v for k, v in result.items() if k != "bytes"},
+        "microseconds_per_step": {k: v for k, v in result.items() if k not in ("bytes", "frame_us")},
+        "microseconds_per_client_frame": result["frame_us"],
         "bytes_per_step": result["bytes"],
         "machine": cpu_name(),
         "versions": versions(),
@@ -111,8 +135,10 @@ def run(args: argparse.Namespace) -> int:
         "command": "mini-vllm " + " ".join(getattr(args, "argv", [])),
         "date": now.strftime("%Y-%m-%d %H:%M UTC"),
     }
-    print(f"one decode step of {args.sequences} sequences across the core's boundary ({result['bytes']} bytes):")
+    print(f"one decode step of {args.sequences} sequences across the core's boundary ({result['bytes']} bytes), "
+          f"then {args.sequences} client frames:")
     for key, value in record["microseconds_per_step"].items():
-        print(f"  {key:<13} {value:>8.1f} us")
+        print(f"  {key:<15} {value:>8.1f} us")
+    print(f"  {'per frame':<15} {result['frame_us']:>8.2f} us (JSON, WebSocket framing, send)")
     return write_text("boundary", path, json.dumps(record, indent=1) + "\n") or 0
 

@@ -17,8 +17,11 @@ def test_every_part_is_timed_and_the_message_carries_every_sequence() -> None:
     small, large = measure(4, 5), measure(64, 5)
     for result in (small, large):
         parts = ("encode", "pickle", "send_receive", "unpickle", "apply")
-        assert all(result[k] >= 0 for k in parts)
-        assert result["total"] == pytest.approx(sum(result[k] for k in parts), abs=0.2)
+        frames = ("frame_json", "frame_ws", "frame_send")
+        assert all(result[k] >= 0 for k in (*parts, *frames))
+        assert result["boundary_total"] == pytest.approx(sum(result[k] for k in parts), abs=0.2)
+        assert result["frames_total"] == pytest.approx(sum(result[k] for k in frames), abs=0.2)
+        assert result["frame_us"] > 0
     assert large["bytes"] > small["bytes"] + 60 * 20  # at least ~20 bytes per sequence more
 
 
@@ -30,6 +33,10 @@ def test_the_command_writes_its_json_in_the_current_directory(
     (path,) = tmp_path.glob("boundary-*.json")
     record = json.loads(path.read_text())
     assert record["sequences"] == 8 and record["steps"] == 3
-    assert set(record["microseconds_per_step"]) == {"encode", "pickle", "send_receive", "unpickle", "apply", "total"}
+    assert set(record["microseconds_per_step"]) == {
+        "encode", "pickle", "send_receive", "unpickle", "apply", "boundary_total",
+        "frame_json", "frame_ws", "frame_send", "frames_total",
+    }
+    assert record["microseconds_per_client_frame"] > 0
     assert "8 sequences" in capsys.readouterr().out
     assert cli.main(["bench", "boundary", "--steps", "0"]) == 2
