@@ -114,7 +114,10 @@ class ExecutorThread:
     async def _run_inline(self, fn: Callable[..., T], *args: Any) -> T:
         if self._closed:
             raise RuntimeError(f"executor {self.name!r} is closed")
-        await trio.lowlevel.checkpoint_if_cancelled()
+        # The loop's other tasks run now, before the job holds the thread: the flusher sends the
+        # tokens landed since the last job (else they would wait for this one, a step later) and
+        # the link's reader takes what arrived.
+        await trio.lowlevel.checkpoint()
         self._running = True
         started = time.perf_counter()
         try:
@@ -124,7 +127,6 @@ class ExecutorThread:
             self._last = time.perf_counter() - started
             self._busy += self._last
             self._count += 1
-        await trio.lowlevel.cancel_shielded_checkpoint()  # the link's tasks run between two jobs
         return result
 
     def _main(self) -> None:
