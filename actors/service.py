@@ -265,6 +265,8 @@ async def open_service(
             proxies: dict[str, CoreProxy] = {}
             fronts: dict[str, PromptEncoder] = {}
             rules: dict[str, str] = {}
+            if config.core_process:  # the frontend's tokenizers need transformers: import it while the cores load
+                nursery.start_soon(functools.partial(trio.to_thread.run_sync, _import_tokenizers, abandon_on_cancel=True))
             # One after another: on a GPU each model's KV share is measured after the previous
             # models took theirs (see plan_kv_budget).
             for i, m in enumerate(models):
@@ -316,6 +318,12 @@ async def _start_core(nursery: trio.Nursery, start: CoreStart) -> _Core:
     ours, theirs = memory_link_pair()
     nursery.start_soon(run_core, theirs, start)
     return _Core(CoreClient(ours, start.config.max_pending_per_model, _in_process_exit), ours, None)
+
+
+def _import_tokenizers() -> None:
+    """transformers takes a second or two to import, which the frontend would otherwise spend
+    after its first core is ready, before serving."""
+    import transformers  # noqa: F401
 
 
 def _prompt_encoder(model: CoreModel) -> PromptEncoder:
