@@ -218,7 +218,9 @@ async def load_engine(
     label = model.model_name or model.model or "demo"
     started = time.perf_counter()
     await link.send(CoreProgress(LoadProgress(index, total, label, "loading", 0.0, rule)))
-    engine = await trio.to_thread.run_sync(LLMEngine.from_engine_args, model, abandon_on_cancel=True)
+    # The frontend tokenizes and makes the text: no tokenizer (nor transformers' import) here.
+    args = attrs.evolve(model, skip_tokenizer_init=True)
+    engine = await trio.to_thread.run_sync(LLMEngine.from_engine_args, args, abandon_on_cancel=True)
     seconds = time.perf_counter() - started
     await link.send(CoreProgress(LoadProgress(index, total, label, "loaded", seconds, rule)))
     return engine, f"{rule} -> {engine.block_manager.num_blocks} blocks"
@@ -262,7 +264,9 @@ async def run_core(link: Link, start: CoreStart) -> None:
         )
         outbox = Outbox()
         executor.start()
-        tokenizer_dir = engine.source_directory if engine.tokenizer is not None else None
+        # The model's directory has its tokenizer (there is one iff there is a directory), which the
+        # frontend loads; the core itself skipped it (skip_tokenizer_init).
+        tokenizer_dir = engine.source_directory
         await link.send(CoreReady(CoreModel(
             engine.name, engine.max_model_len, engine.model_config.vocab_size,
             str(tokenizer_dir) if tokenizer_dir is not None else None, rule,

@@ -61,6 +61,9 @@ class EngineArgs:
     async_scheduling: bool | None = None
     preemption_mode: Literal["recompute"] = "recompute"  # swapping to host memory is not built yet
     model_name: str | None = None  # the name clients use to pick this model
+    # No tokenizer in this engine (vLLM's name): prompts come as ids and text is made elsewhere.
+    # The engine core sets it: its frontend tokenizes and detokenizes.
+    skip_tokenizer_init: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -81,7 +84,7 @@ class EngineArgs:
             raise ConfigError("preemption_mode must be recompute: swap (KV blocks to host memory) is not implemented yet")
         if self.preemption_mode != "recompute":
             raise ConfigError(f"preemption_mode must be recompute, got {self.preemption_mode!r}")
-        for flag in ("enable_prefix_caching", "enforce_eager", "enable_chunked_prefill"):
+        for flag in ("enable_prefix_caching", "enforce_eager", "enable_chunked_prefill", "skip_tokenizer_init"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):

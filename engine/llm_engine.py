@@ -141,7 +141,7 @@ class LLMEngine:
             )
         # Before the weights load, not after: the Scheduler would refuse the same budget later.
         Scheduler.check_budget(args.enable_chunked_prefill, args.max_num_batched_tokens, max_len)
-        tokenizer = load_tokenizer(source.directory)
+        tokenizer = load_tokenizer(source.directory) if not args.skip_tokenizer_init else None
         eos_ids = generation_eos_ids(source.directory, config)
         torch.manual_seed(args.seed)
         model = build_model(source, max_len, dtype, device, args.seed)
@@ -206,11 +206,12 @@ class LLMEngine:
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         return self.prompts.apply_chat_template(messages)
 
-    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """What would fail a step if it reached one (the step of every request batched with it)."""
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams, detokenize: bool = True) -> None:
+        """What would fail a step if it reached one (the step of every request batched with it);
+        ``detokenize=False``: stop strings are someone else's (the frontend's)."""
         self.prompts.check_prompt(prompt_token_ids)
         self.prompts.check_params(params)
-        if params.stop and self.tokenizer is None:
+        if params.stop and detokenize and self.tokenizer is None:
             raise InvalidRequest("stop strings need a tokenizer; this model has none (use stop_token_ids)")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0,
@@ -220,7 +221,7 @@ class LLMEngine:
         self._check_open()
         if request_id in self.requests:
             raise InvalidRequest(f"request id {request_id!r} is already in flight")
-        self.validate_request(prompt_token_ids, params)
+        self.validate_request(prompt_token_ids, params, detokenize)
         request = Request(request_id, prompt, list(prompt_token_ids), params, priority, next(self._arrivals),
                           detokenize=detokenize)
         seq = self._new_sequence(request, 0, list(prompt_token_ids))
