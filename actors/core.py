@@ -264,9 +264,11 @@ async def run_core(link: Link, start: CoreStart) -> None:
         )
         outbox = Outbox()
         executor.start()
-        # The model's directory has its tokenizer (there is one iff there is a directory), which the
-        # frontend loads; the core itself skipped it (skip_tokenizer_init).
-        tokenizer_dir = engine.source_directory
+        # The frontend loads the tokenizer from the model's directory. An engine loaded here skipped
+        # it (skip_tokenizer_init; a model has one iff it has a directory); an engine the caller
+        # built has one or not.
+        loaded_here = isinstance(start.model, EngineArgs)
+        tokenizer_dir = engine.source_directory if loaded_here or engine.tokenizer is not None else None
         await link.send(CoreReady(CoreModel(
             engine.name, engine.max_model_len, engine.model_config.vocab_size,
             str(tokenizer_dir) if tokenizer_dir is not None else None, rule,
