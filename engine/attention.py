@@ -15,6 +15,8 @@ from __future__ import annotations
 import attrs
 import torch
 
+from mini_vllm.engine.errors import ConfigError
+
 
 @attrs.frozen
 class AttentionMetadata:
@@ -133,3 +135,19 @@ def build_metadata(
         query_start_loc_list=starts,
         seq_lens_list=list(seq_lens),
     )
+
+
+# The head sizes the GPU's Triton attention kernels are built for (engine/triton_attention.py:
+# powers of two from 16, the sizes of the supported architectures' released models). Kept here so
+# that a CPU install, which may lack triton, can check it too (this module needs no triton).
+GPU_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+def check_gpu_head_dim(head_dim: int) -> None:
+    """Refuse at load, before any weight moves, a head size the GPU attention has no kernel for
+    (rather than a compile error at the first step)."""
+    if head_dim not in GPU_HEAD_DIMS:
+        raise ConfigError(
+            f"this model's head_dim is {head_dim}, and the GPU attention kernels support head_dim in "
+            f"{GPU_HEAD_DIMS}: run it with --device cpu (exact, slower)"
+        )

@@ -18,6 +18,7 @@ from typing import Any
 import attrs
 import torch
 
+from mini_vllm.engine.attention import check_gpu_head_dim
 from mini_vllm.engine.block_manager import BlockManager
 from mini_vllm.engine.config import EngineArgs, ModelConfig
 from mini_vllm.engine.detokenizer import IncrementalDetokenizer
@@ -141,6 +142,8 @@ class LLMEngine:
             )
         # Before the weights load, not after: the Scheduler would refuse the same budget later.
         Scheduler.check_budget(args.enable_chunked_prefill, args.max_num_batched_tokens, max_len)
+        if device.type == "cuda":
+            check_gpu_head_dim(config.head_dim)
         tokenizer = load_tokenizer(source.directory) if not args.skip_tokenizer_init else None
         eos_ids = generation_eos_ids(source.directory, config)
         torch.manual_seed(args.seed)

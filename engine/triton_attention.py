@@ -34,10 +34,10 @@ import torch
 import triton
 import triton.language as tl
 
-from mini_vllm.engine.attention import AttentionMetadata
+from mini_vllm.engine.attention import GPU_HEAD_DIMS, AttentionMetadata
 
 LOG2E = 1.4426950408889634
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+SUPPORTED_HEAD_DIMS = GPU_HEAD_DIMS  # checked at load by LLMEngine (check_gpu_head_dim)
 DEFAULT_NUM_SPLITS = 8
 
 

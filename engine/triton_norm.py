@@ -101,6 +101,7 @@ def _rotary_kernel(
     stride_cos,
     num_heads,
     HALF: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # HALF rounded up to a power of two (tl.arange needs one), masked
     BLOCK_H: tl.constexpr,
     IS_BF16: tl.constexpr,
 ):
@@ -108,15 +109,16 @@ def _rotary_kernel(
     pos = tl.load(positions + tok).to(tl.int64)
     heads = tl.arange(0, BLOCK_H)
     h_ok = heads < num_heads
-    d = tl.arange(0, HALF)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HALF
     base = x + tok.to(tl.int64) * stride_t + heads[:, None] * stride_h
-    ok = h_ok[:, None]
+    ok = h_ok[:, None] & d_ok[None, :]
     x1 = tl.load(base + d[None, :], mask=ok, other=0.0)
     x2 = tl.load(base + HALF + d[None, :], mask=ok, other=0.0)
     ty = x1.dtype
     # The table is cat(freqs, freqs): both halves share cos/sin; rounded to x's dtype as eager does.
-    c = _round_to(tl.load(cos + pos * stride_cos + d), ty, IS_BF16)[None, :]
-    s = _round_to(tl.load(sin + pos * stride_cos + d), ty, IS_BF16)[None, :]
+    c = _round_to(tl.load(cos + pos * stride_cos + d, mask=d_ok, other=0.0), ty, IS_BF16)[None, :]
+    s = _round_to(tl.load(sin + pos * stride_cos + d, mask=d_ok, other=0.0), ty, IS_BF16)[None, :]
     f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
     # Eager: x * cos + rotate_half(x) * sin, each product and the sum rounded to the dtype.
     # The sum is rounded here too, so the final cast is exact (value already representable).
@@ -149,7 +151,8 @@ def rotary_triton(
         if tokens:
             _rotary_kernel[(tokens,)](
                 t, positions, cos, sin, t.stride(0), t.stride(1), cos.stride(0), heads,
-                HALF=dim // 2, BLOCK_H=triton.next_power_of_2(heads), IS_BF16=t.dtype == torch.bfloat16,
+                HALF=dim // 2, BLOCK_D=triton.next_power_of_2(dim // 2), BLOCK_H=triton.next_power_of_2(heads),
+                IS_BF16=t.dtype == torch.bfloat16,
                 num_warps=4,
             )
     return q, k

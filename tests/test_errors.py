@@ -181,3 +181,13 @@ def test_missing_tensor(tmp_path: Path, tiny_model: Callable[..., Path]) -> None
 def test_preset_needs_dummy_format() -> None:
     with pytest.raises(ModelLoadError, match="load_format='dummy'"):
         LLM("qwen3-0.6b")
+
+
+@pytest.mark.parametrize("head_dim", [24, 80, 512])
+def test_a_head_size_the_gpu_kernels_lack_is_refused_before_loading(head_dim: int) -> None:
+    from mini_vllm.engine.attention import GPU_HEAD_DIMS, check_gpu_head_dim
+
+    with pytest.raises(ConfigError, match=rf"head_dim is {head_dim}, .* run it with --device cpu"):
+        check_gpu_head_dim(head_dim)
+    for ok in GPU_HEAD_DIMS:
+        check_gpu_head_dim(ok)

@@ -59,15 +59,15 @@ def test_dtype_mismatch_is_an_error() -> None:
         rms_norm_triton(torch.randn(2, 8), torch.ones(8, dtype=torch.bfloat16), 1e-6)
 
 
-def _rope() -> torch.nn.Module:
-    """Llama-style RoPE for 4 query / 2 key-value heads of 32, positions up to 64."""
+def _rope(head_dim: int = 32) -> torch.nn.Module:
+    """Llama-style RoPE for 4 query / 2 key-value heads of ``head_dim``, positions up to 64."""
     from mini_vllm.engine.config import ModelConfig
     from mini_vllm.engine.model import RotaryEmbedding
 
     cfg = ModelConfig.from_dict(
         {"architectures": ["LlamaForCausalLM"], "hidden_size": 128, "num_attention_heads": 4,
          "num_key_value_heads": 2, "intermediate_size": 64, "num_hidden_layers": 1, "vocab_size": 10,
-         "head_dim": 32, "rope_theta": 10000.0},
+         "head_dim": head_dim, "rope_theta": 10000.0},
         "test",
     )
     return RotaryEmbedding(cfg, 64)
@@ -172,3 +172,21 @@ def test_fused_silu_mul_matches_eager(dtype: torch.dtype, intermediate: int) -> 
     torch.testing.assert_close(got, want, **tol)
     with pytest.raises(ValueError, match="silu_mul needs"):
         silu_mul_triton(gate_up[:, :-1], intermediate)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [24, 40, 80, 96])
+def test_fused_rotary_on_head_sizes_that_are_no_power_of_two(dtype: torch.dtype, head_dim: int) -> None:
+    """tl.arange needs a power of two: the half head is rounded up and masked (a Qwen3 with
+    head_dim 24 failed to compile on the H200 before)."""
+    from mini_vllm.engine.triton_norm import rotary_triton
+
+    rope = _rope(head_dim)
+    gen = torch.Generator().manual_seed(head_dim)
+    q = torch.randn(5, 3, head_dim, generator=gen).to(dtype)
+    k = torch.randn(5, 1, head_dim, generator=gen).to(dtype)
+    positions = torch.tensor([0, 9, 31, 32, 63])
+    want_q, want_k = rope(positions, q.clone(), k.clone())
+    got_q, got_k = rotary_triton(positions, q, k, rope.cos, rope.sin)
+    _assert_rotary_equal(dtype, (got_q, got_k), (want_q, want_k))
