@@ -23,7 +23,6 @@ that is not serving correctly at the end.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
 import random
@@ -31,14 +30,13 @@ import string
 import sys
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import attrs
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, open_websocket_url
 
-from mini_vllm.bench.command import HelpFormatter, fail, interruptible, unwritable, write_text
+from mini_vllm.bench.command import HelpFormatter, fail, interruptible
 from mini_vllm.bench.serve import percentile
 from mini_vllm.bench.soak import (
     MAX_EXAMPLES,
@@ -51,18 +49,19 @@ from mini_vllm.bench.soak import (
     connect_failure,
     counts,
     end_error_code,
-    environment,
     expected_of,
     mismatch,
     open_wire,
+    positive,
     run_alone,
+    run_tool,
     served_model,
     wait_idle,
 )
 from mini_vllm.engine.errors import ConfigError
 from mini_vllm.transport import protocol
+from mini_vllm.transport.flags import positive_int
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 KINDS = ("generate", "chat", "cancel", "models", "stats")
 _REQUEST_KINDS = ("generate", "chat")
 # Refusals a well-behaved client may meet on a busy server (retry later); anything else is a failure.
@@ -1070,29 +1069,6 @@ def fuzz_verdict(record: dict[str, Any]) -> tuple[list[str], list[str]]:
 # ---- the command -------------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
-    return value
-
-
-def _positive(unit: str) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number of {unit}: {text!r}") from None
-        if not (math.isfinite(value) and value > 0):
-            raise argparse.ArgumentTypeError(f"must be a number of {unit} > 0, got {text!r}")
-        return value
-
-    return parse
-
-
 def _family(text: str) -> str:
     if text not in FAMILIES:
         raise argparse.ArgumentTypeError(f"unknown family {text!r} (known: {', '.join(FAMILIES)})")
@@ -1106,19 +1082,19 @@ def add_bench_fuzz(bench_subparsers: Any) -> None:
     )
     p.add_argument("--url", required=True, help="the server, ws://HOST:PORT (required: no default)")
     p.add_argument("--model", default=None, help="the model's name (default: the server's only model)")
-    p.add_argument("--frames", type=_positive_int, default=1000, help="mutated frames to send")
+    p.add_argument("--frames", type=positive_int, default=1000, help="mutated frames to send")
     p.add_argument("--seed", type=int, default=0, help="with a frame's number, decides the frame")
-    p.add_argument("--connections", type=_positive_int, default=4, help="fuzzing connections, one frame at a time each")
-    p.add_argument("--reply-timeout", type=_positive("seconds"), default=10.0,
+    p.add_argument("--connections", type=positive_int, default=4, help="fuzzing connections, one frame at a time each")
+    p.add_argument("--reply-timeout", type=positive("seconds"), default=10.0,
                    help="seconds a frame's answer (and the good client's whole answer) may take")
-    p.add_argument("--ttft-bound", type=_positive("milliseconds"), default=None, metavar="MS",
+    p.add_argument("--ttft-bound", type=positive("milliseconds"), default=None, metavar="MS",
                    help=f"the good client's TTFT bound in ms (default: {_AUTO_BOUND_FACTOR:g} x its median TTFT "
                         f"on the idle server before the fuzzing, at least {_MIN_AUTO_BOUND_MS:g} ms)")
     p.add_argument("--skip", type=_family, action="append", default=[], metavar="FAMILY",
                    help=f"leave out a family of frames; repeatable (default: none; families: {', '.join(FAMILIES)})")
-    p.add_argument("--time-limit", type=_positive("seconds"), default=600.0,
+    p.add_argument("--time-limit", type=positive("seconds"), default=600.0,
                    help="stop sending frames after this many seconds")
-    p.add_argument("--idle-timeout", type=_positive("seconds"), default=60.0,
+    p.add_argument("--idle-timeout", type=positive("seconds"), default=60.0,
                    help="seconds to wait for the server to become idle at the end")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="the JSON file (default: fuzz-DATE.json in the current directory)")
@@ -1135,22 +1111,7 @@ def run_fuzz(args: argparse.Namespace) -> int:
         )
     except ConfigError as exc:
         return fail("fuzz", str(exc))
-    started = dt.datetime.now(dt.UTC)
-    out = Path(args.json or f"fuzz-{started:%Y%m%d-%H%M}.json")
-    error = unwritable(out, "--json")
-    if error:
-        return fail("fuzz", error)
-    try:
-        body = trio.run(fuzz, config)
-    except ConfigError as exc:
-        return fail("fuzz", str(exc), EXIT_FAILED)
-    record = {"benchmark": "fuzz", **environment(started, args), **body}
-    failed = write_text("fuzz", out, json.dumps(record, indent=1) + "\n")
-    if failed is not None:
-        return failed
-    print_fuzz(record)
-    print(f"wrote {out}")
-    return EXIT_OK if record["ok"] else EXIT_FAILED
+    return run_tool("fuzz", fuzz, config, print_fuzz, args)
 
 
 def print_fuzz(record: dict[str, Any], out: Any = None) -> None:

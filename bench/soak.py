@@ -29,7 +29,7 @@ import shlex
 import sys
 import urllib.parse
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +48,8 @@ from mini_vllm.actors.task_group import open_task_group
 from mini_vllm.bench.command import HelpFormatter, fail, interruptible, unwritable, write_text
 from mini_vllm.engine.errors import ConfigError
 from mini_vllm.transport import protocol
+from mini_vllm.transport.flags import EXIT_ERROR, EXIT_OK, positive_int
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 MAX_EXAMPLES = 5  # per kind of problem, in the JSON and the table
 _MAX_FRAME = 64 << 20  # what this client accepts from the server (a stats frame of a big server is large)
 _OVERLOAD_CODES = frozenset({"overloaded", "too_many_requests"})
@@ -747,24 +747,19 @@ def _probability(text: str) -> float:
     return value
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
-    return value
+def positive(unit: str) -> Callable[[str], float]:
+    """An argparse type: a finite number of ``unit`` > 0."""
 
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of {unit}: {text!r}") from None
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"must be a number of {unit} > 0, got {text!r}")
+        return value
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
-    return value
+    return parse
 
 
 def add_bench_soak(bench_subparsers: Any) -> None:
@@ -774,18 +769,18 @@ def add_bench_soak(bench_subparsers: Any) -> None:
     )
     p.add_argument("--url", required=True, help="the server, ws://HOST:PORT (required: no default)")
     p.add_argument("--model", default=None, help="the model's name (default: the server's only model)")
-    p.add_argument("--duration", type=_seconds, default=60.0, help="seconds of load")
-    p.add_argument("--concurrency", type=_positive_int, default=8, help="simulated clients, one connection each")
+    p.add_argument("--duration", type=positive("seconds"), default=60.0, help="seconds of load")
+    p.add_argument("--concurrency", type=positive_int, default=8, help="simulated clients, one connection each")
     p.add_argument("--disconnect-rate", type=_probability, default=0.1,
                    help="probability that a request's client drops its connection mid-stream")
     p.add_argument("--cancel-rate", type=_probability, default=0.1,
                    help="probability that a request is cancelled mid-stream")
     p.add_argument("--seed", type=int, default=0, help="picks prompts, actions and the moments to act")
-    p.add_argument("--max-requests", type=_positive_int, default=None,
+    p.add_argument("--max-requests", type=positive_int, default=None,
                    help="stop after this many requests even before --duration (default: no limit)")
-    p.add_argument("--request-timeout", type=_seconds, default=120.0,
+    p.add_argument("--request-timeout", type=positive("seconds"), default=120.0,
                    help="seconds a request may take to end before it counts as lost")
-    p.add_argument("--idle-timeout", type=_seconds, default=60.0,
+    p.add_argument("--idle-timeout", type=positive("seconds"), default=60.0,
                    help="seconds to wait for the server to become idle after the load")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="the JSON file (default: soak-DATE.json in the current directory)")
@@ -802,22 +797,29 @@ def run_soak(args: argparse.Namespace) -> int:
         )
     except ConfigError as exc:
         return fail("soak", str(exc))
+    return run_tool("soak", soak, config, print_soak, args)
+
+
+def run_tool(name: str, tool: Callable[[Any], Awaitable[dict[str, Any]]], config: Any,
+             show: Callable[[dict[str, Any]], None], args: argparse.Namespace) -> int:
+    """``bench soak`` and ``bench fuzz`` alike: run ``tool(config)``, write its record as JSON
+    (``--json``), print its table; exit 1 when it found a problem."""
     started = dt.datetime.now(dt.UTC)
-    out = Path(args.json or f"soak-{started:%Y%m%d-%H%M}.json")
+    out = Path(args.json or f"{name}-{started:%Y%m%d-%H%M}.json")
     error = unwritable(out, "--json")
     if error:
-        return fail("soak", error)
+        return fail(name, error)
     try:
-        body = trio.run(soak, config)
+        body = trio.run(tool, config)
     except ConfigError as exc:
-        return fail("soak", str(exc), EXIT_FAILED)
-    record = {"benchmark": "soak", **environment(started, args), **body}
-    failed = write_text("soak", out, json.dumps(record, indent=1) + "\n")
+        return fail(name, str(exc), EXIT_ERROR)
+    record = {"benchmark": name, **environment(started, args), **body}
+    failed = write_text(name, out, json.dumps(record, indent=1) + "\n")
     if failed is not None:
         return failed
-    print_soak(record)
+    show(record)
     print(f"wrote {out}")
-    return EXIT_OK if record["ok"] else EXIT_FAILED
+    return EXIT_OK if record["ok"] else EXIT_ERROR
 
 
 def environment(started: dt.datetime, args: argparse.Namespace) -> dict[str, Any]:
