@@ -37,7 +37,6 @@ import triton.language as tl
 from mini_vllm.engine.attention import GPU_HEAD_DIMS, AttentionMetadata
 
 LOG2E = 1.4426950408889634
-SUPPORTED_HEAD_DIMS = GPU_HEAD_DIMS  # checked at load by LLMEngine (check_gpu_head_dim)
 DEFAULT_NUM_SPLITS = 8
 
 
@@ -391,9 +390,9 @@ def build_prefill_schedule(
 def _check_shapes(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
     """Validate layouts shared by the attention kernels; return the GQA group size."""
     head_dim = query.shape[-1]
-    if head_dim not in SUPPORTED_HEAD_DIMS:
+    if head_dim not in GPU_HEAD_DIMS:
         raise ValueError(
-            f"Triton attention supports head_dim in {SUPPORTED_HEAD_DIMS} (a power of two >= 16), got {head_dim}"
+            f"Triton attention supports head_dim in {GPU_HEAD_DIMS} (a power of two >= 16), got {head_dim}"
         )
     if k_cache.shape != v_cache.shape or k_cache.dim() != 4 or k_cache.shape[-1] != head_dim:
         raise ValueError(
