@@ -38,6 +38,7 @@ from mini_vllm.engine.step_loop import StepLoop, StepResult
 
 log = logging.getLogger(__name__)
 _SPARE_INBOX = 16  # room for the fail-all message, beyond three per admitted request
+RSS_INTERVAL = 1.0  # seconds between two reads of the process's resident memory
 
 
 @attrs.frozen
@@ -100,6 +101,10 @@ class SchedulerActor:
         self._busy = 0.0
         self._changed = trio.Event()
         self._isolation = FaultIsolation()  # after a failed step: whose request broke it
+        # Statistics are taken after every step and message; the process's memory is read from
+        # /proc at most once a second (RSS_INTERVAL), not on that hot path.
+        self._rss = 0
+        self._rss_read = -RSS_INTERVAL
         self._stats = self._snapshot()
 
     # ---- called from other tasks (ingress); never block, never touch the engine ------------------
@@ -313,6 +318,9 @@ class SchedulerActor:
             self.engine.release(request_id)
 
     def _snapshot(self) -> SchedulerStats:
+        now = time.monotonic()
+        if now - self._rss_read >= RSS_INTERVAL:
+            self._rss, self._rss_read = resident_bytes(), now
         return SchedulerStats(
             model=self.model,
             pending=self._pending,
@@ -325,7 +333,7 @@ class SchedulerActor:
             pipelined=self.loop.pipelined,
             engine=self.engine.statistics(),
             blocks=self.engine.block_manager.statistics(),
-            rss_bytes=resident_bytes(),
+            rss_bytes=self._rss,
         )
 
     def _publish(self) -> None:
