@@ -88,6 +88,9 @@ class Ingress:
             for name, e in self._engines.items()
         ]
 
+    def encoder(self, name: str) -> PromptEncoder:
+        return self._engines[name]
+
     def route(self, model: str | None) -> str:
         if model is None:
             if len(self._engines) == 1:

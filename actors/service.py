@@ -200,6 +200,11 @@ class Service:
     def models(self) -> list[ModelInfo]:
         return self._ingress.models()
 
+    def prompt_encoder(self, model: str | None) -> PromptEncoder:
+        """The tokenizer, chat template and prompt checks of the served model ``model`` names
+        (raises UnknownModel / ModelRequired): for /tokenize, /detokenize and logprobs' token text."""
+        return self._ingress.encoder(self._ingress.route(model))
+
     def resolve_model(self, model: str | None) -> str:
         """The served model a request naming ``model`` goes to (raises UnknownModel / ModelRequired)."""
         return self._ingress.route(model)
