@@ -336,7 +336,10 @@ async def _flush(link: Link, scheduler: SchedulerActor, executor: ExecutorThread
     """Send a model's news whenever there is some. While a send waits on a slow frontend, the next
     steps' events gather in the outbox and leave together: the core itself never waits per token."""
     while True:
-        await outbox.ready.wait()
+        # Not ``wait()`` on a set event: it yields even then, and in a core that runs its device
+        # jobs inline a yield here may let the next step take the thread before these tokens leave.
+        if not outbox.ready.is_set():
+            await outbox.ready.wait()
         await _send_step(link, scheduler, executor, outbox)
 
 

@@ -116,7 +116,10 @@ class ExecutorThread:
             raise RuntimeError(f"executor {self.name!r} is closed")
         # The loop's other tasks run now, before the job holds the thread: the flusher sends the
         # tokens landed since the last job (else they would wait for this one, a step later) and
-        # the link's reader takes what arrived.
+        # the link's reader takes what arrived. Twice: trio runs a batch of ready tasks in either
+        # order, so after one yield this task may come first and hold the thread again before the
+        # flusher has had its turn; after two, every task woken before the first has had one.
+        await trio.lowlevel.checkpoint()
         await trio.lowlevel.checkpoint()
         self._running = True
         started = time.perf_counter()
