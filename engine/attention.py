@@ -137,17 +137,24 @@ def build_metadata(
     )
 
 
-# The head sizes the GPU's Triton attention kernels are built for (engine/triton_attention.py:
-# powers of two from 16, the sizes of the supported architectures' released models). Kept here so
+# The largest head the GPU's Triton attention kernels take (engine/triton_attention.py). They walk
+# a head in a power-of-two number of lanes, at least 16, masking the padding, so any size up to
+# this one works. Past it a head takes 512 lanes, and the fp32 prefill tiles then need 264 KiB of
+# shared memory, more than an H100/H200 block may have (227 KiB; ptxas for sm_90). Kept here so
 # that a CPU install, which may lack triton, can check it too (this module needs no triton).
-GPU_HEAD_DIMS = (16, 32, 64, 128, 256)
+GPU_MAX_HEAD_DIM = 256
 
 
 def check_gpu_head_dim(head_dim: int) -> None:
-    """Refuse at load, before any weight moves, a head size the GPU attention has no kernel for
-    (rather than a compile error at the first step)."""
-    if head_dim not in GPU_HEAD_DIMS:
+    """Refuse at load, before any weight moves, a head size the GPU kernels cannot run (rather
+    than a compile error or a wrong rotary at the first step)."""
+    if head_dim < 2 or head_dim % 2:
         raise ConfigError(
-            f"this model's head_dim is {head_dim}, and the GPU attention kernels support head_dim in "
-            f"{GPU_HEAD_DIMS}: run it with --device cpu (exact, slower)"
+            f"this model's head_dim is {head_dim}, and rotary embeddings rotate the two halves of each "
+            "head: head_dim must be an even number >= 2"
+        )
+    if head_dim > GPU_MAX_HEAD_DIM:
+        raise ConfigError(
+            f"this model's head_dim is {head_dim}, and the GPU attention kernels support head_dim up to "
+            f"{GPU_MAX_HEAD_DIM}: run it with --device cpu (exact, slower)"
         )

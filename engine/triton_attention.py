@@ -19,6 +19,13 @@ functions are the ground truth these kernels are tested against). Three kernels:
   scratch shapes depend only on batch size, heads, head_dim and ``num_splits``: the call is
   CUDA-graph capturable. Empty partitions (and padded rows with ``seq_len == 0``) are handled.
 
+Any head size up to ``GPU_MAX_HEAD_DIM`` works: ``tl.arange`` needs a power of two and
+``tl.dot`` at least 16, so the head dimension is walked in ``BLOCK_D = max(16, next power of
+two)`` lanes, the extra ones masked on every load and store (loaded as zeros, so they add exactly
+nothing to q.k, and never written). The cache keeps the true head_dim. When ``BLOCK_D ==
+HEAD_DIM`` the lane test is a constexpr branch that compiles away: power-of-two heads run the
+same code as before.
+
 Softmax uses ``exp2`` with the scale pre-multiplied by log2(e). fp32 inputs use IEEE dot
 products (not TF32) so that fp32 stays an exactness path. Kernels also run under
 ``TRITON_INTERPRET=1`` on CPU tensors.
@@ -34,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mini_vllm.engine.attention import GPU_HEAD_DIMS, AttentionMetadata
+from mini_vllm.engine.attention import GPU_MAX_HEAD_DIM, AttentionMetadata
 
 LOG2E = 1.4426950408889634
 DEFAULT_NUM_SPLITS = 8
@@ -53,6 +60,16 @@ def _mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     else:
         res = tl.dot(a, b, input_precision=PRECISION)
     return res
+
+
+@triton.jit
+def _lanes(ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The mask of a ``[rows, BLOCK_D]`` tile whose rows pass ``ok``: a padded head's lanes past
+    HEAD_DIM are off. For a power-of-two head the lane test is not even compiled."""
+    if BLOCK_D == HEAD_DIM:
+        return ok[:, None]
+    else:
+        return ok[:, None] & (tl.arange(0, BLOCK_D) < HEAD_DIM)[None, :]
 
 
 @triton.jit
@@ -75,17 +92,18 @@ def _store_kv_kernel(
     NUM_KV_HEADS: tl.constexpr,
     BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two (no tl.dot here: no minimum)
     BLOCK_SIZE: tl.constexpr,
 ):
     tok = tl.program_id(0)
     slot = tl.load(slot_mapping + tok)
     heads = tl.arange(0, BLOCK_H)
-    dims = tl.arange(0, HEAD_DIM)
+    dims = tl.arange(0, BLOCK_D)
     # Padding tokens (slot < 0) are skipped through the mask rather than an early return. The slot
     # test is made on a full [heads, dims] tile: a scalar comparison and-ed into the mask comes out
     # as int32 in Triton 3.9's interpreter, which then refuses it as a mask.
-    slots = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.int32) + slot
-    mask = (heads < NUM_KV_HEADS)[:, None] & (slots >= 0)
+    slots = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.int32) + slot
+    mask = _lanes(heads < NUM_KV_HEADS, HEAD_DIM, BLOCK_D) & (slots >= 0)
     blk = slot // BLOCK_SIZE
     off = slot % BLOCK_SIZE
 
@@ -127,6 +145,7 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # HEAD_DIM padded to a power of two >= 16 (tl.arange, tl.dot)
     BLOCK_SIZE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
@@ -147,17 +166,18 @@ def _prefill_kernel(
     row_ok = (rows < TOKENS_PER_TILE * GROUP) & (tok < q_len)
     # Padding rows get positions >= seq_len, so they see every key and never produce NaN.
     q_pos = cached + tok
-    dims = tl.arange(0, HEAD_DIM)
+    dims = tl.arange(0, BLOCK_D)
     q_rows = (q_begin + tok).to(tl.int64)
+    # Padded lanes load as 0 in q and k, so they add exactly 0 to every q.k.
     q = tl.load(
         query + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
-        mask=row_ok[:, None],
+        mask=_lanes(row_ok, HEAD_DIM, BLOCK_D),
         other=0.0,
     )
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     # Causal: nothing past the tile's last token is visible to any of its rows.
     kv_end = tl.minimum(seq_len, cached + tile_start + TOKENS_PER_TILE)
     table = block_tables + seq.to(tl.int64) * stride_bt
@@ -168,7 +188,7 @@ def _prefill_kernel(
         blk = tl.load(table + keys // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
         off = keys % BLOCK_SIZE
         k_ptr = k_cache + blk * stride_kc_blk + off * stride_kc_slot + kv_head * stride_kc_head
-        k = tl.load(k_ptr[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)  # [N, D]
+        k = tl.load(k_ptr[:, None] + dims[None, :], mask=_lanes(key_ok, HEAD_DIM, BLOCK_D), other=0.0)  # [N, D]
         s = _mma(q, tl.trans(k.to(q.dtype)), DOT_PRECISION, UPCAST_DOT) * scale_log2
         visible = (keys[None, :] <= q_pos[:, None]) & key_ok[None, :]
         s = tl.where(visible, s, float("-inf"))
@@ -179,7 +199,7 @@ def _prefill_kernel(
         p = tl.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v_ptr = v_cache + blk * stride_vc_blk + off * stride_vc_slot + kv_head * stride_vc_head
-        v = tl.load(v_ptr[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)  # [N, D]
+        v = tl.load(v_ptr[:, None] + dims[None, :], mask=_lanes(key_ok, HEAD_DIM, BLOCK_D), other=0.0)  # [N, D]
         acc = acc * alpha[:, None] + _mma(p.to(q.dtype), v.to(q.dtype), DOT_PRECISION, UPCAST_DOT)
         m_i = m_new
 
@@ -187,7 +207,7 @@ def _prefill_kernel(
     tl.store(
         out + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
         acc.to(out.dtype.element_ty),
-        mask=row_ok[:, None],
+        mask=_lanes(row_ok, HEAD_DIM, BLOCK_D),
     )
 
 
@@ -216,6 +236,7 @@ def _decode_split_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # HEAD_DIM padded to a power of two >= 16 (tl.arange, tl.dot)
     BLOCK_SIZE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
@@ -234,16 +255,16 @@ def _decode_split_kernel(
     g = tl.arange(0, BLOCK_G)
     head = kv_head * GROUP + g
     g_ok = g < GROUP
-    dims = tl.arange(0, HEAD_DIM)
+    dims = tl.arange(0, BLOCK_D)
     q = tl.load(
         query + seq * stride_qb + head[:, None] * stride_qh + dims[None, :],
-        mask=g_ok[:, None],
+        mask=_lanes(g_ok, HEAD_DIM, BLOCK_D),
         other=0.0,
     )
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     table = block_tables + seq.to(tl.int64) * stride_bt
     for start in range(lo, hi, BLOCK_N):  # no iterations for an empty partition
         keys = start + tl.arange(0, BLOCK_N)
@@ -251,7 +272,7 @@ def _decode_split_kernel(
         blk = tl.load(table + keys // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
         off = keys % BLOCK_SIZE
         k_ptr = k_cache + blk * stride_kc_blk + off * stride_kc_slot + kv_head * stride_kc_head
-        k = tl.load(k_ptr[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)  # [N, D]
+        k = tl.load(k_ptr[:, None] + dims[None, :], mask=_lanes(key_ok, HEAD_DIM, BLOCK_D), other=0.0)  # [N, D]
         s = _mma(q, tl.trans(k.to(q.dtype)), DOT_PRECISION, UPCAST_DOT) * scale_log2
         s = tl.where(key_ok[None, :], s, float("-inf"))
 
@@ -261,7 +282,7 @@ def _decode_split_kernel(
         p = tl.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v_ptr = v_cache + blk * stride_vc_blk + off * stride_vc_slot + kv_head * stride_vc_head
-        v = tl.load(v_ptr[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
+        v = tl.load(v_ptr[:, None] + dims[None, :], mask=_lanes(key_ok, HEAD_DIM, BLOCK_D), other=0.0)
         acc = acc * alpha[:, None] + _mma(p.to(q.dtype), v.to(q.dtype), DOT_PRECISION, UPCAST_DOT)
         m_i = m_new
 
@@ -269,10 +290,10 @@ def _decode_split_kernel(
     has_keys = l_i > 0.0
     acc = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-    # Scratch layout: part_lse [B, H, S], part_out [B, H, S, D], contiguous.
+    # Scratch layout: part_lse [B, H, S], part_out [B, H, S, HEAD_DIM], contiguous.
     row = (seq * NUM_HEADS + head).to(tl.int64) * num_splits + split
     tl.store(part_lse + row, lse, mask=g_ok)
-    tl.store(part_out + row[:, None] * HEAD_DIM + dims[None, :], acc, mask=g_ok[:, None])
+    tl.store(part_out + row[:, None] * HEAD_DIM + dims[None, :], acc, mask=_lanes(g_ok, HEAD_DIM, BLOCK_D))
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -286,15 +307,18 @@ def _decode_reduce_kernel(
     NUM_HEADS: tl.constexpr,
     BLOCK_S: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two (tl.arange)
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     splits = tl.arange(0, BLOCK_S)
     split_ok = splits < num_splits
-    dims = tl.arange(0, HEAD_DIM)
+    dims = tl.arange(0, BLOCK_D)
     row = (seq * NUM_HEADS + head).to(tl.int64) * num_splits + splits
     lse = tl.load(part_lse + row, mask=split_ok, other=float("-inf"))
-    o = tl.load(part_out + row[:, None] * HEAD_DIM + dims[None, :], mask=split_ok[:, None], other=0.0)
+    o = tl.load(
+        part_out + row[:, None] * HEAD_DIM + dims[None, :], mask=_lanes(split_ok, HEAD_DIM, BLOCK_D), other=0.0
+    )
 
     # Weight each partition by exp(lse - max); empty ones weigh 0. A row with no keys at all
     # (a padded slot with seq_len 0) comes out as zeros rather than NaN.
@@ -303,7 +327,11 @@ def _decode_reduce_kernel(
     w = tl.exp2(lse - m_ref)
     total = tl.sum(w, 0)
     res = tl.sum(w[:, None] * o, 0) / tl.where(total > 0.0, total, 1.0)
-    tl.store(out + seq * stride_ob + head * stride_oh + dims, res.to(out.dtype.element_ty))
+    dst = out + seq * stride_ob + head * stride_oh + dims
+    if BLOCK_D == HEAD_DIM:
+        tl.store(dst, res.to(out.dtype.element_ty))
+    else:
+        tl.store(dst, res.to(out.dtype.element_ty), mask=dims < HEAD_DIM)
 
 
 # --------------------------------------------------------------------------- host side
@@ -354,10 +382,18 @@ class PrefillSchedule:
         return self.tile_map.shape[0]
 
 
+def padded_head_dim(head_dim: int) -> int:
+    """The lanes the attention kernels walk one head in (``BLOCK_D``): a power of two for
+    ``tl.arange`` and at least 16, the smallest ``tl.dot`` takes. Equals head_dim for the
+    power-of-two heads from 16 up, which then run without any lane mask."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
 def tile_sizes(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
     """Default (BLOCK_M, BLOCK_N): the largest tiles that do not spill registers at 8 warps on
-    sm_90 (checked with ptxas). Prefill uses both; decode uses BLOCK_N."""
-    if dtype.itemsize <= 2 and head_dim <= 128:
+    sm_90 (checked with ptxas). Prefill uses both; decode uses BLOCK_N. Registers go with the
+    padded head (a head of 80 holds 128 lanes), so that is what is compared."""
+    if dtype.itemsize <= 2 and padded_head_dim(head_dim) <= 128:
         return 64, 64
     return 32, 32
 
@@ -390,10 +426,8 @@ def build_prefill_schedule(
 def _check_shapes(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
     """Validate layouts shared by the attention kernels; return the GQA group size."""
     head_dim = query.shape[-1]
-    if head_dim not in GPU_HEAD_DIMS:
-        raise ValueError(
-            f"Triton attention supports head_dim in {GPU_HEAD_DIMS} (a power of two >= 16), got {head_dim}"
-        )
+    if not 1 <= head_dim <= GPU_MAX_HEAD_DIM:
+        raise ValueError(f"Triton attention supports head_dim from 1 to {GPU_MAX_HEAD_DIM}, got {head_dim}")
     if k_cache.shape != v_cache.shape or k_cache.dim() != 4 or k_cache.shape[-1] != head_dim:
         raise ValueError(
             "k_cache and v_cache must both be [num_blocks, block_size, num_kv_heads, head_dim="
@@ -427,11 +461,9 @@ def store_kv_triton(
             f"key {tuple(key.shape)}, value {tuple(value.shape)} and cache "
             f"{tuple(k_cache.shape)} do not agree on [kv_heads, head_dim]"
         )
-    if head_dim & (head_dim - 1):
-        raise ValueError(f"head_dim must be a power of two, got {head_dim}")
     if key.stride(-1) != 1 or value.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("key, value and the caches must be contiguous in head_dim")
-    if num_tokens == 0:
+    if key.numel() == 0:  # no tokens (or an empty head): nothing to write
         return
     _store_kv_kernel[(num_tokens,)](
         key,
@@ -452,6 +484,7 @@ def store_kv_triton(
         NUM_KV_HEADS=num_kv_heads,
         BLOCK_H=triton.next_power_of_2(num_kv_heads),
         HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_SIZE=k_cache.shape[1],
     )
 
@@ -514,6 +547,7 @@ def prefill_attention_triton(
         BLOCK_M=rows,
         BLOCK_N=block_n,
         HEAD_DIM=head_dim,
+        BLOCK_D=padded_head_dim(head_dim),
         BLOCK_SIZE=k_cache.shape[1],
         DOT_PRECISION=_dot_precision(query.dtype),
         UPCAST_DOT=INTERPRETED,
@@ -586,6 +620,7 @@ def decode_attention_triton(
         BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n,
         HEAD_DIM=head_dim,
+        BLOCK_D=padded_head_dim(head_dim),
         BLOCK_SIZE=k_cache.shape[1],
         DOT_PRECISION=_dot_precision(query.dtype),
         UPCAST_DOT=INTERPRETED,
@@ -601,6 +636,7 @@ def decode_attention_triton(
         NUM_HEADS=num_heads,
         BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
         HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim),
         num_warps=4,
     )
     return out

@@ -148,6 +148,8 @@ def rotary_triton(
         if t.stride(-1) != 1:
             raise ValueError("rotary needs the head dimension contiguous")
         tokens, heads, dim = t.shape
+        if dim % 2:  # an odd lane would be left out of both halves, unrotated
+            raise ValueError(f"rotary rotates the two halves of each head: head_dim must be even, got {dim}")
         if tokens:
             _rotary_kernel[(tokens,)](
                 t, positions, cos, sin, t.stride(0), t.stride(1), cos.stride(0), heads,

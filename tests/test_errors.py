@@ -183,11 +183,18 @@ def test_preset_needs_dummy_format() -> None:
         LLM("qwen3-0.6b")
 
 
-@pytest.mark.parametrize("head_dim", [24, 80, 512])
+@pytest.mark.parametrize("head_dim", [264, 512])
 def test_a_head_size_the_gpu_kernels_lack_is_refused_before_loading(head_dim: int) -> None:
-    from mini_vllm.engine.attention import GPU_HEAD_DIMS, check_gpu_head_dim
+    from mini_vllm.engine.attention import GPU_MAX_HEAD_DIM, check_gpu_head_dim
 
-    with pytest.raises(ConfigError, match=rf"head_dim is {head_dim}, .* run it with --device cpu"):
+    with pytest.raises(ConfigError, match=rf"head_dim is {head_dim}, .* up to 256: run it with --device cpu"):
         check_gpu_head_dim(head_dim)
-    for ok in GPU_HEAD_DIMS:
+    for ok in (8, 24, 40, 80, 96, GPU_MAX_HEAD_DIM):
         check_gpu_head_dim(ok)
+
+
+def test_an_odd_head_size_is_refused_before_loading() -> None:
+    from mini_vllm.engine.attention import check_gpu_head_dim
+
+    with pytest.raises(ConfigError, match="even number"):
+        check_gpu_head_dim(25)

@@ -7,6 +7,8 @@ live in ``test_triton_attention_gpu.py`` (which must not run interpreted).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from typing import Any
 
 # Must be set before triton is imported: @triton.jit picks the interpreter at decoration time.
 os.environ["TRITON_INTERPRET"] = "1"
@@ -15,15 +17,19 @@ import pytest
 
 pytest.importorskip("triton")
 
+import numpy as np
 import torch
+from triton.runtime import interpreter
 
 from mini_vllm.engine import triton_attention as ta
 from mini_vllm.engine.attention import (
     AttentionMetadata,
     build_metadata,
+    check_gpu_head_dim,
     paged_attention_reference,
     store_kv_reference,
 )
+from mini_vllm.engine.errors import ConfigError
 
 if not ta.INTERPRETED:
     pytest.fail(
@@ -53,6 +59,7 @@ class Case:
         block_size: int = 16,
         dtype: torch.dtype = torch.float32,
         seed: int = 0,
+        guard: bool = False,
     ) -> None:
         gen = torch.Generator().manual_seed(seed)
         blocks_per_seq = [-(-s // block_size) for s in seq_lens]
@@ -75,6 +82,10 @@ class Case:
         self.query = torch.randn((num_tokens, num_heads, head_dim), generator=gen).to(dtype)
         self.key = torch.randn((num_tokens, num_kv_heads, head_dim), generator=gen).to(dtype)
         self.value = torch.randn((num_tokens, num_kv_heads, head_dim), generator=gen).to(dtype)
+        if guard:  # every head followed by NaN lanes: see with_guard_lanes
+            self.k_cache, self.v_cache = with_guard_lanes(self.k_cache), with_guard_lanes(self.v_cache)
+            self.query = with_guard_lanes(self.query)
+            self.key, self.value = with_guard_lanes(self.key), with_guard_lanes(self.value)
         self.scale = head_dim**-0.5
         store_kv_reference(self.key, self.value, self.k_cache, self.v_cache, self.meta.slot_mapping)
 
@@ -87,6 +98,38 @@ class Case:
 def poisoned(like: torch.Tensor) -> torch.Tensor:
     """An output buffer full of NaN: any element a kernel forgets to write fails the comparison."""
     return torch.full_like(like, float("nan"))
+
+
+# What a store target's guard lanes hold: exact in every dtype, no kernel computes it, and it is
+# not NaN, which is what the guards of the tensors a kernel reads hold (a NaN copied over a NaN
+# would not show).
+STORE_GUARD = 1280.0
+
+
+def with_guard_lanes(data: torch.Tensor, fill: float = float("nan")) -> torch.Tensor:
+    """``data`` as a view into a wider tensor whose lanes past head_dim hold ``fill``.
+
+    A head that is no power of two is walked in more lanes than it has. A kernel that loads a
+    lane past head_dim gets NaN into its result, and one that stores there changes a guard lane
+    (``assert_guards_intact``). The guard (head_dim + 16 lanes) covers every padded lane,
+    wherever the head sits in the tensor.
+    """
+    head_dim = data.shape[-1]
+    wide = torch.full((*data.shape[:-1], 2 * head_dim + 16), fill, dtype=data.dtype)
+    wide[..., :head_dim] = data
+    return wide[..., :head_dim]
+
+
+def guard_lanes(view: torch.Tensor) -> torch.Tensor:
+    """The NaN lanes behind a ``with_guard_lanes`` view."""
+    head_dim, width = view.shape[-1], view.stride(-2)
+    return view.as_strided((*view.shape[:-1], width - head_dim), view.stride(), view.storage_offset() + head_dim)
+
+
+def assert_guards_intact(*views: torch.Tensor) -> None:
+    """Each store target's guard lanes still hold STORE_GUARD: nothing was written past head_dim."""
+    for view in views:
+        assert (guard_lanes(view) == STORE_GUARD).all(), "a kernel wrote a lane past head_dim"
 
 
 def decode_meta(case: Case) -> AttentionMetadata:
@@ -309,18 +352,210 @@ def test_store_then_attend_end_to_end(dtype: torch.dtype) -> None:
     assert_close(out, expected)
 
 
+# --------------------------------------------------------------------------- head sizes that are no power of two
+# tl.arange needs a power of two and tl.dot at least 16: these heads are walked in padded lanes
+# (8 and 12 in 16, 24 in 32, 40 in 64, 80 and 96 in 128). Every tensor a kernel reads or writes
+# has NaN guard lanes behind each head (with_guard_lanes): a padded lane that is loaded poisons the
+# result, one that is stored shows in the guard.
+
+PADDED_HEAD_DIMS = [8, 12, 24, 40, 80, 96]
+# GQA groups that are no power of two either: 3 query heads per kv head, and 5 heads on 1 kv head.
+ODD_GROUPS = pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(6, 2), (5, 1)], ids=["3-per-kv", "5-on-1"])
+
+
+class MemoryWatch:
+    """Every address the interpreted kernels load or store (mask on), checked against the tensors
+    they were given: nothing outside them (a scratch buffer's last row read past its end; refused
+    before the access, which could crash the process), and nothing in a guard lane (a padded lane
+    loaded, even one whose value is then thrown away).
+
+    Wraps the interpreter's memory primitives (``interpreter._interpreter.load``/``store``) and
+    the step that hands it each launch's tensors (``GridExecutor._init_args_hst``).
+    """
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self.accesses: list[np.ndarray] = []  # the start address of every access
+        self.storages: set[tuple[int, int]] = set()  # (first byte, end) of each kernel argument
+
+    def load(self, ptrs: np.ndarray, mask: np.ndarray, other: np.ndarray, dtype: Any) -> np.ndarray:
+        self._record(ptrs, mask, np.dtype(dtype).itemsize)
+        return self.backend.load(ptrs, mask, other, dtype)
+
+    def store(self, ptrs: np.ndarray, value: np.ndarray, mask: np.ndarray) -> None:
+        self._record(ptrs, mask, value.dtype.itemsize)
+        return self.backend.store(ptrs, value, mask)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.backend, name)
+
+    def record_storages(self, args: tuple[list[Any], dict[str, Any]]) -> None:
+        for arg in [*args[0], *args[1].values()]:
+            if isinstance(arg, torch.Tensor):
+                storage = arg.untyped_storage()
+                self.storages.add((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
+
+    def _record(self, ptrs: np.ndarray, mask: np.ndarray, size: int) -> None:
+        addrs = ptrs[np.broadcast_to(mask, ptrs.shape)].astype(np.int64)
+        starts, ends = (np.array(col, dtype=np.int64) for col in zip(*sorted(self.storages), strict=True))
+        owner = np.searchsorted(starts, addrs, side="right") - 1  # storages never overlap
+        inside = (owner >= 0) & (addrs + size <= ends[np.maximum(owner, 0)])
+        if not inside.all():
+            raise AssertionError(f"{int((~inside).sum())} accesses fall outside every tensor the kernel was given")
+        self.accesses.append(addrs)
+
+    def check(self, *guarded: torch.Tensor) -> None:
+        """Fails unless kernels ran, and none of their accesses touched a guard lane of ``guarded``."""
+        assert self.accesses, "no kernel ran under the watch"
+        addrs = np.concatenate(self.accesses)
+        guards = np.sort(np.concatenate([_element_addresses(guard_lanes(view)) for view in guarded]))
+        hits = guards[np.minimum(np.searchsorted(guards, addrs), len(guards) - 1)] == addrs
+        assert not hits.any(), f"{int(hits.sum())} accesses touch lanes past head_dim"
+
+
+def _element_addresses(t: torch.Tensor) -> np.ndarray:
+    """The address of every element of a strided CPU tensor."""
+    offsets = torch.zeros((), dtype=torch.int64)
+    for size, stride in zip(t.shape, t.stride(), strict=True):
+        offsets = offsets.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride
+    return (t.data_ptr() + offsets.flatten() * t.element_size()).numpy()
+
+
+@pytest.fixture
+def memory_watch(monkeypatch: pytest.MonkeyPatch) -> Iterator[MemoryWatch]:
+    executor = getattr(interpreter, "GridExecutor", None)
+    if not hasattr(interpreter, "_interpreter") or not hasattr(executor, "_init_args_hst"):
+        pytest.fail("Triton's interpreter has changed: MemoryWatch needs _interpreter and GridExecutor._init_args_hst")
+    watch = MemoryWatch(interpreter._interpreter)
+    original = executor._init_args_hst
+
+    def init_args(self: Any, args_dev: Any, kwargs: Any) -> Any:
+        hst = original(self, args_dev, kwargs)
+        watch.record_storages(hst)
+        return hst
+
+    monkeypatch.setattr(interpreter, "_interpreter", watch)
+    monkeypatch.setattr(executor, "_init_args_hst", init_args)
+    yield watch
+
+
+def guarded_out(like: torch.Tensor) -> torch.Tensor:
+    """A NaN output buffer with STORE_GUARD guard lanes."""
+    return with_guard_lanes(poisoned(like), STORE_GUARD)
+
+
+def test_padded_head_dim() -> None:
+    assert [ta.padded_head_dim(d) for d in (2, 8, 12, 16, 24, 40, 64, 80, 96, 128, 200, 256)] == [
+        16, 16, 16, 16, 32, 64, 64, 128, 128, 128, 256, 256
+    ]
+    # The registers a tile holds go with its padded width: a head of 80 gets the tiles of 128.
+    assert ta.tile_sizes(80, torch.bfloat16) == ta.tile_sizes(128, torch.bfloat16) == (64, 64)
+    assert ta.tile_sizes(136, torch.bfloat16) == (32, 32)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("head_dim", PADDED_HEAD_DIMS)
+def test_store_kv_on_padded_heads(head_dim: int, memory_watch: MemoryWatch) -> None:
+    case = Case([5, 1, 3], [21, 9, 3], num_kv_heads=3, head_dim=head_dim, block_size=8, seed=head_dim, guard=True)
+    slots = torch.tensor(case.meta.slot_mapping.tolist()[:4] + [-1] + case.meta.slot_mapping.tolist()[4:])
+    key = with_guard_lanes(torch.randn(len(slots), 3, head_dim))
+    value = with_guard_lanes(torch.randn(len(slots), 3, head_dim))
+    k_cache, v_cache = with_guard_lanes(case.k_cache, STORE_GUARD), with_guard_lanes(case.v_cache, STORE_GUARD)
+    expected_k, expected_v = case.k_cache.clone(), case.v_cache.clone()
+    store_kv_reference(key, value, expected_k, expected_v, slots)
+    ta.store_kv_triton(key, value, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, expected_k)
+    assert torch.equal(v_cache, expected_v)
+    assert_guards_intact(k_cache, v_cache)
+    memory_watch.check(key, value, k_cache, v_cache)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("head_dim", PADDED_HEAD_DIMS)
+@ODD_GROUPS
+def test_prefill_on_padded_heads(head_dim: int, num_heads: int, num_kv_heads: int, memory_watch: MemoryWatch) -> None:
+    # A chunk after 16 cached tokens, a fresh prefill, a decode row, an idle sequence, a short
+    # prefill; 16-row tiles, so a sequence spans several tiles (5 or 3 tokens each).
+    case = Case([13, 6, 1, 0, 3], [29, 6, 17, 9, 3], num_heads, num_kv_heads, head_dim, block_size=8,
+                seed=head_dim, guard=True)
+    out = guarded_out(case.query)
+    ta.prefill_attention_triton(case.query, case.k_cache, case.v_cache, case.meta, case.scale, out, block_m=16)
+    assert_close(out, case.reference())
+    assert_guards_intact(out)
+    memory_watch.check(case.query, case.k_cache, case.v_cache, out)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("head_dim", PADDED_HEAD_DIMS)
+@ODD_GROUPS
+def test_decode_on_padded_heads(head_dim: int, num_heads: int, num_kv_heads: int, memory_watch: MemoryWatch) -> None:
+    # Three splits of 16 keys: the 40-token row uses all three (the last one partly), the short
+    # rows only the first; a padded graph row (seq_len 0) must come out as zeros.
+    seq_lens = [1, 5, 17, 40]
+    case = Case([1] * 4, seq_lens, num_heads, num_kv_heads, head_dim, block_size=8, seed=head_dim, guard=True)
+    query = with_guard_lanes(torch.cat([case.query, torch.randn(1, num_heads, head_dim)]))
+    lens = torch.tensor([*seq_lens, 0], dtype=torch.int32)
+    tables = torch.cat([case.meta.block_tables, torch.zeros(1, case.meta.block_tables.shape[1], dtype=torch.int32)])
+    out = guarded_out(query)
+    ta.decode_attention_triton(query, case.k_cache, case.v_cache, lens, tables, case.scale, 3, out, block_n=16)
+    assert_close(out[:4], case.reference())
+    assert torch.equal(out[4:], torch.zeros_like(out[4:]))
+    assert_guards_intact(out)
+    memory_watch.check(query, case.k_cache, case.v_cache, out)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("head_dim", [24, 80])
+def test_store_then_attend_on_padded_heads(dtype: torch.dtype, head_dim: int) -> None:
+    """What one model step does: store the new K/V, attend (prefill kernel, then the next
+    token through the decode kernel), at default tile sizes."""
+    case = Case([11, 1, 4], [27, 9, 4], 6, 2, head_dim, dtype=dtype, seed=head_dim, guard=True)
+    expected = case.reference()
+    flat_k = case.k_cache.view(-1, *case.k_cache.shape[2:])
+    flat_v = case.v_cache.view(-1, *case.v_cache.shape[2:])
+    flat_k[case.meta.slot_mapping] = 100.0  # scribbled over: the Triton store must write them back
+    flat_v[case.meta.slot_mapping] = -100.0
+    ta.store_kv_triton(case.key, case.value, case.k_cache, case.v_cache, case.meta.slot_mapping)
+    out = ta.paged_attention_triton(case.query, case.k_cache, case.v_cache, case.meta, case.scale)
+    assert_close(out, expected)
+    decode = decode_meta(case)
+    query = with_guard_lanes(torch.randn(3, 6, head_dim).to(dtype))
+    out = ta.paged_attention_triton(query, case.k_cache, case.v_cache, decode, case.scale, num_splits=2)
+    assert_close(out, case.reference(query, decode))
+
+
 # --------------------------------------------------------------------------- validation
 
 
-@pytest.mark.parametrize("head_dim", [48, 80, 512])
-def test_unsupported_head_dim_is_rejected(head_dim: int) -> None:
+@pytest.mark.parametrize("head_dim", [257, 320, 512])
+def test_head_dim_past_the_limit_is_rejected(head_dim: int) -> None:
     query = torch.zeros(2, 4, head_dim)
     cache = torch.zeros(4, 16, 2, head_dim)
     meta = build_metadata([2], [2], [[0]], [0, 1])
-    with pytest.raises(ValueError, match="head_dim"):
+    with pytest.raises(ValueError, match=rf"head_dim from 1 to 256, got {head_dim}"):
         ta.prefill_attention_triton(query, cache, cache, meta, 1.0)
-    with pytest.raises(ValueError, match="head_dim"):
+    with pytest.raises(ValueError, match=rf"head_dim from 1 to 256, got {head_dim}"):
         ta.decode_attention_triton(query, cache, cache, meta.seq_lens.repeat(2), meta.block_tables.repeat(2, 1), 1.0, 2)
+
+
+@pytest.mark.parametrize("head_dim", [2, 8, 12, 24, 40, 80, 96, 128, 200, 256])
+def test_gpu_head_dim_check_takes_every_even_size_up_to_the_limit(head_dim: int) -> None:
+    check_gpu_head_dim(head_dim)  # the load-time check: no error
+
+
+@pytest.mark.parametrize(
+    ("head_dim", "message"),
+    [
+        (264, r"head_dim is 264, and the GPU attention kernels support head_dim up to 256: run it with --device cpu"),
+        (512, r"head_dim is 512, .* up to 256: run it with --device cpu"),
+        (25, r"head_dim is 25, and rotary embeddings rotate the two halves of each head: head_dim must be an even"),
+        (0, r"head_dim is 0, .* must be an even number >= 2"),
+    ],
+)
+def test_gpu_head_dim_check_refuses_what_the_kernels_cannot_do(head_dim: int, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        check_gpu_head_dim(head_dim)
 
 
 def test_bad_head_layout_is_rejected() -> None:

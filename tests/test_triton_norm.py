@@ -26,7 +26,9 @@ def eager(x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tensor |
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_residual", [False, True])
-@pytest.mark.parametrize("shape", [(5, 64), (3, 4, 32), (7, 100)])
+# Hidden sizes that are no power of two (72, 100, 200: the row is walked in 128 or 256 masked
+# lanes) and a Qwen3 q/k norm over heads of 24.
+@pytest.mark.parametrize("shape", [(5, 64), (3, 4, 32), (7, 100), (3, 72), (4, 200), (2, 5, 24)])
 def test_fused_norm_matches_eager(dtype: torch.dtype, with_residual: bool, shape: tuple[int, ...]) -> None:
     gen = torch.Generator().manual_seed(hash(shape) & 0xFFFF)
     x = torch.randn(shape, generator=gen).to(dtype)
@@ -157,7 +159,8 @@ def test_fused_rotary_on_adjacent_but_separate_tensors(monkeypatch: pytest.Monke
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("intermediate", [64, 1500])  # one block per row; several, the last one masked
+# One block per row; one, masked (200); several, the last one masked (1500).
+@pytest.mark.parametrize("intermediate", [64, 200, 1500])
 def test_fused_silu_mul_matches_eager(dtype: torch.dtype, intermediate: int) -> None:
     from mini_vllm.engine.triton_norm import silu_mul_triton
 
@@ -190,3 +193,39 @@ def test_fused_rotary_on_head_sizes_that_are_no_power_of_two(dtype: torch.dtype,
     want_q, want_k = rope(positions, q.clone(), k.clone())
     got_q, got_k = rotary_triton(positions, q, k, rope.cos, rope.sin)
     _assert_rotary_equal(dtype, (got_q, got_k), (want_q, want_k))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [12, 24, 40])
+def test_fused_rotary_one_launch_over_odd_head_counts(
+    dtype: torch.dtype, head_dim: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """5 query heads and 1 kv head side by side in one qkv row: the one launch walks 6 heads in 8
+    masked rows, each head in masked lanes, and leaves v alone."""
+    from mini_vllm.engine import triton_norm
+    from mini_vllm.engine.triton_norm import rotary_triton
+
+    counter = _CountingLaunches(triton_norm._rotary_kernel)
+    monkeypatch.setattr(triton_norm, "_rotary_kernel", counter)
+    rope = _rope(head_dim)
+    gen = torch.Generator().manual_seed(head_dim)
+    qkv = torch.randn(6, 7 * head_dim, generator=gen).to(dtype)
+    q, k, v = qkv.split([5 * head_dim, head_dim, head_dim], dim=-1)
+    q, k = q.view(-1, 5, head_dim), k.view(-1, 1, head_dim)
+    positions = torch.tensor([0, 1, 9, 31, 32, 63])
+    want_q, want_k = rope(positions, q.clone(), k.clone())
+    v_before = v.clone()
+    got_q, got_k = rotary_triton(positions, q, k, rope.cos, rope.sin)
+    _assert_rotary_equal(dtype, (got_q, got_k), (want_q, want_k))
+    assert torch.equal(v, v_before), "v must be untouched"
+    assert counter.launches == 1
+
+
+def test_fused_rotary_refuses_an_odd_head() -> None:
+    from mini_vllm.engine.triton_norm import rotary_triton
+
+    q, k = torch.randn(2, 2, 25), torch.randn(2, 1, 25)
+    table = torch.randn(8, 26)
+    with pytest.raises(ValueError, match="head_dim must be even, got 25"):
+        rotary_triton(torch.tensor([0, 1]), q, k, table, table)
