@@ -4,6 +4,8 @@ It works in token ids only (no sockets to clients, no JSON); inside it the actor
 a ``SchedulerActor`` and an ``ExecutorThread`` for its model, talking over trio channels (one core
 per model). Its frontend (``core_client``) sends requests, aborts and a stop; the core answers,
 per step, with one ``CoreStep``: every request's news of that step as tuples, and the statistics.
+A request's first news also says when it was first scheduled, as a time of the core's clock that the
+frontend reads against the message's own ``sent`` time (an age: the two processes' clocks never mix).
 
 ``run_core`` serves one link. In the server it runs in a process of its own, started by
 ``spawn_core`` (``python -m mini_vllm.actors.core_process``), so the event loop that writes frames to
@@ -115,10 +117,13 @@ class CoreStep:
     events: list[tuple[Any, ...]]
     scheduler: SchedulerStats
     executor: ExecutorStats
+    sent: float = 0.0  # the core's time.monotonic() when the message was made (SCHEDULED events' times are on it)
 
 
 # Event kinds in ``CoreStep.events``; each event is a tuple starting with its kind and request id.
-DELTA, PROMPT_TOKENS, CANCELLED, FAILED, REJECTED = range(5)
+# SCHEDULED (request id, the core's time.monotonic() when it was first scheduled) comes once, just
+# before the request's first DELTA.
+DELTA, PROMPT_TOKENS, CANCELLED, FAILED, REJECTED, SCHEDULED = range(6)
 
 
 class CoreStream:
@@ -130,10 +135,15 @@ class CoreStream:
         self.cancel_requested = False
         self.done = False
         self._outbox = outbox
+        self._first = True  # no output yet: the first one says when the request was first scheduled
 
     def push(self, delta: RequestDelta) -> None:
         if self.done:
             return
+        if self._first:
+            self._first = False
+            if delta.scheduled_at is not None:
+                self._outbox.add((SCHEDULED, self.request_id, delta.scheduled_at))
         samples = [(s.index, s.token_ids, s.text, s.logprobs, s.finish_reason) for s in delta.samples]
         self._outbox.add((DELTA, self.request_id, delta.num_prompt_tokens, delta.finished, samples))
         if delta.finished:
@@ -344,7 +354,8 @@ async def _flush(link: Link, scheduler: SchedulerActor, executor: ExecutorThread
 
 
 async def _send_step(link: Link, scheduler: SchedulerActor, executor: ExecutorThread, outbox: Outbox) -> None:
-    await link.send(CoreStep(scheduler.model, outbox.take(), scheduler.statistics(), executor.statistics()))
+    step = CoreStep(scheduler.model, outbox.take(), scheduler.statistics(), executor.statistics(), time.monotonic())
+    await link.send(step)
 
 
 # ---- the core as a process --------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -26,6 +27,7 @@ from mini_vllm.actors.core import (
     FAILED,
     PROMPT_TOKENS,
     REJECTED,
+    SCHEDULED,
     CoreAbort,
     CoreFailAll,
     CoreFailed,
@@ -136,22 +138,25 @@ class CoreProxy:
     # ---- the client's calls --------------------------------------------------------------------
     def apply(self, step: CoreStep) -> None:
         streams = self._streams
+        now = time.monotonic()  # one reading for the whole message: its requests' tokens landed together
         for event in step.events:
             kind, request_id = event[0], event[1]
             stream = streams.get(request_id)
             if stream is None:
                 continue  # ended here already (the core's last word on an aborted request)
             if kind == DELTA:
-                stream.push_parts(event[2], event[3], event[4])
+                stream.push_parts(event[2], event[3], event[4], now)
                 if event[3]:
                     del streams[request_id]
             elif kind == PROMPT_TOKENS:
                 stream.set_prompt_tokens(event[2])
+            elif kind == SCHEDULED:  # the core's time, as an age against the message's: ours again
+                stream.mark_scheduled(now - max(step.sent - event[2], 0.0))
             elif kind == CANCELLED:
-                stream.finish_cancelled()
+                stream.finish_cancelled(now)
                 del streams[request_id]
             elif kind == FAILED:
-                stream.fail(event[2], event[3])
+                stream.fail(event[2], event[3], now)
                 del streams[request_id]
             elif kind == REJECTED:
                 stream.reject(event[2])

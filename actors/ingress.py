@@ -16,11 +16,16 @@ Before any of that work, a request is checked against the server's per-request l
 (``ServiceConfig``: max n, logprobs, stop strings, ...) and the model (top_k and token ids inside
 the vocabulary, the prompt inside max_model_len): what passes cannot fail the engine core's step,
 which would fail every request batched with it (docs/protocol.md, "Request limits").
+
+Every admitted request's stream carries a ``RequestTiming`` from the ingress's ``RequestMetrics``,
+with the request's arrival taken before any of that work (as vLLM's arrival time): the per-request
+figures behind ``/metrics`` are the same whichever protocol the request came by.
 """
 
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,6 +34,7 @@ import trio
 
 from mini_vllm.actors.core_client import CoreProxy
 from mini_vllm.actors.errors import DuplicateRequest, ModelRequired, ShuttingDown, UnknownModel
+from mini_vllm.actors.request_metrics import RequestMetrics
 from mini_vllm.actors.request_stream import RequestStream
 from mini_vllm.actors.service_config import ServiceConfig
 from mini_vllm.engine.errors import InvalidRequest, MiniVllmError
@@ -62,10 +68,12 @@ class Ingress:
         engines: Mapping[str, PromptEncoder],
         schedulers: Mapping[str, CoreProxy],
         config: ServiceConfig | None = None,
+        metrics: RequestMetrics | None = None,
     ) -> None:
         self._engines = dict(engines)
+        self.metrics = metrics or RequestMetrics({name: e.max_model_len for name, e in self._engines.items()})
         self._schedulers = dict(schedulers)
-        self._config = config or ServiceConfig()  # only its request limits are read here
+        self.config = config or ServiceConfig()  # only its request limits are read here
         self._streams: dict[str, RequestStream] = {}
         self._ids = itertools.count()
         self._submitted = 0
@@ -112,6 +120,7 @@ class Ingress:
         messages: Sequence[Mapping[str, str]] | None = None,
     ) -> RequestStream:
         """Validate, tokenize and admit one request; raises a MiniVllmError if it cannot be taken."""
+        arrival = time.monotonic()
         try:
             if self._closed is not None:
                 raise ShuttingDown(self._closed)
@@ -121,7 +130,7 @@ class Ingress:
             engine = self._engines[name]
             # The cheap checks first: n = 10**6 is refused before any tokenizing or allocating.
             _check_priority(priority)
-            check_request_limits(params, self._config)
+            check_request_limits(params, self.config)
             engine.check_params(params)
             if messages is not None:
                 chat: list[Any] = [dict(m) if isinstance(m, Mapping) else m for m in messages]
@@ -137,12 +146,13 @@ class Ingress:
             else:
                 ids = list(prompt_token_ids or ())
             engine.check_prompt(ids)
-            check_request_tokens(params, len(ids), engine.max_model_len, self._config)
+            check_request_tokens(params, len(ids), engine.max_model_len, self.config)
             # Re-check after a possible await: another task may have taken the id meanwhile.
             if request_id in self._streams:
                 raise DuplicateRequest(f"request id {request_id!r} is already in flight")
             scheduler = self._schedulers[name]
-            stream = RequestStream(request_id, name, params.n, scheduler.abort)
+            timing = self.metrics.start(name, arrival, len(ids), params)
+            stream = RequestStream(request_id, name, params.n, scheduler.abort, timing)
             scheduler.submit(stream, ids, params, priority, prompt)
         except MiniVllmError as exc:
             code = getattr(exc, "code", "invalid_request")

@@ -5,18 +5,26 @@ one (tokens appended, text concatenated), so a slow consumer receives fewer, lar
 scheduler's push is always O(new tokens) and never blocks. Memory stays bounded by the request's
 own ``n * max_tokens``. A stream ends exactly once: finished by the engine, cancelled, failed after
 it started (finish reason ``error``), or rejected before it started (the consumer gets the error).
+
+A stream given a ``RequestTiming`` (the ingress gives every admitted request one) feeds it: the
+core's "first scheduled", each push's new tokens, and the end, once; a rejected request leaves no
+trace there (``actors/request_metrics.py``).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import attrs
 import trio
 
 from mini_vllm.engine.detokenizer import IncrementalDetokenizer
 from mini_vllm.engine.outputs import TokenLogprob
+
+if TYPE_CHECKING:
+    from mini_vllm.actors.request_metrics import RequestTiming
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 # One sample's news as it crosses the core's boundary: (index, token_ids, text, logprobs, finish_reason)
@@ -70,6 +78,14 @@ class _Pending:
 
 
 _ENGINE_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "cancelled"}
+_RANK: dict[FinishReason, int] = {"stop": 0, "length": 1, "cancelled": 2, "error": 3}
+
+
+def worse_reason(a: FinishReason | None, b: FinishReason) -> FinishReason:
+    """What a request whose samples ended with ``a`` and ``b`` reports (error > cancelled > length > stop)."""
+    if a is None:
+        return b
+    return a if _RANK[a] >= _RANK[b] else b
 
 
 def _detokenize(
@@ -92,7 +108,10 @@ def _detokenize(
 class RequestStream:
     """The mailbox between one request's scheduler and its consumer (see the module docstring)."""
 
-    def __init__(self, request_id: str, model: str, n: int, on_cancel: Callable[[RequestStream], None]) -> None:
+    def __init__(
+        self, request_id: str, model: str, n: int, on_cancel: Callable[[RequestStream], None],
+        timing: RequestTiming | None = None,
+    ) -> None:
         self.request_id = request_id
         self.model = model
         self.n = n
@@ -109,6 +128,8 @@ class RequestStream:
         self.cancel_requested = False
         self._text: list[IncrementalDetokenizer] | None = None
         self._on_stop: Callable[[RequestStream], None] | None = None
+        self._timing = timing
+        self._outcome: FinishReason | None = None  # the worst of the ended samples' reasons
 
     def detokenize(self, detokenizers: list[IncrementalDetokenizer], on_stop: Callable[[RequestStream], None]) -> None:
         """Make the text here, one detokenizer per sample, from the token ids pushed (the engine
@@ -122,19 +143,23 @@ class RequestStream:
     def done(self) -> bool:
         return self._done
 
-    def push_parts(self, num_prompt_tokens: int, finished: bool, samples: Iterable[SampleParts]) -> None:
+    def push_parts(
+        self, num_prompt_tokens: int, finished: bool, samples: Iterable[SampleParts], now: float | None = None
+    ) -> None:
         """Merge one step's news, each sample as ``(index, token_ids, text, logprobs, finish_reason)``:
         the form a delta crosses the engine core's boundary in (tuples pickle ten times faster than
         records). Once cancelled, an aborted request shows no more output; but if this is the
         request's end (the core finished it before the abort arrived), it ends here, cancelled:
-        the core will not speak of it again, so each request still ends exactly once."""
+        the core will not speak of it again, so each request still ends exactly once. ``now``: when
+        the news landed (``time.monotonic()``; the reader of one core message passes one value)."""
         if self._done:
             return
         if self.cancel_requested:
             if finished:
-                self.finish_cancelled()
+                self.finish_cancelled(now)
             return
         self._num_prompt_tokens = num_prompt_tokens
+        added = 0
         for index, token_ids, text, logprobs, finish_reason in samples:
             if not 0 <= index < self.n or self._finished[index]:
                 continue
@@ -149,13 +174,20 @@ class RequestStream:
             if logprobs is not None:
                 p.logprobs = [*(p.logprobs or ()), *logprobs]
             self._counts[index] += len(token_ids)
+            added += len(token_ids)
             if finish_reason is not None:
-                p.finish_reason = _ENGINE_REASONS[finish_reason]
+                p.finish_reason = reason = _ENGINE_REASONS[finish_reason]
+                self._outcome = worse_reason(self._outcome, reason)
                 self._finished[index] = True
+        if added and self._timing is not None:
+            if now is None:
+                now = time.monotonic()
+            self._timing.tokens(now, added)
         if finished:
-            self._end_unfinished("cancelled")  # the engine finished the request: no sample stays open
+            self._end_unfinished("cancelled", now)  # the engine finished the request: no sample stays open
         elif all(self._finished):  # stop strings ended every sample here: the core is still at it
             self._done = True
+            self._record_end(now)
             if self._on_stop is not None:
                 self._on_stop(self)
         self._ready.set()
@@ -163,19 +195,24 @@ class RequestStream:
     def set_prompt_tokens(self, count: int) -> None:
         self._num_prompt_tokens = count
 
-    def finish_cancelled(self) -> None:
+    def mark_scheduled(self, at: float) -> None:
+        """The engine core first put the request in a batch at ``at`` (the frontend's clock)."""
+        if self._timing is not None and not self._done:
+            self._timing.mark_scheduled(at)
+
+    def finish_cancelled(self, now: float | None = None) -> None:
         """The request was aborted: every open sample ends with ``cancelled``."""
         if self._done:
             return
-        self._end_unfinished("cancelled")
+        self._end_unfinished("cancelled", now)
         self._ready.set()
 
-    def fail(self, code: str, message: str) -> None:
+    def fail(self, code: str, message: str, now: float | None = None) -> None:
         """The request had started and cannot go on (model failure, shutdown)."""
         if self._done:
             return
         self._error = ErrorInfo(code, message)
-        self._end_unfinished("error")
+        self._end_unfinished("error", now)
         self._ready.set()
 
     def reject(self, exc: BaseException) -> None:
@@ -186,12 +223,21 @@ class RequestStream:
         self._done = True
         self._ready.set()
 
-    def _end_unfinished(self, reason: FinishReason) -> None:
+    def _end_unfinished(self, reason: FinishReason, now: float | None) -> None:
         for i in range(self.n):
             if not self._finished[i]:
                 self._pending.setdefault(i, _Pending()).finish_reason = reason
                 self._finished[i] = True
+                self._outcome = worse_reason(self._outcome, reason)
         self._done = True
+        self._record_end(now)
+
+    def _record_end(self, now: float | None) -> None:
+        if self._timing is not None:
+            self._timing.ended(
+                time.monotonic() if now is None else now, self._outcome or "cancelled", sum(self._counts),
+                max(self._counts),
+            )
 
     # ---- consumer side ------------------------------------------------------------------------------
     def cancel(self) -> None:

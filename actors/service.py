@@ -28,6 +28,7 @@ from mini_vllm.actors.executor import ExecutorStats
 from mini_vllm.actors.ingress import Ingress, IngressStats, ModelInfo
 from mini_vllm.actors.link import Link, memory_link_pair
 from mini_vllm.actors.loop_lag import LoopLagMonitor, LoopLagStats
+from mini_vllm.actors.request_metrics import RequestMetrics
 from mini_vllm.actors.request_stream import GenerationDelta, RequestStream
 from mini_vllm.actors.scheduler import SchedulerStats
 from mini_vllm.actors.service_config import LoadProgress as LoadProgress
@@ -200,6 +201,11 @@ class Service:
     def models(self) -> list[ModelInfo]:
         return self._ingress.models()
 
+    @property
+    def config(self) -> ServiceConfig:
+        """What the service was opened with; its request limits bound what a frontend may ask."""
+        return self._ingress.config
+
     def prompt_encoder(self, model: str | None) -> PromptEncoder:
         """The tokenizer, chat template and prompt checks of the served model ``model`` names
         (raises UnknownModel / ModelRequired): for /tokenize, /detokenize and logprobs' token text."""
@@ -229,6 +235,11 @@ class Service:
     @property
     def loop_lag(self) -> LoopLagMonitor | None:
         return self._lag
+
+    @property
+    def request_metrics(self) -> RequestMetrics:
+        """Every request's timings and counts since the service started, per model (all protocols)."""
+        return self._ingress.metrics
 
     async def wait_idle(self) -> None:
         """Wait until no model has a request queued or running (every block released)."""

@@ -256,7 +256,7 @@ class LLMEngine:
             seq.finish_reason = "abort"
             deltas.append(self._take_delta(seq))
         request.sequences.clear()  # the cycle with its sequences (see _request_delta)
-        return RequestDelta(request_id, tuple(deltas), len(request.prompt_token_ids), True)
+        return RequestDelta(request_id, tuple(deltas), len(request.prompt_token_ids), True, request.scheduled_at)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests) or self.loop.in_flight
@@ -384,7 +384,7 @@ class LLMEngine:
             # which would keep the sequences, their detokenizers and the tokenizer alive until
             # the cyclic GC runs. A step still in flight skips finished sequences.
             request.sequences.clear()
-        return RequestDelta(request.request_id, deltas, len(request.prompt_token_ids), finished)
+        return RequestDelta(request.request_id, deltas, len(request.prompt_token_ids), finished, request.scheduled_at)
 
     # ---- observation ----------------------------------------------------------------------------
     def statistics(self) -> EngineStats:

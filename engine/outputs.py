@@ -41,6 +41,7 @@ class RequestDelta:
     samples: tuple[SampleDelta, ...]
     num_prompt_tokens: int
     finished: bool  # every sample has finished
+    scheduled_at: float | None = None  # time.monotonic() of the engine's process when first scheduled
 
 
 @attrs.frozen

@@ -13,6 +13,7 @@ blocks are freed and it goes back to the waiting queue to be recomputed later; n
 from __future__ import annotations
 
 import bisect
+import time
 
 import attrs
 
@@ -186,6 +187,8 @@ class Scheduler:
                 break
             self.waiting.pop(0)
             self.add_running(seq)
+            if seq.request.scheduled_at is None:  # its first batch (a preempted one was scheduled before)
+                seq.request.scheduled_at = time.monotonic()
             chosen[seq.seq_id] = (seq, num_new, copies)
             used += num_new
         return used

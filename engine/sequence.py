@@ -34,6 +34,8 @@ class Request:
     forked: bool = False  # n > 1 samples have been split off after the prefill
     # Text and stop strings here (False: the engine core's frontend detokenizes; deltas carry ids)
     detokenize: bool = True
+    # time.monotonic() when the scheduler first put it in a batch (queue-time metrics); None before
+    scheduled_at: float | None = None
 
     @property
     def finished(self) -> bool:
