@@ -142,7 +142,7 @@ def parse_client_frame(message: str | bytes, max_bytes: int = DEFAULT_MAX_FRAME_
     """Validate one client frame completely, or raise ProtocolError naming the first problem."""
     raw = decode_json(message, max_bytes)
     if not isinstance(raw, dict):
-        raise ProtocolError("invalid_frame", f"a frame must be a JSON object, got {_json_type(raw)}")
+        raise ProtocolError("invalid_frame", f"a frame must be a JSON object, got {json_type(raw)}")
     request_id = _readable_id(raw.get("id"))  # for errors found before the id itself is checked
     kind = raw.get("type")
     if kind is None:
@@ -161,7 +161,7 @@ def parse_client_frame(message: str | bytes, max_bytes: int = DEFAULT_MAX_FRAME_
             reset = raw.get("reset_loop_lag", False)
             if not isinstance(reset, bool):
                 raise ProtocolError(
-                    "invalid_field", f"'reset_loop_lag' must be true or false, got {_json_type(reset)}", request_id
+                    "invalid_field", f"'reset_loop_lag' must be true or false, got {json_type(reset)}", request_id
                 )
             return StatsFrame(_parse_id(raw, required=False), reset)
         return CancelFrame(_parse_id(raw, required=True) or "")
@@ -173,7 +173,7 @@ def parse_client_frame(message: str | bytes, max_bytes: int = DEFAULT_MAX_FRAME_
         raise ProtocolError(
             "invalid_field", f"'priority' must be an integer in [-2**63, 2**63-1], got {_short(priority)}", rid
         )
-    params = _parse_sampling(raw, rid)
+    params = parse_sampling(raw, rid)
     if kind == "chat":
         return ChatFrame(rid, model, _parse_messages(raw, rid), params, priority)
     prompt, ids = _parse_prompt(raw, rid)
@@ -281,20 +281,22 @@ def _parse_messages(raw: dict[str, Any], rid: str) -> tuple[ChatMessage, ...]:
                 rid,
             )
         if not isinstance(content, str):  # (content parts, OpenAI's list form, are not supported)
-            raise ProtocolError("invalid_field", f"messages[{i}].content must be a string, got {_json_type(content)}", rid)
+            raise ProtocolError("invalid_field", f"messages[{i}].content must be a string, got {json_type(content)}", rid)
         _check_text(role, f"messages[{i}].role", rid)
         _check_text(content, f"messages[{i}].content", rid)
         out.append(ChatMessage(role, content))
     return tuple(out)
 
 
-def _parse_sampling(raw: dict[str, Any], rid: str) -> SamplingParams:
+def parse_sampling(raw: dict[str, Any], rid: str) -> SamplingParams:
+    """The sampling fields of ``raw`` (others ignored) as SamplingParams; ProtocolError names the bad one.
+    Both protocols use it: a WebSocket frame and an OpenAI request body are checked alike."""
     fields = {k: v for k, v in raw.items() if k in _SAMPLING_FIELDS}
     for name in _LIST_FIELDS & fields.keys():
         value = fields[name]
         # SamplingParams' converter would iterate a dict's keys, or a string's characters as ids
         if not isinstance(value, list | str) or (name == "stop_token_ids" and isinstance(value, str)):
-            raise ProtocolError("invalid_field", f"{name!r} must be a list, got {_json_type(value)}", rid)
+            raise ProtocolError("invalid_field", f"{name!r} must be a list, got {json_type(value)}", rid)
     try:
         return SamplingParams.from_dict(fields)
     except ConfigError as exc:
@@ -305,7 +307,8 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _json_type(value: object) -> str:
+def json_type(value: object) -> str:
+    """The JSON name of ``value``'s type, for error messages ("got a list")."""
     if value is None:
         return "null"
     if isinstance(value, bool):
