@@ -4,7 +4,9 @@ Plain CDP over a WebSocket (trio-websocket), no extra packages: Chromium prints 
 on stderr; the test opens the page as a file with ``?server=ws://127.0.0.1:PORT``, types a prompt,
 watches tokens arrive, presses Stop, and checks that every KV block went back to the pool. A page
 opened from file:// sends ``Origin: null``, which the server refuses unless allowed: the server
-runs with ``allowed_origins=("null",)``, as ``mini-vllm serve --allowed-origins null``.
+runs with ``allowed_origins=("null",)``, as ``mini-vllm serve --allowed-origins null``. The same
+page served by the server at ``/`` connects to its own origin with nothing allowed, and sends
+an API key as a WebSocket subprotocol.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import trio
 from conftest_serving import Reference, build_engine, running_server, wait_blocks_released
 from trio_websocket import WebSocketConnection, open_websocket_url
 
-from mini_vllm.transport.server import ServerLimits
+from mini_vllm.actors import open_service
+from mini_vllm.actors.task_group import open_task_group
+from mini_vllm.transport.server import Server, ServerLimits
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 PAGE = Path(__file__).resolve().parent.parent / "examples" / "browser" / "index.html"
@@ -184,3 +188,39 @@ async def test_type_a_prompt_watch_tokens_stream_and_stop(demo_model_dir: Path, 
             assert status.startswith("cancelled")
             await wait_blocks_released(service)
             assert service.statistics().ingress.cancelled == 1
+
+
+async def test_the_page_served_at_the_root_connects_to_its_own_server_with_an_api_key(
+    demo_model_dir: Path, tmp_path: Path
+) -> None:
+    reference = Reference(demo_model_dir)
+    key = "page key/é+="  # spaces, non-ASCII, base64's characters: the subprotocol token carries any key
+    async with open_service([build_engine(demo_model_dir)]) as service, open_task_group() as nursery:
+        server = Server(service, api_keys=[key])  # no --allowed-origins: the page is of its own origin
+        await nursery.start(server.run, "127.0.0.1", 0)
+        async with chromium_page(f"{server.http_url}/", tmp_path / "profile") as page:
+            assert await page.evaluate("document.getElementById('server').value") == server.url
+            # Without the key the handshake is refused (401); the page says what that may be.
+            await page.wait_for("document.getElementById('connection').textContent.includes('API key')")
+            assert server.statistics().auth_refused == 1
+            await page.evaluate(
+                f"""(() => {{
+                    document.getElementById('api-key').value = {json.dumps(key)};
+                    document.getElementById('connect').click();
+                }})()"""
+            )
+            await page.wait_for("document.querySelector('#model option[value=demo]') !== null")
+            await page.evaluate(
+                """(() => {
+                    document.getElementById('prompt').value = 'Hello';
+                    document.getElementById('max-tokens').value = '12';
+                    document.getElementById('temperature').value = '0';
+                    document.getElementById('generate').click();
+                })()"""
+            )
+            await page.wait_for("document.body.dataset.state === 'done'")
+            shown = await page.evaluate("document.getElementById('output').textContent")
+            assert shown == reference("Hello", max_tokens=12, temperature=0).text
+            stats = server.statistics()
+            assert stats.connections_total == 1 and stats.origins_refused == 0
+        nursery.cancel_scope.cancel()

@@ -124,14 +124,22 @@ async def test_serve_prints_its_url_and_ctrl_c_ends_in_flight_requests_and_exits
     try:
         assert proc.stdout is not None and proc.stderr is not None
         out = b""
-        while b"serving" not in out:
+        while b"browser page" not in out or not out.endswith(b"\n"):
             chunk = await proc.stdout.receive_some()
-            assert chunk, "the server exited before printing its URL"
+            assert chunk, "the server exited before printing its URLs"
             out += chunk
-        line = out.decode().splitlines()[0]
+        line, page_line = out.decode().splitlines()[:2]
         assert line.startswith("mini-vllm: serving demo on ws://127.0.0.1:")
         url = line.split(" on ")[1].strip()
         assert not url.endswith(":0")
+        port = url.rsplit(":", 1)[1]
+        assert page_line == f"mini-vllm: browser page: http://127.0.0.1:{port}/"
+        async with await trio.open_tcp_stream("127.0.0.1", int(port)) as http:  # the page, on the same port
+            await http.send_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := await http.receive_some():
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 ") and b"<title>mini-vllm</title>" in answer
         async with connect(url) as client:
             stream = client.generate("Hello", **greedy(5000))
             interrupted = False

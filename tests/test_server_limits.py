@@ -26,14 +26,8 @@ from mini_vllm.actors.request_stream import GenerationDelta, SampleOutput, Usage
 from mini_vllm.engine import LLMEngine
 from mini_vllm.engine.errors import ConfigError
 from mini_vllm.transport import commands
-from mini_vllm.transport.server import (
-    Connection,
-    ServerLimits,
-    _Counters,
-    _GuardedListener,
-    _ThrottledLog,
-    own_origins,
-)
+from mini_vllm.transport.front_door import GuardedListener, ThrottledLog
+from mini_vllm.transport.server import Connection, ServerLimits, _Counters, own_origins
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -349,15 +343,15 @@ class FailingListener(trio.abc.Listener[trio.SocketStream]):
 async def test_repeated_accept_errors_are_logged_once_per_interval(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    throttled = _ThrottledLog(interval=10.0)
+    throttled = ThrottledLog(interval=10.0)
     errors: list[OSError] = []
 
     def failed(exc: OSError) -> None:
         errors.append(exc)
         throttled.note("accept:EMFILE", "cannot accept: EMFILE", logging.ERROR)
 
-    listener = _GuardedListener(FailingListener(250), failed, lambda: throttled.ended("accept:EMFILE", "accepting again"))
-    with caplog.at_level(logging.WARNING, logger="mini_vllm.transport.server"):
+    listener = GuardedListener(FailingListener(250), failed, lambda: throttled.ended("accept:EMFILE", "accepting again"))
+    with caplog.at_level(logging.WARNING, logger="mini_vllm.transport.front_door"):
         assert await listener.accept() == "a stream"  # 250 failures, 0.1 s apart: 25 s
     assert len(errors) == 250
     lines = [r.getMessage() for r in caplog.records]

@@ -4,6 +4,9 @@
         async for delta in client.generate("Hello", max_tokens=16, temperature=0):
             print(delta.text, end="")
 
+A server started with an API key needs it: ``connect(url, api_key="...")``, or the environment
+variable ``MINI_VLLM_API_KEY``; it goes in the handshake's ``Authorization: Bearer`` header.
+
 A background task reads frames and routes them by request id to bounded per-request queues; when
 one is full the reader waits, which is backpressure all the way to the server (the server then
 merges tokens into fewer frames). Errors arrive as typed exceptions. Leaving an ``async for``
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import math
 import socket
@@ -35,7 +39,7 @@ from trio_websocket import (
 
 from mini_vllm.actors.task_group import open_task_group
 from mini_vllm.engine.outputs import TokenLogprob
-from mini_vllm.transport import protocol
+from mini_vllm.transport import auth, protocol
 from mini_vllm.transport.protocol import (
     DoneEvent,
     ErrorEvent,
@@ -57,6 +61,10 @@ class ClientError(Exception):
 
 class ConnectionLost(ClientError):
     """The connection closed (or could not be opened) before the answer was complete."""
+
+
+class AuthenticationFailed(ConnectionLost):
+    """The server wants an API key and the handshake carried none, or one it does not accept (HTTP 401)."""
 
 
 class InvalidURL(ClientError, ValueError):
@@ -368,19 +376,25 @@ def check_url(url: str) -> str:
 
 @contextlib.asynccontextmanager
 async def connect(
-    url: str, *, max_frame_bytes: int = 64 << 20, connect_timeout: float = 60.0
+    url: str, *, max_frame_bytes: int = 64 << 20, connect_timeout: float = 60.0, api_key: str | None = None
 ) -> AsyncIterator[Client]:
     """Open a connection. Raises InvalidURL for a URL that is not ws:// or wss://, and
     ConnectionLost saying why when the server cannot be reached (refused, timed out, not a
-    WebSocket server, unknown host)."""
+    WebSocket server, unknown host), AuthenticationFailed (a ConnectionLost) when it refuses the key.
+
+    ``api_key``: sent as ``Authorization: Bearer KEY``; None (the default) reads the environment
+    variable ``MINI_VLLM_API_KEY``, and ``""`` sends no key whatever the environment says."""
     check_url(url)
+    key = auth.client_key(api_key)
+    headers = [auth.bearer_header(key)] if key is not None else []
     opened = False
     # trio-websocket's connect_timeout alone leaves its reader task waiting on a server that accepts
     # TCP and never answers the handshake (the open then never returns): this scope bounds the opening.
     with trio.CancelScope(deadline=trio.current_time() + connect_timeout) as opening:
         try:
             async with open_websocket_url(
-                url, max_message_size=max_frame_bytes, connect_timeout=connect_timeout, disconnect_timeout=2
+                url, max_message_size=max_frame_bytes, connect_timeout=connect_timeout, disconnect_timeout=2,
+                extra_headers=headers,
             ) as ws:
                 opened = True
                 opening.deadline = math.inf
@@ -391,16 +405,19 @@ async def connect(
         except (HandshakeError, OSError) as exc:
             if opened:
                 raise
-            raise ConnectionLost(f"cannot connect to {url}: {_connect_failure(exc, connect_timeout)}") from None
+            failure = _connect_failure(exc, connect_timeout, sent_key=key is not None)
+            if isinstance(exc, ConnectionRejected) and exc.status_code == 401:
+                raise AuthenticationFailed(f"cannot connect to {url}: {failure}") from None
+            raise ConnectionLost(f"cannot connect to {url}: {failure}") from None
     if opening.cancelled_caught and not opened:
         raise ConnectionLost(f"cannot connect to {url}: {_connect_failure(ConnectionTimeout(), connect_timeout)}")
 
 
-def _connect_failure(exc: BaseException, timeout: float) -> str:
+def _connect_failure(exc: BaseException, timeout: float, sent_key: bool = False) -> str:
     """Why a connection attempt failed, in words: trio-websocket's HandshakeError says nothing
     itself; the socket error is in its cause, inside trio's group of attempts (one per address)."""
     if isinstance(exc, ConnectionRejected):
-        return f"not a WebSocket server: it answered the handshake with HTTP {exc.status_code} (check the host and port)"
+        return _rejection_reason(exc, sent_key)
     if isinstance(exc, ConnectionTimeout):
         return (
             f"timed out after {timeout:g} s without a WebSocket handshake "
@@ -419,6 +436,28 @@ def _connect_failure(exc: BaseException, timeout: float) -> str:
         deepest = errors[-1]
         return deepest.strerror or str(deepest) or type(deepest).__name__
     return str(exc) or type(exc).__name__
+
+
+def _rejection_reason(exc: ConnectionRejected, sent_key: bool) -> str:
+    """The server's HTTP answer to the handshake, in words (with its own message when it sent one)."""
+    said = _error_message(exc.body)
+    if exc.status_code == 401:
+        if sent_key:
+            return f"the server refused the API key (HTTP 401): {said or 'check the key'}"
+        return (f"the server needs an API key (HTTP 401): pass api_key= (--api-key KEY) or set {auth.API_KEY_ENV}")
+    if exc.status_code in (403, 503) and said:
+        return f"refused with HTTP {exc.status_code}: {said}"
+    return f"not a WebSocket server: it answered the handshake with HTTP {exc.status_code} (check the host and port)"
+
+
+def _error_message(body: bytes | None) -> str | None:
+    """The message of an OpenAI-shaped error body (the server's refusals), or None."""
+    try:
+        value = json.loads(body or b"")
+        message = value["error"]["message"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    return message if isinstance(message, str) else None
 
 
 def _os_errors(exc: BaseException | None) -> list[OSError]:

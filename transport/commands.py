@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal, TextIO
 
 import attrs
@@ -29,8 +28,11 @@ from mini_vllm.transport.flags import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
+    add_client_api_key,
     add_engine_flags,
     add_sampling_flags,
+    api_key,
+    api_key_from,
     engine_args_from,
     fraction,
     is_interrupt,
@@ -46,7 +48,6 @@ from mini_vllm.transport.server import CLIENT_KEYS, DEFAULT_HOST, DEFAULT_PORT, 
 
 # Imported lazily below: engine and actors pull in torch (seconds), which `--help` should not pay for.
 
-BROWSER_PAGE = Path(__file__).resolve().parent.parent / "examples" / "browser" / "index.html"
 _CONNECT_TIMEOUT = 10.0  # seconds for generate --url to reach the server (the client's default is 60)
 _RESERVED_FDS = 128  # descriptors kept for the process itself (model files, pipes, the loop) beside connections
 
@@ -65,8 +66,9 @@ class CommandError(Exception):
 def add_serve(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "serve",
-        help="serve models over WebSockets",
-        description="Serve one or more models over WebSockets (JSON frames; see docs/protocol.md).",
+        help="serve models over WebSockets and HTTP",
+        description="Serve one or more models on one port: WebSockets (JSON frames; see docs/protocol.md), "
+        "HTTP routes and the browser page at /.",
     )
     p.add_argument(
         "--model",
@@ -90,11 +92,21 @@ def add_serve(subparsers: Any) -> None:
     p.add_argument("--slow-client-timeout", type=positive_float, default=limits.slow_client_timeout.default,
                    help="seconds a frame may wait for a client (default: %(default)s)")
     p.add_argument("--max-connections", type=positive_int, default=limits.max_connections.default,
-                   help="open WebSocket connections; more are refused with HTTP 503 (default: %(default)s; "
-                   "capped to what the open-file limit allows)")
+                   help="open connections, HTTP and WebSocket; more are refused with HTTP 503 (default: "
+                   "%(default)s; capped to what the open-file limit allows)")
     p.add_argument("--idle-timeout", type=positive_float, default=limits.idle_timeout.default,
-                   help="seconds a connection with no request in flight may stay silent before it is "
-                   "closed (code 1001) (default: %(default)s)")
+                   help="seconds a WebSocket with no request in flight may stay silent before it is "
+                   "closed (code 1001), and a keep-alive HTTP connection may wait for its next request "
+                   "(default: %(default)s)")
+    p.add_argument("--max-header-bytes", type=positive_int, default=limits.max_header_bytes.default,
+                   help="an HTTP request head larger than this is refused with 431 (default: %(default)s)")
+    p.add_argument("--max-body-bytes", type=positive_int, default=limits.max_body_bytes.default,
+                   help="an HTTP request body larger than this is refused with 413 (default: %(default)s)")
+    p.add_argument("--api-key", type=api_key, action="append", default=None, metavar="KEY",
+                   help="require this key (repeatable: any of them) on every HTTP route but /, /health, "
+                   "/version and /metrics, and on every WebSocket: 'Authorization: Bearer KEY', or for "
+                   "browsers the subprotocol mini-vllm.bearer.BASE64URL(KEY) (the page does this) "
+                   "(default: the environment variable MINI_VLLM_API_KEY if set, else no key)")
     p.add_argument("--allowed-origins", type=origins, action="append", default=None, metavar="ORIGIN[,ORIGIN...]",
                    help="browser origins that may connect beside the server's own http://HOST:PORT, "
                    "comma-separated or repeated: scheme://host[:port], null (pages opened from file://, "
@@ -184,16 +196,19 @@ def run_serve(args: argparse.Namespace) -> int:
             slow_client_timeout=args.slow_client_timeout,
             max_connections=args.max_connections,
             idle_timeout=args.idle_timeout,
+            max_header_bytes=args.max_header_bytes,
+            max_body_bytes=args.max_body_bytes,
             allowed_origins=tuple(o for group in args.allowed_origins or () for o in group),
             client_key=args.client_key,
             client_share=args.client_share,
         )
+        api_keys = _serve_keys(args.api_key)
     except MiniVllmError as exc:
         print(f"mini-vllm serve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     limits = _fit_open_file_limit(limits, raise_open_file_limit())
     try:
-        return trio.run(_serve, models, config, limits, args.host, args.port, args.shutdown_grace)
+        return trio.run(_serve, models, config, limits, args.host, args.port, args.shutdown_grace, api_keys)
     except BaseException as exc:  # nurseries wrap errors in groups (a KeyboardInterrupt too): report the leaves
         leaves = leaf_exceptions(exc)
         if is_interrupt(exc):  # Ctrl-C before the signal handler was set
@@ -208,6 +223,17 @@ def run_serve(args: argparse.Namespace) -> int:
             elif isinstance(e, MiniVllmError):
                 print(f"mini-vllm serve: error: {e}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def _serve_keys(flags: list[str] | None) -> tuple[str, ...]:
+    """The keys ``serve`` requires: ``--api-key`` (checked while parsing), else MINI_VLLM_API_KEY (checked here)."""
+    from mini_vllm.transport.auth import API_KEY_ENV, check_key, keys_from
+
+    keys = keys_from(flags)
+    if not flags:
+        for key in keys:
+            check_key(key, API_KEY_ENV)
+    return keys
 
 
 def raise_open_file_limit() -> int | None:
@@ -277,7 +303,10 @@ def _exit_after(seconds: float) -> None:
     timer.start()
 
 
-async def _serve(models: list[Any], config: Any, limits: ServerLimits, host: str, port: int, grace: float) -> int:
+async def _serve(
+    models: list[Any], config: Any, limits: ServerLimits, host: str, port: int, grace: float,
+    api_keys: Sequence[str] = (),
+) -> int:
     """Serve until a signal: the first while serving stops gracefully (exit 0); one while loading,
     or a second one, stops at once (exit 128 + the signal, 130 for Ctrl-C)."""
     from mini_vllm.actors import open_service
@@ -308,25 +337,40 @@ async def _serve(models: list[Any], config: Any, limits: ServerLimits, host: str
             nursery.start_soon(progress.tick)
             async with open_service(models, config, on_progress=progress) as service:
                 progress.current = None
-                server = Server(service, limits)
+                server = Server(service, limits, api_keys=api_keys)
                 async with trio.open_nursery() as listening:
                     await listening.start(server.run, host, port)
                     serving = True
                     names = ", ".join(m.name for m in service.models())
                     print(f"mini-vllm: serving {names} on {server.url}", flush=True)
-                    if BROWSER_PAGE.is_file():
-                        page = f"{BROWSER_PAGE.as_uri()}?server={server.url}"
-                        if server.origin_allowed("null"):
-                            print(f"mini-vllm: browser page: {page}", flush=True)
-                        else:  # a file:// page sends Origin: null, refused unless allowed
-                            print(f"mini-vllm: browser page: {page} (start with --allowed-origins null "
-                                  "to let it connect)", flush=True)
+                    for line in serve_notes(server):
+                        print(f"mini-vllm: {line}", flush=True)
                     await stop.wait()
                     await server.shutdown("the server is shutting down (interrupted)", grace)
                     listening.cancel_scope.cancel()
             print("mini-vllm: stopped", file=sys.stderr, flush=True)
             nursery.cancel_scope.cancel()
     return EXIT_OK if forced is None else 128 + forced  # as shells report a command a signal stopped
+
+
+def serve_notes(server: Any) -> list[str]:  # server: a running transport.server.Server
+    """What ``serve`` says once listening, beside the WebSocket URL: the page's URL, the key rule."""
+    from mini_vllm.transport.server import netloc
+
+    notes = []
+    host = server.host or ""
+    wildcard = host in ("", "0.0.0.0", "::")
+    if server.has_page:
+        # Nobody browses to the wildcard address; loopback is one of the origins the server allows.
+        shown = ("::1" if ":" in host else "127.0.0.1") if wildcard else host
+        notes.append(f"browser page: http://{netloc(shown, server.port)}/")
+        if wildcard:
+            notes.append("from another machine the page's origin is http://NAME:PORT: allow it with "
+                         "--allowed-origins http://NAME:PORT")
+    if server.keys.enabled:
+        notes.append(f"an API key is required ({len(server.keys)} accepted) on every route but /, /health, "
+                     "/version and /metrics, and on WebSockets")
+    return notes
 
 
 # ---- generate -------------------------------------------------------------------------------------
@@ -362,6 +406,7 @@ def add_generate(subparsers: Any) -> None:
     prompt.add_argument("--random-prompt-len", type=positive_int, default=None, metavar="N",
                         help="a prompt of N random token ids, drawn with --seed (default: none; seed 0)")
     p.add_argument("--url", default=None, help="a running server, ws://HOST:PORT (default: none, run in-process)")
+    add_client_api_key(p)
     p.add_argument(
         "--model",
         default=None,
@@ -483,7 +528,8 @@ def run_generate(args: argparse.Namespace) -> int:
     out = _Output(sys.stdout)
     try:
         if args.url:
-            return trio.run(_generate_remote, args.url, prompt, args.model, args.chat, sampling, out)
+            key = api_key_from(args)
+            return trio.run(_generate_remote, args.url, prompt, args.model, args.chat, sampling, out, key)
         return _generate_local(args, prompt, sampling, out)
     except BaseException as exc:  # a group from trio.run may hold a KeyboardInterrupt
         if is_interrupt(exc):
@@ -503,12 +549,14 @@ def _fail(message: str, out: _Output | None, code: int = EXIT_ERROR, prefix: str
 
 
 async def _generate_remote(
-    url: str, prompt: PromptSpec, model: str | None, chat: bool, sampling: dict[str, Any], out: _Output
+    url: str, prompt: PromptSpec, model: str | None, chat: bool, sampling: dict[str, Any], out: _Output,
+    api_key: str | None = None,
 ) -> int:
     from mini_vllm.transport.client import ClientError, InvalidRequestError, connect
 
     try:
-        async with connect(url, connect_timeout=_CONNECT_TIMEOUT) as client:
+        # api_key None: connect reads MINI_VLLM_API_KEY itself (as --api-key's default does).
+        async with connect(url, connect_timeout=_CONNECT_TIMEOUT, api_key=api_key) as client:
             if prompt.text is None:
                 info = _served_model(await client.models(), model)
                 ids = prompt.ids(info.vocab_size, info.max_model_len, info.name)

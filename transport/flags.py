@@ -85,6 +85,31 @@ def origins(text: str) -> tuple[str, ...]:
     return items
 
 
+def api_key(text: str) -> str:
+    """``--api-key``: refused here when no HTTP header could carry it (the message never shows it)."""
+    from mini_vllm.engine.errors import ConfigError
+    from mini_vllm.transport.auth import check_key
+
+    try:
+        return check_key(text, "the key")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_client_api_key(parser: argparse.ArgumentParser) -> None:
+    """``--api-key KEY`` of a command that talks to a server (``api_key_from`` reads it)."""
+    parser.add_argument("--api-key", type=api_key, default=None, metavar="KEY",
+                        help="the server's API key, sent as 'Authorization: Bearer KEY' "
+                        "(default: the environment variable MINI_VLLM_API_KEY, if set)")
+
+
+def api_key_from(args: argparse.Namespace) -> str | None:
+    """The key to send: ``--api-key``, else MINI_VLLM_API_KEY, else None."""
+    from mini_vllm.transport.auth import client_key
+
+    return client_key(getattr(args, "api_key", None))
+
+
 def _int(text: str) -> int:
     try:
         return int(text)

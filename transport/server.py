@@ -13,35 +13,42 @@ Backpressure: when a client reads slowly the frame queue fills, request tasks wa
 meanwhile each request's stream merges new tokens into one pending delta. The scheduler never
 waits. A closed connection cancels its request tasks, which aborts their requests.
 
-Bounded resources (``ServerLimits``, docs/protocol.md "Limits of the server"): the handshake is
-refused with 403 for a browser Origin that is not allowed and with 503 beyond ``max_connections``;
-each client (remote address, or connection) gets a fair share of each model's queue
-(``_ClientShares``); accept errors such as EMFILE are logged once per interval with a count.
+The port is the front door's (``transport/front_door.py``): it parses HTTP/1.1, answers the HTTP
+routes (the server's own ``/``, ``/health``, ``/version`` from ``transport/ops.py``, and those
+mounted beside them: the OpenAI API, ``/metrics``) and hands WebSocket upgrades here.
+
+Bounded resources (``ServerLimits``, docs/protocol.md "Limits of the server"): the front door
+refuses a browser Origin that is not allowed (403), a request without a valid API key when keys
+are set (401), and connections beyond ``max_connections`` (503); each client (remote address, or
+connection) gets a fair share of each model's queue (``_ClientShares``, shared by WebSocket and
+HTTP routes); accept errors such as EMFILE are logged once per interval with a count.
 """
 
 from __future__ import annotations
 
-import errno
 import ipaddress
-import itertools
 import json
 import logging
 import math
-import os
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, Endpoint, WebSocketConnection, WebSocketRequest, WebSocketServer
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
 from mini_vllm.actors.errors import Overloaded
 from mini_vllm.actors.request_stream import GenerationDelta
 from mini_vllm.actors.resources import resident_bytes
 from mini_vllm.actors.service import Generation, Service
 from mini_vllm.engine.errors import ConfigError, MiniVllmError
-from mini_vllm.transport import protocol
+from mini_vllm.transport import ops, protocol
+from mini_vllm.transport.auth import ApiKeys, select_subprotocol
+from mini_vllm.transport.front_door import DoorCounters, DoorLimits, FrontDoor, Peer, ThrottledLog
+from mini_vllm.transport.http import Admission, Routes
+from mini_vllm.transport.metrics import metrics_routes
+from mini_vllm.transport.openai_api import openai_routes
 from mini_vllm.transport.protocol import ChatFrame, ClientFrame, GenerateFrame, ModelsFrame, ProtocolError, StatsFrame
 
 log = logging.getLogger(__name__)
@@ -53,8 +60,6 @@ CLOSE_POLICY_VIOLATION = 1008
 ClientKey = Literal["ip", "connection", "off"]
 CLIENT_KEYS: tuple[ClientKey, ...] = ("ip", "connection", "off")
 _LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")  # one machine's loopback, however a page names it
-_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})  # as trio's
-_ACCEPT_RETRY = 0.1  # seconds between accept attempts while out of descriptors (trio's own pause)
 
 
 def origin_key(origin: str) -> tuple[str, str, int | None] | None:
@@ -87,11 +92,15 @@ class ServerLimits:
     slow_client_timeout: float = 30.0  # seconds one frame may wait for the socket
     slow_client_grace: float = 5.0  # then this long to deliver the close frame before cutting TCP
     close_timeout: float = 2.0
-    # Connections beyond this are refused at the handshake (HTTP 503): each one holds a file
-    # descriptor, and without a bound idle sockets can take every descriptor the process has.
+    # TCP connections (HTTP and WebSocket) beyond this are answered 503 and closed: each one holds
+    # a file descriptor, and without a bound idle sockets can take every descriptor the process has.
     max_connections: int = 1000
-    idle_timeout: float = 300.0  # seconds without a request in flight or a frame before we close (1001)
-    handshake_timeout: float = 10.0  # seconds a TCP connection may take to send its handshake
+    # Seconds without a request in flight or a frame before a WebSocket is closed (1001); seconds
+    # a keep-alive HTTP connection waits for its next request.
+    idle_timeout: float = 300.0
+    handshake_timeout: float = 10.0  # seconds a connection may take to send a request's head (and body)
+    max_header_bytes: int = 32 << 10  # an HTTP request head beyond this: 431
+    max_body_bytes: int = 16 << 20  # an HTTP request body beyond this: 413
     # Browser origins allowed beside the server's own ("http://HOST:PORT"): "null" (file:// pages,
     # sandboxed frames) and "*" (any) only when given. Clients that send no Origin are programs: allowed.
     allowed_origins: tuple[str, ...] = attrs.field(default=(), converter=_origins)
@@ -141,6 +150,14 @@ class ServerStats:
     fair_share_refused: int  # `overloaded` because the client holds its share of a busy model
     accept_errors: int  # accept(2) failed (EMFILE, ...)
     rss_bytes: int = 0  # the frontend process's resident memory (each engine core's: its scheduler's)
+    # The front door's (HTTP and WebSocket on the one port); connections_* above count WebSockets.
+    tcp_connections_open: int = 0  # TCP connections holding a max_connections place
+    auth_refused: int = 0  # 401: no valid API key (HTTP requests and WebSocket handshakes)
+    http_requests: int = 0  # request heads read, WebSocket handshakes included
+    http_errors_4xx: int = 0  # answers with a 4xx status (refused handshakes included)
+    http_errors_5xx: int = 0
+    http_disconnects: int = 0  # HTTP routes cancelled because their client closed the connection
+    http_slow_clients_dropped: int = 0  # an HTTP answer's write waited over slow_client_timeout
 
 
 @attrs.define
@@ -152,39 +169,9 @@ class _Counters:
     frames_sent: int = 0
     errors_sent: int = 0
     slow_clients_dropped: int = 0
-    connections_refused: int = 0
-    origins_refused: int = 0
     idle_closed: int = 0
     fair_share_refused: int = 0
-    accept_errors: int = 0
-
-
-@attrs.define
-class _ThrottledLog:
-    """One log line per ``interval`` for each kind of repeating trouble, with how often it happened:
-    a descriptor shortage makes accept fail ten times a second, and a line (with a traceback) each
-    time buried everything else in the log."""
-
-    interval: float
-    _last: dict[str, float] = attrs.field(factory=dict)  # kind -> when it was last logged
-    _unlogged: dict[str, int] = attrs.field(factory=dict)  # kind -> occurrences since then
-
-    def note(self, kind: str, message: str, level: int = logging.WARNING) -> None:
-        now = trio.current_time()
-        count = self._unlogged.get(kind, 0) + 1
-        last = self._last.get(kind)
-        if last is not None and now - last < self.interval:
-            self._unlogged[kind] = count
-            return
-        self._last[kind], self._unlogged[kind] = now, 0
-        since = f" ({count} times in the last {now - last:.0f} s)" if last is not None and count > 1 else ""
-        log.log(level, "%s%s", message, since)
-
-    def ended(self, kind: str, message: str) -> None:
-        """The trouble stopped: say how many occurrences went unlogged, if any."""
-        count = self._unlogged.pop(kind, 0)
-        if self._last.pop(kind, None) is not None and count:
-            log.warning("%s (%d more times since the last report)", message, count)
+    door: DoorCounters = attrs.field(factory=DoorCounters)  # the front door's: every TCP connection
 
 
 class _ClientShares:
@@ -481,60 +468,85 @@ def _error_frame_with_retry(request_id: str | None, code: str, message: str, ret
     return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
 
 
-class _GuardedListener(trio.abc.Listener[trio.SocketStream]):
-    """A TCP listener whose ``accept`` rides out a shortage of descriptors (EMFILE and the like)
-    itself: it waits and retries as trio does, but reports through the server's throttled log
-    instead of one line with a traceback per attempt, ten a second."""
-
-    def __init__(self, inner: trio.abc.Listener[trio.SocketStream], on_error: Callable[[OSError], None],
-                 on_recovered: Callable[[], None]) -> None:
-        self.inner = inner
-        self._on_error = on_error
-        self._on_recovered = on_recovered
-
-    async def accept(self) -> trio.SocketStream:
-        failed = False
-        while True:
-            try:
-                stream = await self.inner.accept()
-            except OSError as exc:
-                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                    raise
-                failed = True
-                self._on_error(exc)
-                await trio.sleep(_ACCEPT_RETRY)
-                continue
-            if failed:
-                self._on_recovered()
-            return stream
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-
 class Server:
-    """Serves a ``Service`` over WebSockets until cancelled; ``shutdown`` stops it gracefully."""
+    """Serves a ``Service`` on one port until cancelled: WebSockets, the HTTP routes, the browser
+    page; ``shutdown`` stops it gracefully.
 
-    def __init__(self, service: Service, limits: ServerLimits | None = None) -> None:
+    ``routes`` are HTTP routes beside the server's own (``/``, ``/health``, ``/version``, the OpenAI
+    API's ``/v1/...``, ``/tokenize``, ``/detokenize``, ``/metrics``); more can be ``mount``ed before
+    ``run`` (routes that need ``admission`` or ``statistics`` of this server).
+    ``api_keys``: when given, every route but the public ones and every WebSocket need one.
+    """
+
+    def __init__(
+        self,
+        service: Service,
+        limits: ServerLimits | None = None,
+        *,
+        routes: Routes | None = None,
+        api_keys: Sequence[str] = (),
+    ) -> None:
         self.service = service
         self.limits = limits or ServerLimits()
         self._counters = _Counters()
         self._connections: set[Connection] = set()
-        self._slots = 0  # connections accepted or being accepted: what max_connections bounds
-        self._connection_ids = itertools.count(1)
         self._shares = _ClientShares(self.limits, service) if self.limits.client_key != "off" else None
-        self._log = _ThrottledLog(self.limits.log_interval)
+        self._log = ThrottledLog(self.limits.log_interval)
         self._own_origins: frozenset[tuple[str, str, int | None]] = frozenset()  # set once listening
         self._allowed_origins = frozenset(origin_key(a) for a in self.limits.allowed_origins) - {None}
         self._listen_scope = trio.CancelScope()
-        self._handlers: trio.Nursery | None = None
-        self._all_closed = trio.Event()
+        self._stopping: str | None = None
+        page = ops.page_files()
+        self.has_page = bool(page)  # the browser page is installed: served at /
+        self._routes: Routes = ops.ops_routes(service, lambda: self._stopping, page)
+        self.keys = ApiKeys.of(api_keys)  # digests only; ``keys.enabled``: whether a key is required
+        self._door = FrontDoor(
+            _door_limits(self.limits),
+            self._routes,
+            public_paths=ops.public_paths(page),
+            keys=self.keys,
+            origin_allowed=self.origin_allowed,
+            on_websocket=self._handle,
+            throttled_log=self._log,
+            counters=self._counters.door,
+        )
+        # The OpenAI-compatible API and Prometheus' /metrics are the server's own, on every port.
+        self.mount(openai_routes(service, admission=self._shares, retry_after=self.limits.retry_after,
+                                 max_body_bytes=self.limits.max_body_bytes))
+        self.mount(metrics_routes(service))
+        if routes:
+            self.mount(routes)
         self.port: int | None = None
         self.host: str | None = None
 
+    def mount(self, routes: Routes) -> None:
+        """Add HTTP routes (before ``run``); a (method, path) that is taken already is a ConfigError."""
+        taken = sorted(f"{method} {path}" for method, path in routes if (method, path) in self._routes)
+        if taken:
+            raise ConfigError(f"routes already served: {', '.join(taken)}")
+        for (method, path), route in routes.items():
+            if method != method.upper() or not path.startswith("/"):
+                raise ConfigError(f"a route is (METHOD, /path) with the method upper case, got {(method, path)!r}")
+            self._routes[method, path] = route
+
+    @property
+    def admission(self) -> Admission | None:
+        """The per-client fair share of each model's queue (None: ``client_key="off"``), the same
+        one the WebSocket requests take: HTTP routes ask it before starting a request."""
+        return self._shares
+
+    @property
+    def stopping(self) -> str | None:
+        """Why the server is shutting down, or None while it serves."""
+        return self._stopping
+
     @property
     def url(self) -> str:
-        return f"ws://{self.host}:{self.port}"
+        return f"ws://{netloc(self.host, self.port)}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{netloc(self.host, self.port)}"
 
     async def run(
         self,
@@ -545,75 +557,33 @@ class Server:
     ) -> None:
         """Listen on ``host:port`` (port 0: any free port; see ``self.port``) until cancelled."""
         async with trio.open_nursery() as handlers:
-            self._handlers = handlers
-            self.port = await handlers.start(self._listen, host, port)
+            self.port = await handlers.start(self._listen, host, port, handlers)
             self.host = host
             self._own_origins = own_origins(host, self.port)
             task_status.started(self)
             await trio.sleep_forever()
 
-    async def _listen(self, host: str, port: int, *, task_status: trio.TaskStatus[int]) -> None:
+    async def _listen(self, host: str, port: int, handlers: trio.Nursery, *, task_status: trio.TaskStatus[int]) -> None:
         with self._listen_scope:
             listeners = await trio.open_tcp_listeners(port, host=host)
-            ws_server = WebSocketServer(
-                self._handle,
-                # Typed for trio's listeners; it only ever serves them (and asks ours nothing else).
-                [_GuardedListener(x, self._accept_failed, self._accept_recovered) for x in listeners],  # type: ignore[misc]
-                handler_nursery=self._handlers,
-                max_message_size=self.limits.hard_max_frame_bytes,
-                connect_timeout=self.limits.handshake_timeout,
-                disconnect_timeout=self.limits.close_timeout,
-            )
             # Bound already (connections wait in the backlog), so the port is known before serving.
             task_status.started(listeners[0].socket.getsockname()[1])
-            await ws_server.run()
-
-    def _accept_failed(self, exc: OSError) -> None:
-        self._counters.accept_errors += 1
-        name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-        self._log.note(
-            f"accept:{name}",
-            f"cannot accept connections: {name} ({os.strerror(exc.errno or 0)}); retrying every {_ACCEPT_RETRY:g} s "
-            f"(raise the open-file limit, ulimit -n, or lower --max-connections, now {self.limits.max_connections})",
-            logging.ERROR,
-        )
-
-    def _accept_recovered(self) -> None:
-        for name in ("EMFILE", "ENFILE", "ENOMEM", "ENOBUFS"):
-            self._log.ended(f"accept:{name}", f"accepting connections again after {name}")
+            await self._door.serve(listeners, handlers)
 
     async def shutdown(self, message: str = "the server is shutting down", grace: float = 5.0) -> None:
         """Stop accepting, end in-flight requests with ``message``, close every connection (1001)."""
+        self._stopping = message
         self._listen_scope.cancel()
         self.service.shutdown(message)
         for conn in list(self._connections):
             conn.close(CLOSE_GOING_AWAY, message)
+        self._door.close_idle()
         with trio.move_on_after(grace):
-            while self._connections:
-                await self._all_closed.wait()
-
-    def _refusal(self, request: WebSocketRequest) -> tuple[int, str, list[tuple[bytes, bytes]]] | None:
-        """(HTTP status, body, headers) to refuse the handshake with, or None to accept it."""
-        origins = [value for name, value in request.headers if name.lower() == b"origin"]
-        if origins and not (len(origins) == 1 and self.origin_allowed(origins[0].decode("latin-1"))):
-            self._counters.origins_refused += 1
-            shown = ascii(b", ".join(origins).decode("latin-1")[:200])
-            self._log.note("origin", f"refused a handshake from origin {shown} (not in --allowed-origins)")
-            return 403, (
-                f"origin {shown} may not use this server: a web page needs the server started with "
-                f"--allowed-origins ORIGIN (file:// pages: --allowed-origins null)\n"
-            ), []
-        if self._slots >= self.limits.max_connections:
-            self._counters.connections_refused += 1
-            self._log.note("max_connections", f"refused a connection: {self._slots} are open (--max-connections)")
-            retry = str(max(1, math.ceil(self.limits.retry_after))).encode()
-            return 503, (
-                f"the server has its limit of {self.limits.max_connections} connections open; retry later\n"
-            ), [(b"Retry-After", retry)]
-        return None
+            while self._door.open_connections:
+                await self._door.wait_changed()
 
     def origin_allowed(self, origin: str) -> bool:
-        """Whether a handshake whose Origin header is ``origin`` may connect (no header: always)."""
+        """Whether a request whose Origin header is ``origin`` may be served (no header: always)."""
         allowed = self.limits.allowed_origins
         if "*" in allowed:
             return True
@@ -623,39 +593,21 @@ class Server:
         key = origin_key(origin)
         return key is not None and (key in self._own_origins or key in self._allowed_origins)
 
-    def _client_key(self, request: WebSocketRequest, number: int) -> str:
-        remote = request.remote
-        address = remote.address if isinstance(remote, Endpoint) else str(remote)
-        if self.limits.client_key == "connection":
-            return f"connection {number} ({address})"
-        return str(address)
-
-    async def _handle(self, request: WebSocketRequest) -> None:
-        # Everything is caught here: an exception escaping a handler would stop trio-websocket's server.
-        refusal = self._refusal(request)
-        if refusal is not None:
-            status, body, headers = refusal
-            headers = [*headers, (b"Content-Type", b"text/plain; charset=utf-8")]
-            try:
-                await request.reject(status, body=body.encode(), extra_headers=headers)
-            except Exception:  # the client vanished meanwhile
-                pass
-            return
-        self._slots += 1  # taken before the await: handshakes in progress count too
+    async def _handle(self, request: WebSocketRequest, peer: Peer) -> None:
+        """A WebSocket handshake the front door let in (Origin, key, capacity checked)."""
+        # Everything is caught here: an exception escaping would end the front door's connection task.
         try:
-            try:
-                ws = await request.accept()
-            except Exception:  # the client vanished during the handshake
-                return
-            if self._listen_scope.cancel_called:  # accepted just as we stopped listening
+            ws = await request.accept(subprotocol=select_subprotocol(request.proposed_subprotocols))
+        except Exception:  # the client vanished during the handshake
+            return
+        if self._listen_scope.cancel_called:  # accepted just as we stopped listening
+            with trio.move_on_after(self.limits.close_timeout):
                 await ws.aclose(CLOSE_GOING_AWAY, "the server is shutting down")
-                return
-            await self._serve_connection(request, ws)
-        finally:
-            self._slots -= 1
+            return
+        await self._serve_connection(peer, ws)
 
-    async def _serve_connection(self, request: WebSocketRequest, ws: WebSocketConnection) -> None:
-        client = self._client_key(request, next(self._connection_ids))
+    async def _serve_connection(self, peer: Peer, ws: WebSocketConnection) -> None:
+        client = peer.client(self.limits.client_key)
         conn = Connection(ws, self.service, self.limits, self._counters, client=client, shares=self._shares)
         self._connections.add(conn)
         self._counters.connections_open += 1
@@ -667,14 +619,32 @@ class Server:
         finally:
             self._connections.discard(conn)
             self._counters.connections_open -= 1
-            if not self._connections:
-                self._all_closed.set()
-                self._all_closed = trio.Event()
             with trio.move_on_after(self.limits.close_timeout, shield=True):
                 await ws.aclose(*conn.close_reason)  # idempotent; cuts TCP if the close frame is stuck
 
     def statistics(self) -> ServerStats:
         return _stats(self._counters)
+
+
+def _door_limits(limits: ServerLimits) -> DoorLimits:
+    return DoorLimits(
+        max_connections=limits.max_connections,
+        handshake_timeout=limits.handshake_timeout,
+        idle_timeout=limits.idle_timeout,
+        slow_client_timeout=limits.slow_client_timeout,
+        close_timeout=limits.close_timeout,
+        max_header_bytes=limits.max_header_bytes,
+        max_body_bytes=limits.max_body_bytes,
+        max_message_bytes=limits.hard_max_frame_bytes,
+        retry_after=limits.retry_after,
+        client_key=limits.client_key,
+    )
+
+
+def netloc(host: str | None, port: int | None) -> str:
+    """``host:port`` for a URL (an IPv6 address in brackets)."""
+    name = host or ""
+    return f"[{name}]:{port}" if ":" in name else f"{name}:{port}"
 
 
 def own_origins(host: str, port: int) -> frozenset[tuple[str, str, int | None]]:
@@ -695,8 +665,10 @@ def own_origins(host: str, port: int) -> frozenset[tuple[str, str, int | None]]:
 
 
 def _stats(c: _Counters) -> ServerStats:
-    # A frozen snapshot of the live counters (same fields), and the process's memory.
-    return ServerStats(**attrs.asdict(c), rss_bytes=resident_bytes())
+    # A frozen snapshot of the live counters (the same fields), and the process's memory.
+    counters = attrs.asdict(c, recurse=False)
+    door = attrs.asdict(counters.pop("door"))
+    return ServerStats(**counters, **door, rss_bytes=resident_bytes())
 
 
 async def serve(
@@ -705,10 +677,12 @@ async def serve(
     port: int = DEFAULT_PORT,
     limits: ServerLimits | None = None,
     *,
+    routes: Routes | None = None,
+    api_keys: Sequence[str] = (),
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """``server = await nursery.start(serve, service, host, 0)``; runs until cancelled."""
-    server = Server(service, limits)
+    server = Server(service, limits, routes=routes, api_keys=api_keys)
     await server.run(host, port, task_status=task_status)
 
 
@@ -721,6 +695,7 @@ __all__ = [
     "Server",
     "ServerLimits",
     "ServerStats",
+    "netloc",
     "origin_key",
     "own_origins",
     "serve",

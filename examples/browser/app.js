@@ -20,20 +20,52 @@ function send(frame) {
   socket.send(JSON.stringify(frame));
 }
 
+// A browser cannot set headers on a WebSocket, so the API key travels as a subprotocol:
+// "mini-vllm.bearer." + base64url(UTF-8 of the key), without padding (valid whatever the key
+// holds), offered beside "mini-vllm", the one the server answers with.
+function subprotocols(key) {
+  if (!key) return ["mini-vllm"];
+  const bytes = new TextEncoder().encode(key);
+  let binary = "";
+  for (const b of bytes) binary += String.fromCharCode(b);
+  const encoded = btoa(binary).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+  return ["mini-vllm", `mini-vllm.bearer.${encoded}`];
+}
+
+// Served by mini-vllm over http(s), the page talks to its own server; opened as a file, to the default one.
+function defaultServer() {
+  if (location.protocol === "http:" || location.protocol === "https:") {
+    return `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}`;
+  }
+  return "ws://127.0.0.1:8000";
+}
+
 function connect() {
   if (socket !== null) socket.close();
   const url = $("server").value.trim();
   $("connection").textContent = "connecting…";
-  const ws = new WebSocket(url);
+  let ws;
+  try {
+    ws = new WebSocket(url, subprotocols($("api-key").value));
+  } catch (error) { // not a ws:// or wss:// URL
+    socket = null;
+    $("connection").textContent = `disconnected (${error.message})`;
+    setState("disconnected");
+    return;
+  }
   socket = ws;
+  let opened = false;
   ws.onopen = () => {
+    opened = true;
     $("connection").textContent = "connected";
     setState("idle", "");
     send({ type: "models", id: "models" });
   };
   ws.onclose = (event) => {
     if (socket !== ws) return; // replaced by a newer connection
-    const why = event.reason ? ` (${event.reason})` : "";
+    // A refused handshake shows no status to a page: say what it may have been.
+    const why = event.reason ? ` (${event.reason})`
+      : opened ? "" : " (no server there, a missing or wrong API key, or this page's origin is not allowed)";
     $("connection").textContent = "disconnected" + why;
     current = null;
     setState("disconnected");
@@ -103,7 +135,7 @@ function stop() {
   if (current !== null) send({ type: "cancel", id: current.id });
 }
 
-$("server").value = params.get("server") || "ws://127.0.0.1:8000";
+$("server").value = params.get("server") || defaultServer();
 $("connect-form").addEventListener("submit", (e) => { e.preventDefault(); connect(); });
 $("prompt-form").addEventListener("submit", generate);
 $("stop").addEventListener("click", stop);
