@@ -9,6 +9,8 @@
 #       llama   ONLINE-1000 sweep of llama3-8b
 #       qwen    ONLINE-1000 sweep of qwen3-0.6b
 #       knobs   qwen3-0.6b, each knob varied alone from the defaults (ONLINE-1000[:KNOB_PROMPTS])
+#       protocols  qwen3-0.6b, ONLINE-1000 over WebSocket and over OpenAI HTTP+SSE, the same requests
+#               in one run (256 connections, at most 256 in flight: one request per HTTP connection)
 # Several parts may be given in one call: bash run_h200_serve.sh OUT floor llama
 # Environment: PY (python), RATES_LLAMA, RATES_QWEN, RATES_KNOBS, KNOB_PROMPTS, SMOKE=1 (a CPU check
 # of this script with the demo model and a few requests).
@@ -23,11 +25,13 @@ MAXLEN=2048
 if [ "${SMOKE:-0}" = 1 ]; then
   LLAMA=demo; QWEN=demo; N=12; KNOB_PROMPTS=${KNOB_PROMPTS:-8}
   RATES_LLAMA=${RATES_LLAMA:-"4 inf"}; RATES_QWEN=${RATES_QWEN:-"4 inf"}; RATES_KNOBS=${RATES_KNOBS:-"inf"}
+  RATES_PROTOCOLS=${RATES_PROTOCOLS:-"inf"}
   FLOOR_N=2; FLOOR_OUT=16; FLOOR_VOCAB=259
 else
   LLAMA=llama3-8b; QWEN=qwen3-0.6b; N=1000; KNOB_PROMPTS=${KNOB_PROMPTS:-300}
   RATES_LLAMA=${RATES_LLAMA:-"10 15 20 25 30 inf"}; RATES_QWEN=${RATES_QWEN:-"20 30 40 50 60 inf"}
   RATES_KNOBS=${RATES_KNOBS:-"25 50 inf"}
+  RATES_PROTOCOLS=${RATES_PROTOCOLS:-"40 inf"}
   FLOOR_N=10; FLOOR_OUT=256; FLOOR_VOCAB=128256
 fi
 
@@ -87,6 +91,12 @@ EOF
   qwen)
     start_server qwen $QWEN || exit 1
     bench "$QWEN" "serve-sweep-$QWEN" --num-prompts $N --sweep $(rate_flags "$RATES_QWEN")
+    stop_server
+    ;;
+  protocols)
+    start_server protocols $QWEN || exit 1
+    bench "$QWEN websocket vs openai" "serve-protocols-$QWEN" --num-prompts $N $(rate_flags "$RATES_PROTOCOLS") \
+      --backend websocket,openai --connections 256 --max-concurrency 256
     stop_server
     ;;
   knobs)
