@@ -10,8 +10,9 @@ read gets the same timestamp (as the WebSocket path stamps a frame when it arriv
 - ``ConnectionPool`` holds ``size`` connections, opened before the first request so that no TTFT
   pays for a TCP handshake. HTTP/1.1 carries one request at a time per connection: a request waits
   for a free one (fairly, in arrival order; the waits are counted). A connection the server closed
-  while it sat idle (its idle timeout) is found out when a request on it gets no byte back; that
-  request is sent once more on a fresh connection, as HTTP clients do for a stale keep-alive.
+  while it sat idle (its idle timeout; opened ahead or kept alive) is found out when a request on
+  it gets no byte back; that request is sent once more on a fresh connection, as HTTP clients do
+  for a stale keep-alive.
 - ``stream_completion`` sends one request and reports to a ``CompletionObserver``: when the bytes
   went out, each chunk that carries output (with how many ``token_ids`` it has, vLLM's
   ``return_token_ids``), and how it ended (``Completion``): the finish reason, the output tokens
@@ -519,13 +520,17 @@ class ConnectionPool:
         once more; ``_NoAnswer`` otherwise, ``ServerUnreachable`` if no new connection can be made."""
         may_retry = True
         while True:
+            fresh = False
             if slot.conn is None or not slot.conn.reusable:
                 if slot.conn is not None:
                     await slot.conn.aclose()
                     slot.conn = None
                 slot.conn = await self._connect()
+                fresh = True
             conn = slot.conn
-            reused = conn.requests > 0
+            # A connection opened ahead (the pool opens them all at start) has waited idle like a
+            # kept-alive one, and the server may have closed it just as this request went out.
+            reused = not fresh
             if observer is not None:  # as the WebSocket path: the clock starts as the request goes out
                 observer.on_sent(trio.current_time())
             try:

@@ -865,3 +865,26 @@ def test_notes_say_what_skews_a_comparison() -> None:
              "server": {"engine": {"prompt_tokens_computed": 1000}}}
     assert bench_serve._notes(quiet) == []
     assert bench_serve._notes({"num_requests": 1, "prompt_tokens": 5, "server": {}}) == []
+
+
+async def test_a_connection_opened_ahead_and_closed_by_the_servers_idle_timeout_is_replaced(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The pool opens every connection before the first request; one that the real server closed
+    # while it waited (its idle timeout) is found dead when a request goes out, and the request is
+    # sent again on a new connection: nothing was asked on the old one, so nothing ran twice.
+    from test_front_door import FakeService
+
+    from mini_vllm.actors.task_group import open_task_group
+    from mini_vllm.transport.server import Server, ServerLimits
+
+    with trio.fail_after(100):
+        async with open_task_group() as nursery:
+            server = Server(FakeService(), ServerLimits(idle_timeout=2.0))  # type: ignore[arg-type]
+            await nursery.start(server.run, "127.0.0.1", 0)
+            async with open_pool(openai_load.http_endpoint(server.url), 1) as pool:
+                await trio.sleep(5.0)  # past the idle timeout: the server has closed it
+                assert (await pool.get_json("/version"))["version"]
+                stats = pool.statistics()
+            nursery.cancel_scope.cancel()
+    assert (stats.connects, stats.stale_retries) == (2, 1)

@@ -374,7 +374,6 @@ class _HttpConnection:
         self.broken = False  # a write failed or timed out: nothing more can be sent
         self.close_after = False  # the current answer ends the connection
         self.route_scope: trio.CancelScope | None = None
-        self._first = True
         self._pending_input = False  # bytes of the next request arrived while the last one ran
         self._idle_scope: trio.CancelScope | None = None  # set while waiting for a next request
         self._deadline = math.inf  # when the current request's head and body must be in
@@ -418,11 +417,13 @@ class _HttpConnection:
         """The next request's head, or None when the connection is to end (closed by the client,
         silent too long, malformed, or too slow to send a request it began: these two answered)."""
         limits = self.door.limits
-        # A new connection has handshake_timeout to send its request; a kept-alive one idle_timeout
-        # to begin the next, and handshake_timeout from the first byte to send it all.
+        # A connection that has sent nothing yet, new or kept alive, is idle: it has idle_timeout to
+        # begin a request, then handshake_timeout from the first byte to send it all. (Measured from
+        # the accept, a pool that opens its connections ahead, as load generators and proxies do,
+        # lost a request each time one of them was closed just as its first request went out.)
         began = self._pending_input
-        wait = limits.handshake_timeout if self._first or began else limits.idle_timeout
-        self._first = self._pending_input = False
+        wait = limits.handshake_timeout if began else limits.idle_timeout
+        self._pending_input = False
         self._cors = []
         event: h11.Event | type[h11.PAUSED] | None = None
         malformed: h11.RemoteProtocolError | None = None

@@ -98,7 +98,7 @@ class ServerLimits:
     # Seconds without a request in flight or a frame before a WebSocket is closed (1001); seconds
     # a keep-alive HTTP connection waits for its next request.
     idle_timeout: float = 300.0
-    handshake_timeout: float = 10.0  # seconds a connection may take to send a request's head (and body)
+    handshake_timeout: float = 10.0  # seconds from a request's first byte to its whole head and body
     max_header_bytes: int = 32 << 10  # an HTTP request head beyond this: 431
     max_body_bytes: int = 16 << 20  # an HTTP request body beyond this: 413
     # Browser origins allowed beside the server's own ("http://HOST:PORT"): "null" (file:// pages,
