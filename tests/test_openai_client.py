@@ -281,3 +281,37 @@ async def test_the_bodies_are_what_vllm_clients_parse(engine: LLMEngine) -> None
                 chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
                 assert all(c["id"] == chunks[0]["id"] and c["object"] == "chat.completion.chunk" for c in chunks)
                 assert chunks[0]["id"].startswith("chatcmpl-")
+
+
+async def test_metrics_scraped_over_http_move_with_the_openai_requests(engine: LLMEngine) -> None:
+    # What a Prometheus scraper sees: the real /metrics on the server's port, parsed by
+    # prometheus_client's own parser, before and after three requests through the openai client.
+    from prometheus_client.parser import text_string_to_metric_families
+    from test_front_door import http
+
+    def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples
+        }
+
+    length = ("vllm:request_success_total", (("finished_reason", "length"), ("model_name", "demo")))
+    generated = ("vllm:generation_tokens_total", (("model_name", "demo"),))
+    ttft_count = ("vllm:time_to_first_token_seconds_count", (("model_name", "demo"),))
+    async with openai_server(engine) as (_, server), http(server) as scraper:
+        before = await scraper.request("GET", "/metrics")
+        assert before.status == 200 and before.headers["content-type"].startswith("text/plain")
+        start = samples(before.body.decode())
+        client = openai.AsyncOpenAI(base_url=f"{server.http_url}/v1", api_key="unused", max_retries=0)
+        for stream in (False, True, False):
+            answer = await client.completions.create(
+                model="demo", prompt="Hello", max_tokens=5, temperature=0, stream=stream, extra_body=NO_EOS
+            )
+            if stream:
+                async for _ in answer:  # type: ignore[union-attr]
+                    pass
+        await client.close()
+        after = samples((await scraper.request("GET", "/metrics")).body.decode())
+    assert after[length] - start.get(length, 0.0) == 3
+    assert after[generated] - start.get(generated, 0.0) == 15
+    assert after[ttft_count] - start.get(ttft_count, 0.0) == 3
