@@ -160,17 +160,15 @@ def split_kernel_time(kernels: list[tuple[float, float, str]], steps: int) -> di
 
 
 def profile_decode(engine: LLMEngine, prompts: list[list[int]], output_len: int, steps: int) -> dict[str, Any]:
-    from mini_vllm.bench.trace import profile_steady_decode
+    from mini_vllm.bench.trace import device_kernels, profile_steady_decode, summarize
 
     workload = [WorkloadRequest(p, output_len) for p in prompts]
-    prof = profile_steady_decode(engine, workload, steps, cpu=False)
-    kernels = sorted(
-        (e.time_range.start, e.time_range.end, e.name)
-        for e in prof.events()
-        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
-        and not e.name.startswith(("Memcpy", "Memset", "ProfilerStep"))
-    )
-    return split_kernel_time(kernels, steps)
+    prof, host = profile_steady_decode(engine, workload, steps, cpu=False)
+    kernels = device_kernels(prof)
+    # The same busy fraction and host-versus-GPU figures as ``bench throughput --trace`` (one function).
+    shared = summarize(kernels, steps, host)
+    keep = ("gpu_busy_fraction", "gpu_busy_us_per_step", "host_us_per_step")
+    return {**split_kernel_time(kernels, steps), **{k: shared[k] for k in keep if k in shared}}
 
 
 def matmul_shapes(config: ModelConfig) -> dict[str, tuple[int, int, int]]:
@@ -319,6 +317,10 @@ def print_table(record: dict[str, Any]) -> None:
         rows.append(("GPU per decode step (profiled)",
                      f"span {p['span_us_per_step']:.0f} µs: matmul {u['matmul']:.0f}, attention {u['attention']:.0f}, "
                      f"other {u['other']:.0f}, idle {p['idle_us_per_step']:.0f}; {p['kernels_per_step']:.0f} kernels"))
+        if "gpu_busy_fraction" in p:
+            rows.append(("host vs GPU per profiled step",
+                         f"host {p['host_us_per_step'] / 1e3:.2f} ms, GPU busy {p['gpu_busy_us_per_step'] / 1e3:.2f} ms "
+                         f"({100 * p['gpu_busy_fraction']:.1f}% of the span)"))
         for k in p["top_kernels"][:8]:
             rows.append((f"  {k['category']}", f"{k['us_per_step']:8.1f} µs/step  {k['calls_per_step']:5.0f} calls  "
                                                f"{k['us_per_call']:7.2f} µs/call  {k['name'][:60]}"))

@@ -813,6 +813,10 @@ def print_table(record: dict[str, Any]) -> None:
         rows.append((f"CPU ms per decode step @{c['running_seqs']} seqs",
                      f"{c['total_host']} (schedule {c['schedule_and_prepare']}, launch {c['launch']}, "
                      f"process {c['process_outputs']}; GPU wait {c['wait_for_gpu']})"))
+    if "trace" in record:
+        from mini_vllm.bench.trace import trace_line
+
+        rows.append(("decode trace (--trace)", trace_line(record["trace"])))
     if "floor_output_tokens_per_s" in record:
         rows.append(("floor tok/s", f"{record['floor_output_tokens_per_s']:,.0f} ({record['floor_seconds']:.2f} s)"))
         rows.append(("fraction of floor", f"{record.get('floor_fraction', 0):.3f}"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,35 @@ from mini_vllm.engine.llm_engine import LLMEngine
 from mini_vllm.engine.sampling_params import SamplingParams
 from mini_vllm.engine.workloads import WorkloadRequest
 
+STEP_LABEL = "engine.step"  # the record_function range around each profiled step
+# Not the GPU's compute: copies run on the copy engines beside the kernels, and ProfilerStep marks.
+_NOT_KERNELS = ("Memcpy", "Memset", "ProfilerStep")
 
-def profile_steady_decode(engine: LLMEngine, workload: list[WorkloadRequest], steps: int, *, cpu: bool) -> Any:
+
+def device_kernels(prof: Any) -> list[tuple[float, float, str]]:
+    """The kernels a profile saw on the GPU, (start µs, end µs, name), sorted: what both
+    ``bench latency --profile-steps`` and ``bench throughput --trace`` count as the GPU's work.
+
+    Not user annotations: torch puts each ``record_function`` range on the GPU's timeline too, and
+    counted as work the ``engine.step`` ranges (which cover the host's whole step) made the GPU
+    look 99.6 % busy in the 2026-11-28 traces while ``bench latency`` measured 5.4 ms of kernels in
+    a 17.8 ms step. Not copies either (see ``_NOT_KERNELS``)."""
+    return sorted(
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
+        and not getattr(e, "is_user_annotation", False) and e.name != STEP_LABEL
+        and not e.name.startswith(_NOT_KERNELS)
+    )
+
+
+def profile_steady_decode(
+    engine: LLMEngine, workload: list[WorkloadRequest], steps: int, *, cpu: bool
+) -> tuple[Any, list[float]]:
     """Add the workload, step until the batch decodes steadily, profile ``steps`` steps (the CUDA
     side; with ``cpu`` also the host, each step marked ``engine.step``), then abort everything.
-    Returns the finished ``torch.profiler`` session."""
+    Returns the finished ``torch.profiler`` session and each profiled step's host time (s): the
+    wall time of its ``engine.step()`` call."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     for i, r in enumerate(workload):
@@ -32,40 +57,40 @@ def profile_steady_decode(engine: LLMEngine, workload: list[WorkloadRequest], st
     engine.step_timings = None
     torch.cuda.synchronize()
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cpu else [ProfilerActivity.CUDA]
+    host: list[float] = []
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            with record_function("engine.step") if cpu else nullcontext():
+            with record_function(STEP_LABEL) if cpu else nullcontext():
+                started = time.perf_counter()
                 engine.step()
+                host.append(time.perf_counter() - started)
         torch.cuda.synchronize()
     for rid in list(engine.requests):
         engine.abort_request(rid)
     while engine.has_unfinished_requests():
         engine.step()
-    return prof
+    return prof, host
 
 
 def trace_decode_steps(engine: LLMEngine, workload: list[WorkloadRequest], out_dir: Path, steps: int = 12) -> dict[str, Any]:
     """Fill the batch with the workload, run to steady decode, profile ``steps`` steps, abort all."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    prof = profile_steady_decode(engine, workload, steps, cpu=True)
+    prof, host = profile_steady_decode(engine, workload, steps, cpu=True)
     prof.export_chrome_trace(str(out_dir / "decode_trace.json"))
-    kernels = sorted(
-        (e.time_range.start, e.time_range.end, e.name)
-        for e in prof.events()
-        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
-    )
+    kernels = device_kernels(prof)
     steps_cpu = sorted(
-        (e.time_range.start, e.time_range.end) for e in prof.events() if e.name == "engine.step"
+        (e.time_range.start, e.time_range.end) for e in prof.events() if e.name == STEP_LABEL
         and e.device_type == torch.autograd.DeviceType.CPU
     )
-    summary = summarize(kernels, steps)
+    summary = summarize(kernels, steps, host)
     summary["png"] = draw(kernels, steps_cpu, out_dir / "decode_timeline.png", summary)
     (out_dir / "decode_trace_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def summarize(kernels: list[tuple[float, float, str]], steps: int) -> dict[str, Any]:
-    """GPU busy time (union of kernel intervals) over the span, and the idle gaps (µs)."""
+def summarize(kernels: list[tuple[float, float, str]], steps: int, host_step_s: list[float]) -> dict[str, Any]:
+    """GPU busy time (union of kernel intervals) over the span, the idle gaps (µs), and per step
+    the host's time next to the GPU's busy time."""
     if not kernels:
         return {"error": "no GPU kernels recorded"}
     busy = 0.0
@@ -90,6 +115,8 @@ def summarize(kernels: list[tuple[float, float, str]], steps: int) -> dict[str, 
         "steps": steps,
         "span_us": round(span, 1),
         "gpu_busy_fraction": round(busy / span, 4),
+        "gpu_busy_us_per_step": round(busy / steps, 1),
+        "host_us_per_step": round(1e6 * sum(host_step_s) / len(host_step_s), 1) if host_step_s else None,
         "kernels": len(kernels),
         "gaps": len(gaps),
         "gap_us_p50": round(gaps[len(gaps) // 2], 2) if gaps else 0.0,
@@ -115,9 +142,24 @@ def draw(kernels: list[tuple[float, float, str]], steps_cpu: list[tuple[float, f
     ax.set_xlabel("ms")
     ax.set_title(
         f"{summary['steps']} steady-state decode steps: GPU busy {100 * summary['gpu_busy_fraction']:.1f}% "
-        f"of {summary['span_us'] / 1e3:.1f} ms, largest gap {summary['gap_us_max']:.0f} µs"
+        f"of {summary['span_us'] / 1e3:.1f} ms, largest gap {summary['gap_us_max']:.0f} µs; "
+        f"per step: GPU {summary['gpu_busy_us_per_step'] / 1e3:.2f} ms, host {_ms(summary['host_us_per_step'])}"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return str(path)
+
+
+def _ms(us: float | None) -> str:
+    return "—" if us is None else f"{us / 1e3:.2f} ms"
+
+
+def trace_line(summary: dict[str, Any]) -> str:
+    """One line for a benchmark's table: the GPU's busy share and, per step, GPU and host time."""
+    if "error" in summary:
+        return summary["error"]
+    return (
+        f"GPU busy {100 * summary['gpu_busy_fraction']:.1f}% over {summary['steps']} decode steps; per step "
+        f"GPU {summary['gpu_busy_us_per_step'] / 1e3:.2f} ms, host {_ms(summary['host_us_per_step'])}"
+    )
