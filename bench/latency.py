@@ -93,9 +93,13 @@ def run_batch(engine: LLMEngine, prompts: list[list[int]], output_len: int, tag:
     first: dict[str, float] = {}
     last: dict[str, float] = {}
     step_ends: list[float] = []  # when a step's tokens landed (steps that carried decode tokens)
+    calls: list[float] = []  # each engine.step() call's wall time
+    engine.step_timings = []  # which steps were decode-only (the call's host split is not used)
     while engine.has_unfinished_requests():
+        began = time.perf_counter()
         deltas = engine.step()
         now = time.perf_counter()
+        calls.append(now - began)
         if any(s.token_ids for d in deltas for s in d.samples):
             step_ends.append(now)
         for d in deltas:
@@ -105,8 +109,27 @@ def run_batch(engine: LLMEngine, prompts: list[list[int]], output_len: int, tag:
     ttft = [first[k] - start for k in first]
     e2e = [last[k] - start for k in last]
     tpot = [(last[k] - first[k]) / (output_len - 1) for k in first]
+    kinds = [t.decode_only for t in engine.step_timings]
+    engine.step_timings = None
+    decode, mixed = split_calls(calls, kinds, pipelined=engine.async_scheduling)
     return {"ttft_s": statistics.median(ttft), "tpot_s": statistics.median(tpot), "e2e_s": max(e2e),
-            "step_gaps_s": [b - a for a, b in itertools.pairwise(step_ends)]}
+            "step_gaps_s": [b - a for a, b in itertools.pairwise(step_ends)],
+            "decode_only_calls_s": decode, "mixed_calls_s": mixed}
+
+
+def split_calls(calls: list[float], decode_only: list[bool], *, pipelined: bool) -> tuple[list[float], list[float]]:
+    """Each ``engine.step()`` call's wall time, as the time of a decode-only step or of a step that
+    also carried prefill tokens. A call is as long as the device step it waits for: with one step
+    ahead (``pipelined``) call k launches step k and waits for step k - 1, else it runs step k.
+    A batch's TPOT covers both kinds (docs/gpu-execution.md, "What TPOT is made of")."""
+    decode: list[float] = []
+    mixed: list[float] = []
+    shift = 1 if pipelined else 0
+    for k, seconds in enumerate(calls):
+        j = k - shift
+        if 0 <= j < len(decode_only):
+            (decode if decode_only[j] else mixed).append(seconds)
+    return decode, mixed
 
 
 def random_prompts(rng: random.Random, n: int, length: int, vocab: int) -> list[list[int]]:
@@ -275,6 +298,9 @@ def run_latency(args: argparse.Namespace) -> int:
     record["e2e_ms"] = round(1e3 * statistics.median(r["e2e_s"] for r in iters), 2)
     record["step_ms"] = {"p50": round(1e3 * gaps[len(gaps) // 2], 4), "p99": round(1e3 * gaps[int(0.99 * (len(gaps) - 1))], 4),
                          "max": round(1e3 * gaps[-1], 4)} if gaps else None
+    for kind in ("decode_only", "mixed"):
+        times = [c for r in iters for c in r[f"{kind}_calls_s"]]
+        record[f"{kind}_step_ms"] = {"steps": len(times), "p50": round(1e3 * statistics.median(times), 4)} if times else None
     if bandwidth is not None:
         mean_context = args.input_len + args.output_len // 2
         floor = decode_floor_s(config, args.batch_size, mean_context, bandwidth)
@@ -307,6 +333,11 @@ def print_table(record: dict[str, Any]) -> None:
     if record["step_ms"]:
         s = record["step_ms"]
         rows.append(("decode step", f"p50 {s['p50']:.3f} ms, p99 {s['p99']:.3f} ms, max {s['max']:.3f} ms"))
+    if record.get("decode_only_step_ms") or record.get("mixed_step_ms"):
+        d, m = record.get("decode_only_step_ms"), record.get("mixed_step_ms")
+        shown = [f"decode-only p50 {d['p50']:.3f} ms ({d['steps']} steps)" if d else "no decode-only step",
+                 f"with prefill p50 {m['p50']:.3f} ms ({m['steps']} steps)" if m else "none with prefill"]
+        rows.append(("steps by kind", ", ".join(shown)))
     if "decode_floor_ms" in record:
         rows.append(("floor (weights + KV / bandwidth)",
                      f"{record['decode_floor_ms']:.3f} ms at {record['measured_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s; "

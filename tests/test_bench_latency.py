@@ -285,6 +285,9 @@ def _check_record(record: dict[str, Any], batch: int) -> None:
     step = record["step_ms"]
     assert set(step) == {"p50", "p99", "max"} and 0 < step["p50"] <= step["p99"] <= step["max"]
     assert record["cuda_graphs"] is False and record["async_scheduling"] is False
+    # One prompt of 32 tokens in one step, then 7 decode-only steps (the last lands nothing new).
+    decode, mixed = record["decode_only_step_ms"], record["mixed_step_ms"]
+    assert mixed["steps"] == 1 and decode["steps"] >= 6 and decode["p50"] > 0
     assert record["versions"]["torch"] and record["date"].endswith("UTC")
     # No GPU: no bandwidth, no floor, no profile, no probe.
     for key in ("measured_bandwidth_bytes_per_s", "decode_floor_ms", "tpot_over_floor", "profile", "matmul_probe"):
@@ -311,3 +314,14 @@ def test_command_respects_the_batch_size(
     record, table, _ = _run(tmp_path, capsys, "--batch-size", "3")
     _check_record(record, batch=3)
     assert "batch 3, 32 in / 8 out" in table and "TPOT" in table
+
+
+def test_step_calls_are_split_by_the_kind_of_step_they_wait_for() -> None:
+    from mini_vllm.bench.latency import split_calls
+
+    calls = [0.016, 0.017, 0.004, 0.003, 0.001]
+    kinds = [False, False, True, True]  # steps launched: two with prefill, then two decode-only
+    # One step ahead: call k waits for step k - 1 (the first call waits for none; the last lands step 3).
+    assert split_calls(calls, kinds, pipelined=True) == ([0.003, 0.001], [0.017, 0.004])
+    # Not pipelined: call k runs step k (a call past the last step is not counted).
+    assert split_calls(calls, kinds, pipelined=False) == ([0.004, 0.003], [0.016, 0.017])
