@@ -277,6 +277,35 @@ async def test_every_family_is_there_before_any_request(demo_model_dir: Path) ->
     assert got.families["process_resident_memory_bytes"].samples[0].value > 0
 
 
+# Every series vLLM's example Grafana dashboard queries (examples/online_serving/prometheus_grafana/
+# grafana.json in vLLM's repository), each selected by model_name there.
+DASHBOARD_SERIES = (
+    "vllm:e2e_request_latency_seconds_bucket", "vllm:e2e_request_latency_seconds_sum",
+    "vllm:e2e_request_latency_seconds_count", "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
+    "vllm:time_per_output_token_seconds_bucket", "vllm:time_per_output_token_seconds_sum",
+    "vllm:time_per_output_token_seconds_count", "vllm:num_requests_running", "vllm:num_requests_waiting",
+    "vllm:time_to_first_token_seconds_bucket", "vllm:time_to_first_token_seconds_sum",
+    "vllm:time_to_first_token_seconds_count", "vllm:gpu_cache_usage_perc", "vllm:request_prompt_tokens_bucket",
+    "vllm:request_generation_tokens_bucket", "vllm:request_success_total", "vllm:request_queue_time_seconds_sum",
+    "vllm:request_prefill_time_seconds_sum", "vllm:request_decode_time_seconds_sum",
+    "vllm:request_max_num_generation_tokens_sum",
+)
+
+
+async def test_every_series_of_vllms_grafana_dashboard_is_served(demo_model_dir: Path) -> None:
+    async with open_service([_args(demo_model_dir)], ServiceConfig(loop_lag_interval=None)) as service:
+        generation = service.generate("Hi", max_tokens=3, temperature=0, ignore_eos=True)
+        async for _ in generation:
+            pass
+        got = await scrape(service)
+    served = {(s.name, s.labels.get("model_name")) for family in got.families.values() for s in family.samples}
+    missing = [name for name in DASHBOARD_SERIES if (name, "demo") not in served]
+    assert not missing, missing
+    # The deprecated names carry the same figures as their successors.
+    assert got.value("vllm:gpu_cache_usage_perc") == got.value("vllm:kv_cache_usage_perc")
+    assert got.buckets("vllm:time_per_output_token_seconds") == got.buckets("vllm:inter_token_latency_seconds")
+
+
 @pytest.mark.parametrize("core_process", [False, True], ids=["core-in-process", "core-process"])
 async def test_metrics_follow_the_requests(demo_model_dir: Path, core_process: bool) -> None:
     """One batch slot: a long request runs while a second waits (the gauges), then is aborted; the

@@ -38,6 +38,10 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _HISTOGRAMS: tuple[tuple[str, str, str], ...] = (
     ("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", "time_to_first_token"),
     ("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", "inter_token_latency"),
+    # vLLM's earlier name for the same histogram, which its example Grafana dashboard still reads
+    # (examples/online_serving/prometheus_grafana/grafana.json: "Time Per Output Token Latency").
+    ("vllm:time_per_output_token_seconds", "Histogram of time per output token in seconds (deprecated name of "
+     "vllm:inter_token_latency_seconds).", "inter_token_latency"),
     ("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", "e2e_latency"),
     ("vllm:request_queue_time_seconds", "Histogram of time spent waiting to be first scheduled, from arrival.",
      "queue_time"),
@@ -77,6 +81,9 @@ def _engine_families(stats: tuple[SchedulerStats, ...]) -> Iterator[Metric]:
                                 labels=[MODEL_LABEL])
     usage = GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
                               labels=[MODEL_LABEL])
+    # The earlier name of the same gauge, read by vLLM's example dashboard's "Cache Utilization".
+    gpu_usage = GaugeMetricFamily("vllm:gpu_cache_usage_perc", "KV-cache usage (deprecated name of "
+                                  "vllm:kv_cache_usage_perc). 1 means 100 percent usage.", labels=[MODEL_LABEL])
     queries = CounterMetricFamily("vllm:prefix_cache_queries",
                                   "Prefix cache queries, in terms of number of queried tokens (full blocks).",
                                   labels=[MODEL_LABEL])
@@ -90,11 +97,12 @@ def _engine_families(stats: tuple[SchedulerStats, ...]) -> Iterator[Metric]:
         running.add_metric(label, engine.num_running)
         waiting.add_metric(label, num_waiting(s))
         usage.add_metric(label, blocks.used_blocks / blocks.num_blocks if blocks.num_blocks else 0.0)
+        gpu_usage.add_metric(label, blocks.used_blocks / blocks.num_blocks if blocks.num_blocks else 0.0)
         # Our prefix cache counts whole blocks; vLLM's counters count tokens.
         queries.add_metric(label, blocks.prefix_queries * blocks.block_size)
         hits.add_metric(label, blocks.prefix_hits * blocks.block_size)
         preemptions.add_metric(label, engine.num_preemptions)
-    yield from (running, waiting, usage, queries, hits, preemptions)
+    yield from (running, waiting, usage, gpu_usage, queries, hits, preemptions)
 
 
 def num_waiting(stats: SchedulerStats) -> int:
