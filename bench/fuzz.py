@@ -1082,7 +1082,11 @@ def add_bench_fuzz(bench_subparsers: Any) -> None:
     )
     p.add_argument("--url", required=True, help="the server, ws://HOST:PORT (required: no default)")
     p.add_argument("--model", default=None, help="the model's name (default: the server's only model)")
-    p.add_argument("--frames", type=positive_int, default=1000, help="mutated frames to send")
+    p.add_argument("--protocol", choices=("websocket", "http"), default="websocket",
+                   help="websocket: mutated frames; http: hostile HTTP requests on the same port (bench/http_fuzz.py)")
+    p.add_argument("--frames", type=positive_int, default=1000, help="mutated frames to send (websocket)")
+    p.add_argument("--requests", type=positive_int, default=None,
+                   help="hostile HTTP requests to send (http only; default 1000)")
     p.add_argument("--seed", type=int, default=0, help="with a frame's number, decides the frame")
     p.add_argument("--connections", type=positive_int, default=4, help="fuzzing connections, one frame at a time each")
     p.add_argument("--reply-timeout", type=positive("seconds"), default=10.0,
@@ -1103,6 +1107,10 @@ def add_bench_fuzz(bench_subparsers: Any) -> None:
 
 @interruptible("fuzz")
 def run_fuzz(args: argparse.Namespace) -> int:
+    if getattr(args, "protocol", "websocket") == "http":
+        return _run_http_fuzz(args)
+    if getattr(args, "requests", None) is not None:
+        return fail("fuzz", "--requests is for --protocol http; the WebSocket mode counts --frames")
     try:
         config = FuzzConfig(
             url=args.url, frames=args.frames, seed=args.seed, model=args.model, connections=args.connections,
@@ -1112,6 +1120,22 @@ def run_fuzz(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return fail("fuzz", str(exc))
     return run_tool("fuzz", fuzz, config, print_fuzz, args)
+
+
+def _run_http_fuzz(args: argparse.Namespace) -> int:
+    from mini_vllm.bench.http_fuzz import HttpFuzzConfig, http_fuzz, print_http_fuzz  # it imports this module
+
+    if args.skip or args.ttft_bound is not None:
+        return fail("fuzz", "--skip and --ttft-bound are for the WebSocket mode, not --protocol http")
+    try:
+        config = HttpFuzzConfig(
+            url=args.url, requests=args.requests or 1000, seed=args.seed, model=args.model,
+            connections=args.connections, reply_timeout=args.reply_timeout, time_limit=args.time_limit,
+            idle_timeout=args.idle_timeout,
+        )
+    except ConfigError as exc:
+        return fail("fuzz", str(exc))
+    return run_tool("fuzz", http_fuzz, config, print_http_fuzz, args)
 
 
 def print_fuzz(record: dict[str, Any], out: Any = None) -> None:

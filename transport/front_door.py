@@ -877,7 +877,10 @@ def _split_target(target: bytes) -> tuple[str, str] | None:
     if text == "*":
         return "*", ""
     if text.startswith(("http://", "https://")):  # the absolute form (sent to proxies)
-        parts = urllib.parse.urlsplit(text)
+        try:
+            parts = urllib.parse.urlsplit(text)
+        except ValueError:  # e.g. "http://[::1": an unclosed IPv6 host (found by bench fuzz --protocol http)
+            return None
         path, query = parts.path or "/", parts.query
     elif text.startswith("/"):
         path, _, query = text.partition("?")
