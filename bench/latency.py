@@ -56,6 +56,9 @@ def add_bench_latency(sub: Any) -> None:
                    help="fix the KV cache size (default: sized by --gpu-memory-utilization on a GPU, "
                         "the engine's CPU budget on the CPU)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N",
+                   help="tokens one step may carry (default: the larger of --max-model-len and --batch-size); "
+                        "a larger budget prefills the batch in fewer steps that are mixed with decodes")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--no-async-scheduling", action="store_true", help="land every step before scheduling the next")
     p.add_argument("--profile-steps", type=int, default=0, metavar="N",
@@ -75,6 +78,10 @@ def check_args(args: argparse.Namespace) -> str | None:
             return f"--{name.replace('_', '-')} must be at least 1"
     if args.output_len < 2:
         return "--output-len must be at least 2 (TPOT needs a second token)"
+    budget = args.max_num_batched_tokens
+    if budget is not None and budget < max(args.max_model_len, args.batch_size):
+        return (f"--max-num-batched-tokens must be at least the larger of --max-model-len and --batch-size "
+                f"({max(args.max_model_len, args.batch_size)}), got {budget}")
     if args.warmup_iters < 0 or args.profile_steps < 0:
         return "--warmup-iters and --profile-steps cannot be negative"
     if args.input_len + args.output_len > args.max_model_len:
@@ -273,7 +280,8 @@ def run_latency(args: argparse.Namespace) -> int:
     _log(f"loading {args.model} ({load_format}) ...")
     engine = load_engine("bench latency", lambda: EngineArgs(
         model=None if args.model == "demo" else args.model, load_format=load_format, max_model_len=args.max_model_len,
-        max_num_seqs=args.batch_size, max_num_batched_tokens=max(args.max_model_len, args.batch_size),
+        max_num_seqs=args.batch_size,
+        max_num_batched_tokens=args.max_num_batched_tokens or max(args.max_model_len, args.batch_size),
         gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
         block_size=args.block_size, enforce_eager=args.enforce_eager, enable_prefix_caching=False,
         async_scheduling=False if args.no_async_scheduling else None,
@@ -282,6 +290,7 @@ def run_latency(args: argparse.Namespace) -> int:
         return engine
     config = engine.model_config
     record["async_scheduling"] = engine.async_scheduling
+    record["max_num_batched_tokens"] = engine.args.max_num_batched_tokens
     record["cuda_graphs"] = cuda and not args.enforce_eager
     rng = random.Random(3)  # fresh prompts every iteration: nothing to reuse even with a prefix cache
     iters = []

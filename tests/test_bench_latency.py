@@ -43,6 +43,7 @@ def test_defaults_and_small_runs_pass(no_cuda: None) -> None:
     assert check_args(_args(input_len=32, output_len=8, num_iters=1, warmup_iters=0)) is None
     # The whole length may fill --max-model-len exactly.
     assert check_args(_args(input_len=32, output_len=8, max_model_len=40)) is None
+    assert check_args(_args(max_num_batched_tokens=8192)) is None  # a larger step budget
 
 
 @pytest.mark.parametrize(
@@ -60,6 +61,8 @@ def test_defaults_and_small_runs_pass(no_cuda: None) -> None:
          "--input-len + --output-len (41) exceed --max-model-len (40)"),
         ({"input_len": 2000, "output_len": 128}, "--input-len + --output-len (2128) exceed --max-model-len (2048)"),
         ({"profile_steps": 3}, "--profile-steps and --matmul-probe need a CUDA GPU"),
+        ({"max_num_batched_tokens": 1024},
+         "--max-num-batched-tokens must be at least the larger of --max-model-len and --batch-size (2048), got 1024"),
         ({"matmul_probe": True}, "--profile-steps and --matmul-probe need a CUDA GPU"),
     ],
 )
@@ -285,6 +288,7 @@ def _check_record(record: dict[str, Any], batch: int) -> None:
     step = record["step_ms"]
     assert set(step) == {"p50", "p99", "max"} and 0 < step["p50"] <= step["p99"] <= step["max"]
     assert record["cuda_graphs"] is False and record["async_scheduling"] is False
+    assert record["max_num_batched_tokens"] == max(2048, batch)  # the default budget
     # One prompt of 32 tokens in one step, then 7 decode-only steps (the last lands nothing new).
     decode, mixed = record["decode_only_step_ms"], record["mixed_step_ms"]
     assert mixed["steps"] == 1 and decode["steps"] >= 6 and decode["p50"] > 0
@@ -325,3 +329,13 @@ def test_step_calls_are_split_by_the_kind_of_step_they_wait_for() -> None:
     assert split_calls(calls, kinds, pipelined=True) == ([0.003, 0.001], [0.017, 0.004])
     # Not pipelined: call k runs step k (a call past the last step is not counted).
     assert split_calls(calls, kinds, pipelined=False) == ([0.004, 0.003], [0.016, 0.017])
+
+
+def test_a_larger_step_budget_reaches_the_engine(
+    no_cuda: None, demo_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    record, _, _ = _run(tmp_path, capsys, "--batch-size", "4", "--max-num-batched-tokens", "4096")
+    assert record["max_num_batched_tokens"] == 4096
+    # Four prompts of 32 tokens fit one step: one step with prefill, the rest decode-only.
+    assert record["mixed_step_ms"]["steps"] == 1 and record["decode_only_step_ms"]["steps"] >= 6
+
