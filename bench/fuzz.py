@@ -44,6 +44,7 @@ from mini_vllm.bench.soak import (
     PoolEntry,
     Stream,
     ask,
+    check_seconds,
     check_ws_url,
     close_reason,
     connect_failure,
@@ -75,22 +76,23 @@ _AUTO_BOUND_FACTOR = 20.0
 
 _INT_FIELDS = ("max_tokens", "top_k", "seed", "logprobs", "min_tokens", "priority")  # n: see the huge_n family
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
-_ODD_VALUES: tuple[Any, ...] = ("", "x", "0", 0, 1, -1, 1.5, True, False, None, [], ["x"], [1], {}, {"a": 1})
-_BIG_INTS: tuple[Any, ...] = (
+# The pools of hostile values, public: the HTTP fuzzer (bench/http_fuzz.py) draws from the same ones.
+ODD_VALUES: tuple[Any, ...] = ("", "x", "0", 0, 1, -1, 1.5, True, False, None, [], ["x"], [1], {}, {"a": 1})
+BIG_INTS: tuple[Any, ...] = (
     2**31, 2**32, 2**53 + 1, 2**63 - 1, 2**63, 2**64, 10**30, -1, -2, -(2**63), -(2**63) - 1, -(10**30), 0,
     1.0, 2.0, 1.5, -0.0, 1e308, 5e-324, True, False,
 )  # fmt: skip
 # Number literals as raw JSON text: Infinity by overflow, past Python's 4300-digit limit, not JSON.
-_INT_LITERALS = ("1e400", "-1e400", "1" + "0" * 5000, "00", "+1", "0x10", "1.0e2", "-")
-_NON_FINITE = ("NaN", "Infinity", "-Infinity", "1e999", "-1e999", "nan", "inf")
-_SURROGATES = ("\ud800", "\udfff", "a\ud800b", "\udc00\ud800", "\ud800\ud800", "x\udbff")
-_ODD_KEYS = ("max_token", "stream", "prompts", "Type", "ID", "", " ", "__proto__", "constructor", "top-p",
+INT_LITERALS = ("1e400", "-1e400", "1" + "0" * 5000, "00", "+1", "0x10", "1.0e2", "-")
+NON_FINITE = ("NaN", "Infinity", "-Infinity", "1e999", "-1e999", "nan", "inf")
+SURROGATES = ("\ud800", "\udfff", "a\ud800b", "\udc00\ud800", "\ud800\ud800", "x\udbff")
+ODD_KEYS = ("max_token", "stream", "prompts", "Type", "ID", "", " ", "__proto__", "constructor", "top-p",
              "x" * 300, "type\u0000", "seed ", "\u00e9")
 _ODD_TYPES: tuple[Any, ...] = ("", "GENERATE", "Generate", "generate ", " generate", "token", "done", "error",
                                "models\u0000", 5, None, True, ["generate"], {"generate": True}, "cancel" * 1000)
 _ODD_TEXT = ("\u0000", "\u2028\u2029", "\u202e evil", "\U0001f600" * 10, "\ufeff", "e\u0301" * 20, "\r\n\t",
              "\uffff", "\U0010ffff")
-_NOT_JSON = ("", " ", "{", "}", '{"type":', "null", "true", "1", '"generate"', "[]", '[{"type":"models"}]',
+NOT_JSON = ("", " ", "{", "}", '{"type":', "null", "true", "1", '"generate"', "[]", '[{"type":"models"}]',
              '{"type":"models"} {"type":"models"}', '\ufeff{"type":"models"}', "{'type': 'models'}",
              '{"type":"models",}', '{"type":"models" /* hi */}', "[" * 3, '{"type":"models","type":"stats"}',
              "\u0000", "NaN", "undefined")
@@ -207,7 +209,7 @@ def _mutate_wrong_type(rng: random.Random, d: Draft, kind: str, rid: str, ctx: F
     if kind == "stats":
         names.append("reset_loop_lag")
     field = rng.choice(names)
-    value = rng.choice(_ODD_VALUES)
+    value = rng.choice(ODD_VALUES)
     if field == "id" and isinstance(value, str) and value:
         value = _unique(rid, field, value)
     f[field] = value
@@ -219,11 +221,11 @@ def _mutate_bad_int(rng: random.Random, d: Draft, kind: str, rid: str, ctx: Fuzz
     field = rng.choice([*_INT_FIELDS, "prompt_token_ids" if kind == "generate" else "stop_token_ids",
                         "stop_token_ids"])
     if rng.random() < 0.3:
-        text = rng.choice(_INT_LITERALS)
+        text = rng.choice(INT_LITERALS)
         value: Any = d.literal(text)
         shown = text if len(text) < 20 else f"<{len(text)}-digit literal>"
     else:
-        value = rng.choice(_BIG_INTS)
+        value = rng.choice(BIG_INTS)
         shown = json.dumps(value)
     if field in ("prompt_token_ids", "stop_token_ids"):
         if field == "prompt_token_ids":
@@ -236,14 +238,14 @@ def _mutate_bad_int(rng: random.Random, d: Draft, kind: str, rid: str, ctx: Fuzz
 def _mutate_non_finite(rng: random.Random, d: Draft, kind: str, rid: str, ctx: FuzzContext) -> str:
     f = d.frame or {}
     field = rng.choice([*_FLOAT_FIELDS, *_INT_FIELDS]) if kind in _REQUEST_KINDS else rng.choice(["id", "reset_loop_lag"])
-    text = rng.choice(_NON_FINITE)
+    text = rng.choice(NON_FINITE)
     f[field] = d.literal(text)
     return f"{field} = {text}"
 
 
 def _mutate_surrogate(rng: random.Random, d: Draft, kind: str, rid: str, ctx: FuzzContext) -> str:
     f = d.frame or {}
-    bad = rng.choice(_SURROGATES)
+    bad = rng.choice(SURROGATES)
     targets = _str_fields(kind) + (["key", "stop"] if kind in _REQUEST_KINDS else ["key"])
     if kind == "chat":
         targets += ["role", "content"]
@@ -262,8 +264,8 @@ def _mutate_surrogate(rng: random.Random, d: Draft, kind: str, rid: str, ctx: Fu
 
 def _mutate_unknown_field(rng: random.Random, d: Draft, kind: str, rid: str, ctx: FuzzContext) -> str:
     f = d.frame or {}
-    key = rng.choice(_ODD_KEYS)
-    f[key] = rng.choice(_ODD_VALUES)
+    key = rng.choice(ODD_KEYS)
+    f[key] = rng.choice(ODD_VALUES)
     return f"unknown field {key[:20]!r}"
 
 
@@ -406,7 +408,7 @@ def _mutate_vocab(rng: random.Random, d: Draft, kind: str, rid: str, ctx: FuzzCo
 def _mutate_not_json(rng: random.Random, d: Draft, kind: str, rid: str, ctx: FuzzContext) -> str:
     pick = rng.random()
     if pick < 0.5:
-        d.raw = rng.choice(_NOT_JSON)
+        d.raw = rng.choice(NOT_JSON)
         return f"not JSON: {d.raw[:20]!r}"
     valid = json.dumps(d.frame)
     if pick < 0.7:
@@ -555,10 +557,8 @@ class FuzzConfig:
             raise ConfigError(f"--frames must be >= 1, got {self.frames}")
         if self.connections < 1:
             raise ConfigError(f"--connections must be >= 1, got {self.connections}")
-        for flag, t in (("--reply-timeout", self.reply_timeout), ("--time-limit", self.time_limit),
-                        ("--idle-timeout", self.idle_timeout)):
-            if not (math.isfinite(t) and t > 0):
-                raise ConfigError(f"{flag} must be a number of seconds > 0, got {t}")
+        check_seconds(("--reply-timeout", self.reply_timeout), ("--time-limit", self.time_limit),
+                      ("--idle-timeout", self.idle_timeout))
         if self.ttft_bound_ms is not None and not (math.isfinite(self.ttft_bound_ms) and self.ttft_bound_ms > 0):
             raise ConfigError(f"--ttft-bound must be a number of milliseconds > 0, got {self.ttft_bound_ms}")
         unknown = sorted(self.skip - FAMILIES.keys())

@@ -19,7 +19,6 @@ exactly, and (when ``/metrics`` is reachable) ``vllm:num_requests_running`` must
 from __future__ import annotations
 
 import json
-import math
 import random
 import sys
 from collections import Counter
@@ -31,17 +30,17 @@ import h11
 import trio
 
 from mini_vllm.bench.fuzz import (
-    _BIG_INTS,
-    _INT_LITERALS,
-    _NON_FINITE,
-    _NOT_JSON,
-    _ODD_KEYS,
-    _ODD_VALUES,
-    _SURROGATES,
+    BIG_INTS,
+    INT_LITERALS,
+    NON_FINITE,
+    NOT_JSON,
+    ODD_KEYS,
+    ODD_VALUES,
+    SURROGATES,
     Draft,
 )
 from mini_vllm.bench.openai_load import http_endpoint
-from mini_vllm.bench.soak import MAX_EXAMPLES, check_ws_url, counts
+from mini_vllm.bench.soak import MAX_EXAMPLES, check_seconds, check_ws_url, counts
 from mini_vllm.engine.errors import ConfigError
 
 Owed = Literal["answer", "optional"]  # "optional": the request breaks off on purpose, nothing is owed
@@ -54,7 +53,7 @@ _GOOD_BODY: dict[str, Any] = {
 }
 # max_tokens values above the room the prompt leaves are valid (the answer ends at max_model_len):
 # they make answers of seconds, not errors, so the mutations use others.
-_LONG_MAX_TOKENS = frozenset(json.dumps(v) for v in _BIG_INTS if isinstance(v, int | float) and not isinstance(v, bool)
+_LONG_MAX_TOKENS = frozenset(json.dumps(v) for v in BIG_INTS if isinstance(v, int | float) and not isinstance(v, bool)
                              and 3 < v < 2**63)
 _ROUTES = ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize")
 _INT_FIELDS = ("max_tokens", "n", "top_k", "seed", "logprobs", "min_tokens", "priority")
@@ -143,24 +142,24 @@ def _mutate(rng: random.Random, d: Draft, route: str) -> str:
                        "huge", "unknown model"))
     if pick == "wrong type":
         field = rng.choice(sorted(f) + (["n", "stop", "ignore_eos"] if generating else []))
-        f[field] = rng.choice(_ODD_VALUES)
+        f[field] = rng.choice(ODD_VALUES)
         if field == "max_tokens" and f[field] is None:
             f[field] = "3"  # null means "the room left in max_model_len": a long answer, not a hostile one
         return f"{field} = {json.dumps(f[field])}"
     if pick == "bad int":
         field = rng.choice(_INT_FIELDS) if generating else "tokens"
-        text = rng.choice(_INT_LITERALS) if rng.random() < 0.3 else json.dumps(rng.choice(_BIG_INTS))
+        text = rng.choice(INT_LITERALS) if rng.random() < 0.3 else json.dumps(rng.choice(BIG_INTS))
         if field == "max_tokens" and text in _LONG_MAX_TOKENS:
             text = json.dumps(-int(float(text)))  # a valid, merely long answer is not what this family is for
         f[field] = [d.literal(text)] if field == "tokens" else d.literal(text)
         return f"{field} = {text if len(text) < 20 else f'<{len(text)}-char literal>'}"
     if pick == "non-finite":
         field = rng.choice((*_FLOAT_FIELDS, *_INT_FIELDS)) if generating else rng.choice(sorted(f))
-        text = rng.choice(_NON_FINITE)
+        text = rng.choice(NON_FINITE)
         f[field] = d.literal(text)
         return f"{field} = {text}"
     if pick == "surrogate":
-        bad = rng.choice(_SURROGATES)
+        bad = rng.choice(SURROGATES)
         field = rng.choice([k for k, v in f.items() if isinstance(v, str)] + ["key"])
         if field == "key":
             f[bad] = 1
@@ -169,8 +168,8 @@ def _mutate(rng: random.Random, d: Draft, route: str) -> str:
         d.ascii = True  # the escape is what a client can send
         return f"lone surrogate {bad.encode('ascii', 'backslashreplace').decode()} in {field}"
     if pick == "unknown field":
-        key = rng.choice(_ODD_KEYS)
-        f[key] = rng.choice(_ODD_VALUES)
+        key = rng.choice(ODD_KEYS)
+        f[key] = rng.choice(ODD_VALUES)
         return f"unknown field {key[:20]!r}"
     if pick == "missing field":
         key = rng.choice(sorted(set(f) - {"max_tokens"}))  # without it, the answer fills max_model_len
@@ -257,7 +256,7 @@ def _family_not_json(rng: random.Random, target: FuzzTarget) -> tuple[bytes, str
     route = rng.choice(_ROUTES)
     pick = rng.random()
     if pick < 0.5:
-        text = rng.choice(_NOT_JSON)
+        text = rng.choice(NOT_JSON)
         return _request("POST", route, target, text.encode()), f"{route}: not JSON {text[:20]!r}", "answer"
     if pick < 0.75:
         value = rng.choice(("[]", "[1, 2]", '"text"', "42", "null", "true", '[{"model": "x"}]'))
@@ -485,10 +484,8 @@ class HttpFuzzConfig:
             raise ConfigError(f"--requests must be >= 1, got {self.requests}")
         if self.connections < 1:
             raise ConfigError(f"--connections must be >= 1, got {self.connections}")
-        for flag, t in (("--reply-timeout", self.reply_timeout), ("--time-limit", self.time_limit),
-                        ("--idle-timeout", self.idle_timeout)):
-            if not (math.isfinite(t) and t > 0):
-                raise ConfigError(f"{flag} must be a number of seconds > 0, got {t}")
+        check_seconds(("--reply-timeout", self.reply_timeout), ("--time-limit", self.time_limit),
+                      ("--idle-timeout", self.idle_timeout))
 
 
 @attrs.define

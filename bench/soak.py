@@ -470,11 +470,16 @@ class SoakConfig:
                 f"--disconnect-rate + --cancel-rate must be <= 1 (each request does at most one), "
                 f"got {self.disconnect_rate} + {self.cancel_rate}"
             )
-        for flag, t in (("--request-timeout", self.request_timeout), ("--idle-timeout", self.idle_timeout)):
-            if not (math.isfinite(t) and t > 0):
-                raise ConfigError(f"{flag} must be a number of seconds > 0, got {t}")
+        check_seconds(("--request-timeout", self.request_timeout), ("--idle-timeout", self.idle_timeout))
         if self.max_requests is not None and self.max_requests < 1:
             raise ConfigError(f"--max-requests must be >= 1, got {self.max_requests}")
+
+
+def check_seconds(*flags: tuple[str, float]) -> None:
+    """Each (flag, value) a finite number of seconds > 0, or a ConfigError naming the flag."""
+    for flag, t in flags:
+        if not (math.isfinite(t) and t > 0):
+            raise ConfigError(f"{flag} must be a number of seconds > 0, got {t}")
 
 
 def check_ws_url(url: str) -> None:
