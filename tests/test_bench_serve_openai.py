@@ -23,6 +23,7 @@ import pytest
 import trio
 import trio.testing
 from conftest_serving import build_engine, wait_blocks_released
+from test_bench_serve import Spy  # the same summarize spy as the WebSocket tests
 
 from mini_vllm import cli
 from mini_vllm.bench import openai_load
@@ -762,20 +763,6 @@ DATASET = [
 def _write_dataset(path: Path) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in DATASET))
     return path
-
-
-class Spy:
-    """The trackers ``run_one_rate`` hands to ``summarize``, one list per run."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.runs: list[list[Tracker]] = []
-        real = bench_serve.summarize
-
-        def spy(trackers: Sequence[Tracker], targets: dict[str, float]) -> dict[str, Any]:
-            self.runs.append(list(trackers))
-            return real(trackers, targets)
-
-        monkeypatch.setattr(bench_serve, "summarize", spy)
 
 
 async def test_both_backends_against_a_live_server(
