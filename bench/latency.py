@@ -293,6 +293,7 @@ def run_latency(args: argparse.Namespace) -> int:
     record["max_num_batched_tokens"] = engine.args.max_num_batched_tokens
     record["cuda_graphs"] = cuda and not args.enforce_eager
     rng = random.Random(3)  # fresh prompts every iteration: nothing to reuse even with a prefix cache
+    kinds_before = dict(getattr(engine.runner, "step_kinds", {}))
     iters = []
     for i in range(args.warmup_iters + args.num_iters):
         result = run_batch(engine, random_prompts(rng, args.batch_size, args.input_len, config.vocab_size),
@@ -307,6 +308,9 @@ def run_latency(args: argparse.Namespace) -> int:
     record["e2e_ms"] = round(1e3 * statistics.median(r["e2e_s"] for r in iters), 2)
     record["step_ms"] = {"p50": round(1e3 * gaps[len(gaps) // 2], 4), "p99": round(1e3 * gaps[int(0.99 * (len(gaps) - 1))], 4),
                          "max": round(1e3 * gaps[-1], 4)} if gaps else None
+    kinds = getattr(engine.runner, "step_kinds", None)
+    if kinds is not None:  # on a GPU: how the steps ran (decode graph, mixed graph, eager), warm-up included
+        record["step_kinds"] = {k: kinds[k] - kinds_before.get(k, 0) for k in kinds}
     for kind in ("decode_only", "mixed"):
         times = [c for r in iters for c in r[f"{kind}_calls_s"]]
         record[f"{kind}_step_ms"] = {"steps": len(times), "p50": round(1e3 * statistics.median(times), 4)} if times else None

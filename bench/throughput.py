@@ -143,6 +143,8 @@ def run_offline(engine: LLMEngine, workload: list[WorkloadRequest]) -> dict[str,
     total = sum(r.output_len for r in workload)
     progress = _Progress("offline", total)
     engine.step_timings = []
+    kinds = getattr(engine.runner, "step_kinds", None)  # only the GPU runner counts its steps
+    before = dict(kinds) if kinds is not None else None
     start = time.perf_counter()
     for i, r in enumerate(workload):
         engine.add_request(f"bench-{i}", r.prompt_token_ids, _params(r))
@@ -157,7 +159,16 @@ def run_offline(engine: LLMEngine, workload: list[WorkloadRequest]) -> dict[str,
     timings, engine.step_timings = engine.step_timings, None
     wall = last_token - start
     return {"output_tokens": done, "seconds": wall, "output_tokens_per_s": done / wall, "steps": len(timings),
-            **cpu_step_times(timings)}
+            **step_kinds(engine, before), **cpu_step_times(timings)}
+
+
+def step_kinds(engine: LLMEngine, before: dict[str, int] | None) -> dict[str, Any]:
+    """How the run's steps ran on a GPU (decode graph, mixed graph, eager): the check that the
+    steps that matter were graphed. Empty on the CPU."""
+    now = getattr(engine.runner, "step_kinds", None)
+    if now is None or before is None:
+        return {}
+    return {"step_kinds": {k: now[k] - before.get(k, 0) for k in now}}
 
 
 def cpu_step_times(timings: list[StepTiming]) -> dict[str, Any]:
@@ -777,8 +788,8 @@ def engine_summary(engine: LLMEngine, load_seconds: float) -> dict[str, Any]:
         "max_num_seqs": engine.args.max_num_seqs,
         "max_num_batched_tokens": engine.args.max_num_batched_tokens,
         "cuda_graphs": (
-            {"batch_sizes": list(graphs.batch_sizes), "capture_seconds": round(graphs.capture_seconds, 2),
-             "pool_bytes": graphs.pool_bytes}
+            {"batch_sizes": list(graphs.batch_sizes), "mixed_token_counts": list(graphs.mixed_token_counts),
+             "capture_seconds": round(graphs.capture_seconds, 2), "pool_bytes": graphs.pool_bytes}
             if graphs is not None and graphs.batch_sizes else None
         ),
     }

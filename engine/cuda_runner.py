@@ -1,12 +1,18 @@
-"""The GPU model runner: Triton kernels, CUDA graphs for decode, a copy stream, async readback.
+"""The GPU model runner: Triton kernels, CUDA graphs for every step, a copy stream, async readback.
 
 A step's host work is filling persistent pinned buffers (numpy views, no per-step allocation);
 a separate copy stream moves them to device staging buffers, ordered with events, so the copy of
 step N+1 overlaps step N's compute. Two buffer sets alternate: with at most two steps in flight
-the CPU never writes a buffer the GPU may still read. Decode-only steps replay a CUDA graph
-captured at start-up for the next batch size up the ladder (padding rows have seq_len 0 and
-slot -1, so they neither read nor write the cache); other steps run eagerly. Sampled ids are
-copied back into pinned memory behind an event; only ``collect`` waits for it.
+the CPU never writes a buffer the GPU may still read.
+
+Two ladders of CUDA graphs are captured at start-up. Decode-only steps replay the decode graph
+of the next batch size up (padding rows have seq_len 0 and slot -1, so they neither read nor
+write the cache). Steps that carry prefill tokens replay the mixed graph of the next token count
+up: its prefill attention runs over a tile map rewritten each step into a buffer sized for the
+largest step of that count, and the programs past the step's real tile count return at once
+(padding tokens belong to no tile and have slot -1). The graphs end at the last hidden states;
+the rows to sample are picked and projected to logits eagerly, since their number varies.
+Sampled ids are copied back into pinned memory behind an event; only ``collect`` waits for it.
 """
 
 from __future__ import annotations
@@ -26,8 +32,10 @@ from mini_vllm.engine.triton_attention import (
     PrefillSchedule,
     build_prefill_schedule,
     decode_attention_triton,
+    max_prefill_tiles,
     num_splits_for,
     prefill_attention_triton,
+    prefill_tile_map,
     prefill_tokens_per_tile,
     store_kv_triton,
 )
@@ -43,22 +51,37 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return sizes
 
 
+def mixed_graph_sizes(max_num_batched_tokens: int) -> list[int]:
+    """16, 32, 48, 64, then four sizes per doubling (each at most a quarter above the one below)
+    up to ``max_num_batched_tokens``: a step's padding is at most a fifth of its tokens."""
+    sizes = [16, 32, 48, 64]
+    while sizes[-1] < max_num_batched_tokens:
+        sizes.append(sizes[-1] + (1 << (sizes[-1].bit_length() - 1)) // 4)
+    sizes = [n for n in sizes if n < max_num_batched_tokens]
+    return [*sizes, max_num_batched_tokens]
+
+
 @attrs.frozen
 class GraphStats:
-    batch_sizes: tuple[int, ...]
+    batch_sizes: tuple[int, ...]  # the decode graphs' (sequences = tokens)
     capture_seconds: float
     pool_bytes: int  # device memory the graphs' private pool holds
+    mixed_token_counts: tuple[int, ...] = ()  # the mixed graphs' (tokens, any sequence count)
 
 
 class _Buffers:
     """One set of pinned host buffers and their device staging twins."""
 
-    def __init__(self, tokens: int, seqs: int, rows: int, max_blocks: int, device: torch.device) -> None:
+    def __init__(self, tokens: int, seqs: int, rows: int, max_blocks: int, max_tiles: int, device: torch.device) -> None:
         self.tokens, self.seqs, self.rows, self.max_blocks = tokens, seqs, rows, max_blocks
         # int64 segments: ids, positions, slots (tokens each), sample rows, placeholder rows/src (seqs)
         n64 = 3 * tokens + rows + 2 * seqs
-        # int32 segments: query_start_loc (seqs + 1), seq_lens (seqs), block tables (seqs * max_blocks)
-        n32 = 2 * seqs + 1 + seqs * max_blocks
+        # int32 segments: query_start_loc (seqs + 1), seq_lens (seqs), the prefill tile map
+        # (2 * max_tiles) and its tile count (1), block tables (seqs * max_blocks)
+        self.tiles_at = 2 * seqs + 1
+        self.count_at = self.tiles_at + 2 * max_tiles
+        self.tables_at = self.count_at + 1
+        n32 = self.tables_at + seqs * max_blocks
         self.host64 = torch.zeros(n64, dtype=torch.int64, pin_memory=True)
         self.host32 = torch.zeros(n32, dtype=torch.int32, pin_memory=True)
         self.np64 = self.host64.numpy()
@@ -128,15 +151,22 @@ class CudaModelRunner(ModelRunner):
         self.tokens_per_tile = prefill_tokens_per_tile(config.num_attention_heads, config.num_key_value_heads)
         model.use_fused_kernels(rms_norm_triton, rotary_triton, silu_mul_triton)
         rows = max(max_num_batched_tokens, max_num_seqs)
-        self._sets = [_Buffers(max_num_batched_tokens, max_num_seqs, rows, self.max_blocks, device) for _ in range(2)]
+        self.max_num_batched_tokens = max_num_batched_tokens
+        max_tiles = max_prefill_tiles(max_num_batched_tokens, max_num_seqs, self.tokens_per_tile)
+        self._sets = [
+            _Buffers(max_num_batched_tokens, max_num_seqs, rows, self.max_blocks, max_tiles, device) for _ in range(2)
+        ]
         self._parity = 0
         self.copy_stream = torch.cuda.Stream(device)
         # Its own compute stream too: two models' executors then overlap on one GPU instead of
         # queueing behind each other on the default stream.
         self.compute_stream = torch.cuda.Stream(device)
         self._out_host = [torch.zeros(rows, dtype=torch.int64, pin_memory=True) for _ in range(2)]
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # decode: batch -> logits
+        self.mixed_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # tokens -> graph writing _m_hidden
         self.graph_stats = GraphStats((), 0.0, 0)
+        # Steps run so far by how: a benchmark's check that the steps that matter were graphed.
+        self.step_kinds = {"decode_graph": 0, "mixed_graph": 0, "eager": 0}
         # The graphs' static inputs (written by a device copy just before each replay).
         self._g_ids = torch.zeros(max_num_seqs, dtype=torch.int64, device=device)
         self._g_pos = torch.zeros(max_num_seqs, dtype=torch.int64, device=device)
@@ -144,12 +174,23 @@ class CudaModelRunner(ModelRunner):
         self._g_lens = torch.zeros(max_num_seqs, dtype=torch.int32, device=device)
         self._g_tables = torch.zeros((max_num_seqs, self.max_blocks), dtype=torch.int32, device=device)
         self._g_qsl = torch.arange(max_num_seqs + 1, dtype=torch.int32, device=device)
+        # The mixed graphs' own (token-sized) inputs; they share _g_tables with the decode graphs.
+        self._m_ids = torch.zeros(max_num_batched_tokens, dtype=torch.int64, device=device)
+        self._m_pos = torch.zeros(max_num_batched_tokens, dtype=torch.int64, device=device)
+        self._m_slots = torch.full((max_num_batched_tokens,), -1, dtype=torch.int64, device=device)
+        self._m_qsl = torch.zeros(max_num_seqs + 1, dtype=torch.int32, device=device)
+        self._m_lens = torch.zeros(max_num_seqs, dtype=torch.int32, device=device)
+        self._m_tiles = torch.zeros((max_tiles, 2), dtype=torch.int32, device=device)
+        self._m_count = torch.zeros(1, dtype=torch.int32, device=device)
+        self._m_hidden = torch.zeros(
+            (max_num_batched_tokens, config.hidden_size), dtype=model.embed_tokens.weight.dtype, device=device
+        )
         self.enforce_eager = enforce_eager
         self._stream_ready = False
 
     def set_kv_cache(self, kv_cache: torch.Tensor) -> None:
         """Install the cache (sized after profiling), compile the eager step's kernels and capture
-        the decode graphs over it."""
+        the graphs over it."""
         self.kv_cache = kv_cache
         self.warm_up_eager()
         if not self.enforce_eager:
@@ -167,10 +208,13 @@ class CudaModelRunner(ModelRunner):
         self.copy_stream.synchronize()
         super().close()
         self.graphs.clear()  # the private pool is released once every graph and its logits are gone
+        self.mixed_graphs.clear()
         self._attention.schedule = None
         self._sets.clear()
         self._out_host.clear()
         del self._g_ids, self._g_pos, self._g_slots, self._g_lens, self._g_tables, self._g_qsl
+        del self._m_ids, self._m_pos, self._m_slots, self._m_qsl, self._m_lens, self._m_tiles, self._m_count
+        del self._m_hidden
         del self.copy_stream, self.compute_stream
         torch.cuda.empty_cache()
 
@@ -190,6 +234,7 @@ class CudaModelRunner(ModelRunner):
             )
             self.collect(self.launch(inputs))
         self._last_sampled = None
+        self.step_kinds = dict.fromkeys(self.step_kinds, 0)  # warm-up steps are not served steps
 
     # ---- CUDA graphs ------------------------------------------------------------------------------
     def _graph_meta(self, bs: int) -> AttentionMetadata:
@@ -207,7 +252,26 @@ class CudaModelRunner(ModelRunner):
     def _decode_forward(self, bs: int) -> torch.Tensor:
         meta = self._graph_meta(bs)
         hidden = self.model(self._g_ids[:bs], self._g_pos[:bs], self.kv_cache, meta, self._attention, store_kv_triton)
-        return self.model.compute_logits(hidden)
+        # Logits in the weights' dtype: greedy takes the argmax of those (the same index as of
+        # their fp32 copy), and only sampling pays for the fp32 conversion.
+        return self.model.lm_head(hidden)
+
+    def _mixed_forward(self, n: int) -> None:
+        meta = AttentionMetadata(
+            slot_mapping=self._m_slots[:n],
+            query_start_loc=self._m_qsl,
+            seq_lens=self._m_lens,
+            block_tables=self._g_tables,
+            max_query_len=n,  # > 1: the prefill kernel, which serves any mix of chunks and decodes
+            max_seq_len=self.max_blocks * self.block_size,
+            query_start_loc_list=[],
+            seq_lens_list=[],
+        )
+        tiles = max_prefill_tiles(n, self.max_num_seqs, self.tokens_per_tile)
+        self._attention.schedule = PrefillSchedule(self._m_tiles[:tiles], self.tokens_per_tile, self._m_count)
+        hidden = self.model(self._m_ids[:n], self._m_pos[:n], self.kv_cache, meta, self._attention, store_kv_triton)
+        self._m_hidden[:n].copy_(hidden)  # one output buffer for every mixed graph, outside the pool
+        self._attention.schedule = None
 
     @torch.inference_mode()
     def capture_graphs(self) -> None:
@@ -215,10 +279,22 @@ class CudaModelRunner(ModelRunner):
         torch.cuda.synchronize(self.device)
         free_before = torch.cuda.mem_get_info(self.device)[0]
         pool = torch.cuda.graph_pool_handle()
-        self._g_lens.fill_(1)  # capture on harmless inputs: read slot 0 of block 0, write nothing
+        # Capture on harmless inputs: decode reads slot 0 of block 0, mixed steps have no tiles;
+        # nothing is written (slots -1).
+        self._g_lens.fill_(1)
+        self._m_count.zero_()
+        # Largest first, so that smaller graphs reuse its pool memory; mixed ones (the larger
+        # activations) before decode ones.
+        mixed = mixed_graph_sizes(self.max_num_batched_tokens)
+        for n in reversed(mixed):
+            self._mixed_forward(n)  # warm up (Triton compiles, cuBLAS picks kernels)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=self.compute_stream):
+                self._mixed_forward(n)
+            self.mixed_graphs[n] = graph
         sizes = graph_batch_sizes(self.max_num_seqs)
-        for bs in reversed(sizes):  # largest first, so smaller graphs reuse its pool memory
-            self._decode_forward(bs)  # warm up (Triton compiles, cuBLAS picks kernels)
+        for bs in reversed(sizes):
+            self._decode_forward(bs)
             graph = torch.cuda.CUDAGraph()
             # On the compute stream, whose cuBLAS workspace the eager warm-up allocated: on a stream
             # new to cuBLAS (torch's own capture stream) the workspace would be allocated inside
@@ -229,12 +305,13 @@ class CudaModelRunner(ModelRunner):
         torch.cuda.synchronize(self.device)
         self._g_lens.zero_()
         used = free_before - torch.cuda.mem_get_info(self.device)[0]
-        self.graph_stats = GraphStats(tuple(sizes), time.perf_counter() - start, used)
+        self.graph_stats = GraphStats(tuple(sizes), time.perf_counter() - start, used, tuple(mixed))
 
-    def _graph_size(self, n: int) -> int | None:
-        for bs in self.graph_stats.batch_sizes:
-            if bs >= n:
-                return bs
+    @staticmethod
+    def _size_up(sizes: tuple[int, ...], n: int) -> int | None:
+        for size in sizes:
+            if size >= n:
+                return size
         return None
 
     # ---- a step ------------------------------------------------------------------------------
@@ -254,9 +331,11 @@ class CudaModelRunner(ModelRunner):
         n_tok, n_seq, n_rows = len(inputs.input_ids), len(inputs.query_lens), len(inputs.sample_indices)
         if n_tok > buf.tokens or n_seq > buf.seqs or n_rows > buf.rows:
             raise RuntimeError(f"step larger than the runner's buffers ({n_tok} tokens, {n_seq} seqs, {n_rows} rows)")
-        graph_bs = self._graph_size(n_tok) if inputs.is_decode_only and self.graphs else None
-        padded = graph_bs or n_tok
-        seqs_padded = graph_bs or n_seq
+        decode = inputs.is_decode_only
+        decode_bs = self._size_up(self.graph_stats.batch_sizes, n_tok) if decode and self.graphs else None
+        mixed_n = self._size_up(self.graph_stats.mixed_token_counts, n_tok) if not decode and self.mixed_graphs else None
+        padded = decode_bs or mixed_n or n_tok
+        seqs_padded = decode_bs or n_seq
 
         # 1. Fill the pinned host buffers (the copy that last read them has finished).
         buf.copied.synchronize()
@@ -265,7 +344,7 @@ class CudaModelRunner(ModelRunner):
         a[0:n_tok] = inputs.input_ids
         a[T : T + n_tok] = inputs.positions
         a[2 * T : 2 * T + n_tok] = inputs.slot_mapping
-        if padded > n_tok:  # graph padding: position 0, no cache write
+        if padded > n_tok:  # graph padding: position 0, no cache write (and no tile: no attention)
             a[n_tok:padded] = 0
             a[T + n_tok : T + padded] = 0
             a[2 * T + n_tok : 2 * T + padded] = -1
@@ -279,19 +358,24 @@ class CudaModelRunner(ModelRunner):
         b[S + 1 : S + 1 + n_seq] = inputs.seq_lens
         if seqs_padded > n_seq:
             b[S + 1 + n_seq : S + 1 + seqs_padded] = 0
+        n_tiles = 0
+        if not decode:  # the prefill kernel's tile map, shared by every layer
+            tile_map = prefill_tile_map(qsl, self.tokens_per_tile)
+            n_tiles = len(tile_map)
+            b[buf.tiles_at : buf.tiles_at + 2 * n_tiles] = tile_map.ravel()
+            b[buf.count_at] = n_tiles
         width = max(len(t) for t in inputs.block_tables)
-        tables = b[2 * S + 1 : 2 * S + 1 + seqs_padded * width].reshape(seqs_padded, width)
+        tables = b[buf.tables_at : buf.tables_at + seqs_padded * width].reshape(seqs_padded, width)
         for i, t in enumerate(inputs.block_tables):
             tables[i, : len(t)] = t
 
         # 2. Copy on the side stream once the compute stream is done with these device buffers.
         compute = torch.cuda.current_stream(self.device)
+        n32 = buf.tables_at + seqs_padded * width
         with torch.cuda.stream(self.copy_stream):
             self.copy_stream.wait_event(buf.consumed)
             buf.dev64.copy_(buf.host64, non_blocking=True)
-            buf.dev32[: 2 * S + 1 + seqs_padded * width].copy_(
-                buf.host32[: 2 * S + 1 + seqs_padded * width], non_blocking=True
-            )
+            buf.dev32[:n32].copy_(buf.host32[:n32], non_blocking=True)
             buf.copied.record(self.copy_stream)
         compute.wait_event(buf.copied)
 
@@ -301,7 +385,7 @@ class CudaModelRunner(ModelRunner):
         slots = d[2 * T : 2 * T + padded]
         sample_rows = d[3 * T : 3 * T + n_rows]
         seq_lens = e[S + 1 : S + 1 + seqs_padded]
-        block_tables = e[2 * S + 1 : 2 * S + 1 + seqs_padded * width].view(seqs_padded, width)
+        block_tables = e[buf.tables_at : n32].view(seqs_padded, width)
         if inputs.copies:
             self.copy_blocks(inputs.copies)
         if n_ph:
@@ -311,32 +395,49 @@ class CudaModelRunner(ModelRunner):
             ph_src = d[3 * T + R + S : 3 * T + R + S + n_ph]
             ids.index_copy_(0, ph_rows, self._last_sampled.index_select(0, ph_src))
 
-        # 3. The forward pass: a graph replay for decode, eager kernels otherwise.
-        if graph_bs is not None:
-            graph, logits_all = self.graphs[graph_bs]
-            self._g_ids[:graph_bs].copy_(ids)
-            self._g_pos[:graph_bs].copy_(positions)
-            self._g_slots[:graph_bs].copy_(slots)
-            self._g_lens[:graph_bs].copy_(seq_lens)
-            self._g_tables[:graph_bs, :width].copy_(block_tables)
+        # 3. The forward pass: a graph replay (decode or mixed), eager kernels without graphs.
+        logits: torch.Tensor | None = None
+        if decode_bs is not None:
+            graph, logits_all = self.graphs[decode_bs]
+            self._g_ids[:decode_bs].copy_(ids)
+            self._g_pos[:decode_bs].copy_(positions)
+            self._g_slots[:decode_bs].copy_(slots)
+            self._g_lens[:decode_bs].copy_(seq_lens)
+            self._g_tables[:decode_bs, :width].copy_(block_tables)
             graph.replay()
+            self.step_kinds["decode_graph"] += 1
             logits = logits_all[:n_rows] if n_rows == n_tok else logits_all.index_select(0, sample_rows)
         else:
-            meta = AttentionMetadata(
-                slot_mapping=slots,
-                query_start_loc=e[0 : n_seq + 1],
-                seq_lens=seq_lens,
-                block_tables=block_tables,
-                max_query_len=max(inputs.query_lens),
-                max_seq_len=max(inputs.seq_lens),
-                query_start_loc_list=qsl.tolist(),
-                seq_lens_list=inputs.seq_lens,
-            )
-            self._attention.schedule = (
-                None if meta.is_decode_only else build_prefill_schedule(qsl, self.tokens_per_tile, self.device)
-            )
-            hidden = self.model(ids, positions, self.kv_cache, meta, self._attention, store_kv_triton)
-            logits = self.model.compute_logits(hidden.index_select(0, sample_rows)) if n_rows else None
+            if mixed_n is not None:
+                self._m_ids[:mixed_n].copy_(ids)
+                self._m_pos[:mixed_n].copy_(positions)
+                self._m_slots[:mixed_n].copy_(slots)
+                self._m_qsl[: n_seq + 1].copy_(e[0 : n_seq + 1])
+                self._m_lens[:n_seq].copy_(seq_lens)
+                self._g_tables[:n_seq, :width].copy_(block_tables)
+                self._m_tiles[:n_tiles].copy_(e[buf.tiles_at : buf.tiles_at + 2 * n_tiles].view(n_tiles, 2))
+                self._m_count.copy_(e[buf.count_at : buf.count_at + 1])
+                self.mixed_graphs[mixed_n].replay()
+                self.step_kinds["mixed_graph"] += 1
+                hidden = self._m_hidden[:n_tok]
+            else:
+                meta = AttentionMetadata(
+                    slot_mapping=slots,
+                    query_start_loc=e[0 : n_seq + 1],
+                    seq_lens=seq_lens,
+                    block_tables=block_tables,
+                    max_query_len=max(inputs.query_lens),
+                    max_seq_len=max(inputs.seq_lens),
+                    query_start_loc_list=qsl.tolist(),
+                    seq_lens_list=inputs.seq_lens,
+                )
+                self._attention.schedule = None if decode else PrefillSchedule(
+                    e[buf.tiles_at : buf.tiles_at + 2 * n_tiles].view(n_tiles, 2), self.tokens_per_tile
+                )
+                hidden = self.model(ids, positions, self.kv_cache, meta, self._attention, store_kv_triton)
+                self.step_kinds["eager"] += 1
+            if n_rows:
+                logits = self.model.lm_head(hidden.index_select(0, sample_rows))
         buf.consumed.record(compute)
         if logits is None:
             return StepHandle(None, None)
@@ -348,7 +449,7 @@ class CudaModelRunner(ModelRunner):
         ):
             result = SamplerOutput(logits.argmax(dim=-1), None, None, None)
         else:
-            result = sample(logits, inputs.sampling_rows, self.generator)
+            result = sample(logits.float(), inputs.sampling_rows, self.generator)
         self._last_sampled = result.token_ids
         out_host[:n_rows].copy_(result.token_ids, non_blocking=True)
         done = torch.cuda.Event()

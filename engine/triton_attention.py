@@ -128,6 +128,7 @@ def _prefill_kernel(
     query_start_loc,
     seq_lens,
     block_tables,
+    tile_count,
     scale_log2,
     stride_qt,
     stride_qh,
@@ -149,9 +150,13 @@ def _prefill_kernel(
     BLOCK_SIZE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    COUNT_ON_DEVICE: tl.constexpr,  # the grid is a capacity; ``tile_count`` holds how many tiles are real
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
+    if COUNT_ON_DEVICE:
+        if tile >= tl.load(tile_count):  # a CUDA graph's spare program: this step has fewer tiles
+            return
     seq = tl.load(tile_map + 2 * tile)
     tile_start = tl.load(tile_map + 2 * tile + 1)  # index of the tile's first new token
     q_begin = tl.load(query_start_loc + seq)
@@ -371,11 +376,14 @@ class PrefillSchedule:
     """Which (sequence, first new token) each prefill program handles.
 
     Depends only on the batch's query lengths and the head layout, so one schedule can be
-    built per step and shared by every layer.
+    built per step and shared by every layer. A CUDA graph's schedule is a fixed-size buffer
+    rewritten before each replay: ``tile_count`` (a device int32) then says how many of its rows
+    are this step's, and the programs past it return at once.
     """
 
     tile_map: torch.Tensor  # [num_tiles, 2] int32: (sequence index, first new-token index)
     tokens_per_tile: int
+    tile_count: torch.Tensor | None = None  # [1] int32 on the device; None: every row is a tile
 
     @property
     def num_tiles(self) -> int:
@@ -403,21 +411,29 @@ def prefill_tokens_per_tile(num_heads: int, num_kv_heads: int, block_m: int = 64
     return max(1, block_m // (num_heads // num_kv_heads))
 
 
-def build_prefill_schedule(
-    query_start_loc: list[int] | np.ndarray, tokens_per_tile: int, device: torch.device | str
-) -> PrefillSchedule:
-    """Tile map for ``query_start_loc`` (host prefix sums), vectorized with numpy.
+def max_prefill_tiles(num_tokens: int, num_seqs: int, tokens_per_tile: int) -> int:
+    """The most tiles ``num_tokens`` new tokens over at most ``num_seqs`` sequences can need:
+    each sequence's last tile may be partly empty, so ceil(T / t) plus one per sequence bounds it."""
+    return -(-num_tokens // tokens_per_tile) + min(num_seqs, num_tokens)
 
-    Sequences with no new tokens get no tiles.
-    """
+
+def prefill_tile_map(query_start_loc: list[int] | np.ndarray, tokens_per_tile: int) -> np.ndarray:
+    """The ``[tiles, 2]`` int32 tile map for ``query_start_loc`` (host prefix sums), vectorized
+    with numpy. Sequences with no new tokens get no tiles."""
     starts = np.asarray(query_start_loc, dtype=np.int64)
     q_lens = np.diff(starts)
     tiles = -(-q_lens // tokens_per_tile)  # ceil division
     seq_idx = np.repeat(np.arange(len(q_lens), dtype=np.int64), tiles)
     first_tile = np.cumsum(tiles) - tiles  # each sequence's first tile in the flat list
     tile_in_seq = np.arange(int(tiles.sum()), dtype=np.int64) - np.repeat(first_tile, tiles)
-    tile_map = np.stack([seq_idx, tile_in_seq * tokens_per_tile], axis=1).astype(np.int32)
-    tensor = torch.from_numpy(tile_map)
+    return np.stack([seq_idx, tile_in_seq * tokens_per_tile], axis=1).astype(np.int32)
+
+
+def build_prefill_schedule(
+    query_start_loc: list[int] | np.ndarray, tokens_per_tile: int, device: torch.device | str
+) -> PrefillSchedule:
+    """The tile map of ``query_start_loc`` as a tensor on ``device`` (an eager step's schedule)."""
+    tensor = torch.from_numpy(prefill_tile_map(query_start_loc, tokens_per_tile))
     if torch.device(device).type == "cuda":
         tensor = tensor.pin_memory().to(device, non_blocking=True)
     return PrefillSchedule(tile_map=tensor, tokens_per_tile=tokens_per_tile)
@@ -530,6 +546,7 @@ def prefill_attention_triton(
         meta.query_start_loc,
         meta.seq_lens,
         meta.block_tables,
+        schedule.tile_count if schedule.tile_count is not None else schedule.tile_map,  # unread without a count
         scale * LOG2E,
         query.stride(0),
         query.stride(1),
@@ -551,6 +568,7 @@ def prefill_attention_triton(
         BLOCK_SIZE=k_cache.shape[1],
         DOT_PRECISION=_dot_precision(query.dtype),
         UPCAST_DOT=INTERPRETED,
+        COUNT_ON_DEVICE=schedule.tile_count is not None,
         num_warps=8,  # 4 warps spill registers at 64x64 tiles with head_dim 128 (sm_90)
         num_stages=2 if query.dtype == torch.float32 else 3,  # fp32 tiles are twice the smem
     )

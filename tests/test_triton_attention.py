@@ -239,6 +239,41 @@ def test_prefill_strided_query_and_reused_schedule() -> None:
         assert_close(out, case.reference())
 
 
+@pytest.mark.timeout(120)
+def test_prefill_schedule_with_a_device_tile_count() -> None:
+    """A CUDA graph's schedule: a buffer sized for the largest step whose rows past
+    ``tile_count`` are stale. Here the count leaves out the last real tile, and the stale rows
+    repeat every real tile: the left-out tile's tokens must stay unwritten, all others exact."""
+    case = Case(MIXED_QUERY_LENS, MIXED_SEQ_LENS, seed=6)
+    tokens = ta.prefill_tokens_per_tile(4, 2, block_m=32)
+    starts = case.meta.query_start_loc_list
+    real = ta.prefill_tile_map(starts, tokens)
+    capacity = ta.max_prefill_tiles(case.query.shape[0], len(MIXED_QUERY_LENS), tokens)
+    assert capacity > len(real)
+    stale = np.concatenate([real, np.tile(real[::-1], (capacity // len(real) + 1, 1))])[:capacity]
+    count = torch.tensor([len(real) - 1], dtype=torch.int32)
+    schedule = ta.PrefillSchedule(torch.from_numpy(np.ascontiguousarray(stale)), tokens, count)
+    out = ta.prefill_attention_triton(
+        case.query, case.k_cache, case.v_cache, case.meta, case.scale, poisoned(case.query), schedule=schedule
+    )
+    seq, first = (int(v) for v in real[-1])
+    left_out = slice(starts[seq] + first, min(starts[seq] + first + tokens, starts[seq + 1]))
+    assert out[left_out].isnan().all()
+    keep = torch.ones(out.shape[0], dtype=torch.bool)
+    keep[left_out] = False
+    assert_close(out[keep], case.reference()[keep])
+
+
+def test_max_prefill_tiles_bounds_every_split() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        num_seqs = int(rng.integers(1, 20))
+        lens = rng.integers(1, 50, num_seqs)
+        starts = np.concatenate([[0], np.cumsum(lens)])
+        for tokens in (1, 3, 16, 32):
+            assert len(ta.prefill_tile_map(starts, tokens)) <= ta.max_prefill_tiles(int(lens.sum()), num_seqs, tokens)
+
+
 # --------------------------------------------------------------------------- decode
 
 

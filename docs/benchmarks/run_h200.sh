@@ -13,7 +13,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv |
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   set -o pipefail
-  timeout 400 python3 -m pytest -q -p no:cacheprovider tests/test_triton_attention_gpu.py tests/test_gpu_engine.py tests/test_gpu_serving.py tests/test_gpu_lifecycle.py -s \
+  timeout 400 python3 -m pytest -q -p no:cacheprovider tests/test_triton_attention_gpu.py tests/test_gpu_engine.py tests/test_gpu_mixed_graphs.py tests/test_gpu_head_sizes.py tests/test_gpu_serving.py tests/test_gpu_lifecycle.py -s \
     2>&1 | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|error|Error|equal|tie" | tail -25 \
     || { echo "GPU tests failed: no benchmark on a wrong engine"; exit 1; }
 fi
