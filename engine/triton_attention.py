@@ -223,12 +223,15 @@ def _decode_split_kernel(
     v_cache,
     part_out,
     part_lse,
+    out,
     seq_lens,
     block_tables,
     scale_log2,
     num_splits,
     stride_qb,
     stride_qh,
+    stride_ob,
+    stride_oh,
     stride_kc_blk,
     stride_kc_slot,
     stride_kc_head,
@@ -245,6 +248,7 @@ def _decode_split_kernel(
     BLOCK_SIZE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    DIRECT: tl.constexpr,  # one partition: write the output itself, no partials and no merge
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -294,11 +298,17 @@ def _decode_split_kernel(
     # Normalized partial output + base-2 log-sum-exp; an empty partition gives (0, -inf).
     has_keys = l_i > 0.0
     acc = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-    # Scratch layout: part_lse [B, H, S], part_out [B, H, S, HEAD_DIM], contiguous.
-    row = (seq * NUM_HEADS + head).to(tl.int64) * num_splits + split
-    tl.store(part_lse + row, lse, mask=g_ok)
-    tl.store(part_out + row[:, None] * HEAD_DIM + dims[None, :], acc, mask=_lanes(g_ok, HEAD_DIM, BLOCK_D))
+    if DIRECT:
+        # What the merge would compute from a single partition (its weight is exactly 1), rounded
+        # the same way: the same bits, one launch and two scratch round trips fewer.
+        dst = out + seq * stride_ob + head[:, None] * stride_oh + dims[None, :]
+        tl.store(dst, acc.to(out.dtype.element_ty), mask=_lanes(g_ok, HEAD_DIM, BLOCK_D))
+    else:
+        lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+        # Scratch layout: part_lse [B, H, S], part_out [B, H, S, HEAD_DIM], contiguous.
+        row = (seq * NUM_HEADS + head).to(tl.int64) * num_splits + split
+        tl.store(part_lse + row, lse, mask=g_ok)
+        tl.store(part_out + row[:, None] * HEAD_DIM + dims[None, :], acc, mask=_lanes(g_ok, HEAD_DIM, BLOCK_D))
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -611,21 +621,29 @@ def decode_attention_triton(
         out = torch.empty_like(query)
     if batch == 0:
         return out
-    # Scratch shapes depend only on (B, H, S, D): safe to allocate inside a captured graph.
-    part_out = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=query.device)
-    part_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=query.device)
+    # Scratch shapes depend only on (B, H, S, D): safe to allocate inside a captured graph. With
+    # one partition there is nothing to merge and the kernel writes ``out`` (the scratch unused).
+    direct = num_splits == 1
+    if direct:
+        part_out = part_lse = out  # not read or written
+    else:
+        part_out = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=query.device)
+        part_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=query.device)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         query,
         k_cache,
         v_cache,
         part_out,
         part_lse,
+        out,
         seq_lens,
         block_tables,
         scale * LOG2E,
         num_splits,
         query.stride(0),
         query.stride(1),
+        out.stride(0),
+        out.stride(1),
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
@@ -642,8 +660,11 @@ def decode_attention_triton(
         BLOCK_SIZE=k_cache.shape[1],
         DOT_PRECISION=_dot_precision(query.dtype),
         UPCAST_DOT=INTERPRETED,
+        DIRECT=direct,
         num_warps=num_warps,  # 8 by default: 4 warps spill at BLOCK_N=64, head_dim 128 (sm_90)
     )
+    if direct:
+        return out
     _decode_reduce_kernel[(batch, num_heads)](
         part_out,
         part_lse,
