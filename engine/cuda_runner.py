@@ -51,14 +51,20 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return sizes
 
 
+# Steps of more tokens run eagerly: their launches are a small part of a step that long (8,192
+# tokens of qwen3-0.6b take ~20 ms on an H200), while each graph holds its activations' memory.
+MAX_MIXED_GRAPH_TOKENS = 8192
+
+
 def mixed_graph_sizes(max_num_batched_tokens: int) -> list[int]:
     """16, 32, 48, 64, then four sizes per doubling (each at most a quarter above the one below)
-    up to ``max_num_batched_tokens``: a step's padding is at most a fifth of its tokens."""
+    up to ``max_num_batched_tokens`` or ``MAX_MIXED_GRAPH_TOKENS``, whichever is smaller: a
+    step's padding is at most a fifth of its tokens."""
+    top = min(max_num_batched_tokens, MAX_MIXED_GRAPH_TOKENS)
     sizes = [16, 32, 48, 64]
-    while sizes[-1] < max_num_batched_tokens:
+    while sizes[-1] < top:
         sizes.append(sizes[-1] + (1 << (sizes[-1].bit_length() - 1)) // 4)
-    sizes = [n for n in sizes if n < max_num_batched_tokens]
-    return [*sizes, max_num_batched_tokens]
+    return [*(n for n in sizes if n < top), top]
 
 
 @attrs.frozen
@@ -175,16 +181,16 @@ class CudaModelRunner(ModelRunner):
         self._g_tables = torch.zeros((max_num_seqs, self.max_blocks), dtype=torch.int32, device=device)
         self._g_qsl = torch.arange(max_num_seqs + 1, dtype=torch.int32, device=device)
         # The mixed graphs' own (token-sized) inputs; they share _g_tables with the decode graphs.
-        self._m_ids = torch.zeros(max_num_batched_tokens, dtype=torch.int64, device=device)
-        self._m_pos = torch.zeros(max_num_batched_tokens, dtype=torch.int64, device=device)
-        self._m_slots = torch.full((max_num_batched_tokens,), -1, dtype=torch.int64, device=device)
+        m_tokens = mixed_graph_sizes(max_num_batched_tokens)[-1]
+        self._m_ids = torch.zeros(m_tokens, dtype=torch.int64, device=device)
+        self._m_pos = torch.zeros(m_tokens, dtype=torch.int64, device=device)
+        self._m_slots = torch.full((m_tokens,), -1, dtype=torch.int64, device=device)
         self._m_qsl = torch.zeros(max_num_seqs + 1, dtype=torch.int32, device=device)
         self._m_lens = torch.zeros(max_num_seqs, dtype=torch.int32, device=device)
-        self._m_tiles = torch.zeros((max_tiles, 2), dtype=torch.int32, device=device)
+        self._m_tiles = torch.zeros((max_prefill_tiles(m_tokens, max_num_seqs, self.tokens_per_tile), 2),
+                                    dtype=torch.int32, device=device)
         self._m_count = torch.zeros(1, dtype=torch.int32, device=device)
-        self._m_hidden = torch.zeros(
-            (max_num_batched_tokens, config.hidden_size), dtype=model.embed_tokens.weight.dtype, device=device
-        )
+        self._m_hidden = torch.zeros((m_tokens, config.hidden_size), dtype=model.embed_tokens.weight.dtype, device=device)
         self.enforce_eager = enforce_eager
         self._stream_ready = False
 

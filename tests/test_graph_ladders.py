@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from mini_vllm.engine.cuda_runner import graph_batch_sizes, mixed_graph_sizes
+from mini_vllm.engine.cuda_runner import MAX_MIXED_GRAPH_TOKENS, graph_batch_sizes, mixed_graph_sizes
 
 
-@pytest.mark.parametrize("top", [2, 16, 17, 64, 100, 2048, 8192, 10000])
-def test_mixed_sizes_cover_every_token_count_with_little_padding(top: int) -> None:
-    sizes = mixed_graph_sizes(top)
+@pytest.mark.parametrize("budget", [2, 16, 17, 64, 100, 2048, 8192, 10000])
+def test_mixed_sizes_cover_every_token_count_with_little_padding(budget: int) -> None:
+    sizes = mixed_graph_sizes(budget)
+    top = min(budget, MAX_MIXED_GRAPH_TOKENS)  # larger steps run eagerly
     assert sizes == sorted(set(sizes)) and sizes[-1] == top
     for n in range(2, top + 1):
         size = next(s for s in sizes if s >= n)
@@ -20,6 +21,7 @@ def test_mixed_sizes_cover_every_token_count_with_little_padding(top: int) -> No
 def test_mixed_ladder_size() -> None:
     # Four graphs per doubling keep start-up capture bounded (32 for vLLM's default budget).
     assert len(mixed_graph_sizes(8192)) == 32
+    assert mixed_graph_sizes(1 << 17) == mixed_graph_sizes(8192)
     assert mixed_graph_sizes(8192)[:9] == [16, 32, 48, 64, 80, 96, 112, 128, 160]
 
 
