@@ -3,7 +3,9 @@
 A step's host work is filling persistent pinned buffers (numpy views, no per-step allocation);
 a separate copy stream moves them to device staging buffers, ordered with events, so the copy of
 step N+1 overlaps step N's compute. Two buffer sets alternate: with at most two steps in flight
-the CPU never writes a buffer the GPU may still read.
+the CPU never writes a buffer the GPU may still read. Block tables stay on the device between
+steps (``engine/block_table_rows.py``): a step sends only the entries that changed and which row
+each of its sequences reads, and the step's tables are gathered on the device.
 
 Two ladders of CUDA graphs are captured at start-up. Decode-only steps replay the decode graph
 of the next batch size up (padding rows have seq_len 0 and slot -1, so they neither read nor
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from mini_vllm.engine.attention import AttentionMetadata
+from mini_vllm.engine.block_table_rows import BlockTableRows
 from mini_vllm.engine.model import CausalLM
 from mini_vllm.engine.model_runner import ModelOutput, ModelRunner, StepHandle, StepInputs
 from mini_vllm.engine.sampler import SamplerOutput, SamplingRow, sample
@@ -80,14 +83,18 @@ class _Buffers:
 
     def __init__(self, tokens: int, seqs: int, rows: int, max_blocks: int, max_tiles: int, device: torch.device) -> None:
         self.tokens, self.seqs, self.rows, self.max_blocks = tokens, seqs, rows, max_blocks
-        # int64 segments: ids, positions, slots (tokens each), sample rows, placeholder rows/src (seqs)
-        n64 = 3 * tokens + rows + 2 * seqs
+        # int64 segments: ids, positions, slots (tokens each), sample rows, placeholder rows/src
+        # (seqs), each sequence's block-table row (seqs), the table entries to update (flat
+        # indices; at most seqs * max_blocks, and last: only the used part is copied)
+        self.table_rows_at = 3 * tokens + rows + 2 * seqs
+        self.entries_at = self.table_rows_at + seqs
+        n64 = self.entries_at + seqs * max_blocks
         # int32 segments: query_start_loc (seqs + 1), seq_lens (seqs), the prefill tile map
-        # (2 * max_tiles) and its tile count (1), block tables (seqs * max_blocks)
+        # (2 * max_tiles) and its tile count (1), the updated entries' values (last, like their indices)
         self.tiles_at = 2 * seqs + 1
         self.count_at = self.tiles_at + 2 * max_tiles
-        self.tables_at = self.count_at + 1
-        n32 = self.tables_at + seqs * max_blocks
+        self.values_at = self.count_at + 1
+        n32 = self.values_at + seqs * max_blocks
         self.host64 = torch.zeros(n64, dtype=torch.int64, pin_memory=True)
         self.host32 = torch.zeros(n32, dtype=torch.int32, pin_memory=True)
         self.np64 = self.host64.numpy()
@@ -179,6 +186,10 @@ class CudaModelRunner(ModelRunner):
         self._g_slots = torch.full((max_num_seqs,), -1, dtype=torch.int64, device=device)
         self._g_lens = torch.zeros(max_num_seqs, dtype=torch.int32, device=device)
         self._g_tables = torch.zeros((max_num_seqs, self.max_blocks), dtype=torch.int32, device=device)
+        # The persistent block tables the steps' tables are gathered from (engine/block_table_rows.py);
+        # twice the batch's rows, so that a row is reclaimed only after its sequence left.
+        self._table_rows = BlockTableRows(2 * max_num_seqs, self.max_blocks)
+        self._tables = torch.zeros((2 * max_num_seqs, self.max_blocks), dtype=torch.int32, device=device)
         self._g_qsl = torch.arange(max_num_seqs + 1, dtype=torch.int32, device=device)
         # The mixed graphs' own (token-sized) inputs; they share _g_tables with the decode graphs.
         m_tokens = mixed_graph_sizes(max_num_batched_tokens)[-1]
@@ -218,7 +229,8 @@ class CudaModelRunner(ModelRunner):
         self._attention.schedule = None
         self._sets.clear()
         self._out_host.clear()
-        del self._g_ids, self._g_pos, self._g_slots, self._g_lens, self._g_tables, self._g_qsl
+        del self._g_ids, self._g_pos, self._g_slots, self._g_lens, self._g_tables, self._g_qsl, self._tables
+        self._table_rows.clear()
         del self._m_ids, self._m_pos, self._m_slots, self._m_qsl, self._m_lens, self._m_tiles, self._m_count
         del self._m_hidden
         del self.copy_stream, self.compute_stream
@@ -370,17 +382,24 @@ class CudaModelRunner(ModelRunner):
             n_tiles = len(tile_map)
             b[buf.tiles_at : buf.tiles_at + 2 * n_tiles] = tile_map.ravel()
             b[buf.count_at] = n_tiles
-        width = max(len(t) for t in inputs.block_tables)
-        tables = b[buf.tables_at : buf.tables_at + seqs_padded * width].reshape(seqs_padded, width)
-        for i, t in enumerate(inputs.block_tables):
-            tables[i, : len(t)] = t
+        # Block tables: which persistent row each sequence reads, and the entries the rows lack.
+        rows_at, entries_at, values_at = buf.table_rows_at, buf.entries_at, buf.values_at
+        try:
+            n_new = self._table_rows.sync(
+                inputs.block_tables, a[rows_at : rows_at + n_seq], a[entries_at:], b[values_at:]
+            )
+        except BaseException:
+            self._table_rows.clear()  # the rows' bookkeeping may be half updated: resend everything
+            raise
+        if seqs_padded > n_seq:  # graph padding reads any row (seq_len 0: no key is read)
+            a[rows_at + n_seq : rows_at + seqs_padded] = 0
 
         # 2. Copy on the side stream once the compute stream is done with these device buffers.
         compute = torch.cuda.current_stream(self.device)
-        n32 = buf.tables_at + seqs_padded * width
+        n64, n32 = entries_at + n_new, values_at + n_new
         with torch.cuda.stream(self.copy_stream):
             self.copy_stream.wait_event(buf.consumed)
-            buf.dev64.copy_(buf.host64, non_blocking=True)
+            buf.dev64[:n64].copy_(buf.host64[:n64], non_blocking=True)
             buf.dev32[:n32].copy_(buf.host32[:n32], non_blocking=True)
             buf.copied.record(self.copy_stream)
         compute.wait_event(buf.copied)
@@ -391,7 +410,9 @@ class CudaModelRunner(ModelRunner):
         slots = d[2 * T : 2 * T + padded]
         sample_rows = d[3 * T : 3 * T + n_rows]
         seq_lens = e[S + 1 : S + 1 + seqs_padded]
-        block_tables = e[buf.tables_at : n32].view(seqs_padded, width)
+        table_rows = d[rows_at : rows_at + seqs_padded]
+        if n_new:  # in stream order: the step in flight has gathered its tables already
+            self._tables.view(-1).index_copy_(0, d[entries_at:n64], e[values_at:n32])
         if inputs.copies:
             self.copy_blocks(inputs.copies)
         if n_ph:
@@ -409,7 +430,7 @@ class CudaModelRunner(ModelRunner):
             self._g_pos[:decode_bs].copy_(positions)
             self._g_slots[:decode_bs].copy_(slots)
             self._g_lens[:decode_bs].copy_(seq_lens)
-            self._g_tables[:decode_bs, :width].copy_(block_tables)
+            torch.index_select(self._tables, 0, table_rows, out=self._g_tables[:decode_bs])
             graph.replay()
             self.step_kinds["decode_graph"] += 1
             logits = logits_all[:n_rows] if n_rows == n_tok else logits_all.index_select(0, sample_rows)
@@ -420,7 +441,7 @@ class CudaModelRunner(ModelRunner):
                 self._m_slots[:mixed_n].copy_(slots)
                 self._m_qsl[: n_seq + 1].copy_(e[0 : n_seq + 1])
                 self._m_lens[:n_seq].copy_(seq_lens)
-                self._g_tables[:n_seq, :width].copy_(block_tables)
+                torch.index_select(self._tables, 0, table_rows, out=self._g_tables[:n_seq])
                 self._m_tiles[:n_tiles].copy_(e[buf.tiles_at : buf.tiles_at + 2 * n_tiles].view(n_tiles, 2))
                 self._m_count.copy_(e[buf.count_at : buf.count_at + 1])
                 self.mixed_graphs[mixed_n].replay()
@@ -431,7 +452,7 @@ class CudaModelRunner(ModelRunner):
                     slot_mapping=slots,
                     query_start_loc=e[0 : n_seq + 1],
                     seq_lens=seq_lens,
-                    block_tables=block_tables,
+                    block_tables=self._tables.index_select(0, table_rows),
                     max_query_len=max(inputs.query_lens),
                     max_seq_len=max(inputs.seq_lens),
                     query_start_loc_list=qsl.tolist(),
