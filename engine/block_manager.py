@@ -153,6 +153,15 @@ class BlockManager:
         self._pending_lookup[seq_id] = (full_blocks, len(self.tables[seq_id]))
         return len(self.tables[seq_id]) * bs
 
+    def fits(self, seq_id: int, num_tokens: int) -> bool:
+        """``seq_id``'s blocks already hold ``num_tokens`` and its next write needs no copy, so
+        ``allocate`` would change nothing: the common decode step, which needs no list of copies."""
+        table = self.tables.get(seq_id)
+        if not table or num_tokens > len(table) * self.block_size:
+            return False
+        # A shared last block (after a fork) may need copying; a pending prefix lookup is counted by allocate.
+        return self._ref[table[-1]] == 1 and seq_id not in self._pending_lookup
+
     def allocate(self, seq_id: int, num_tokens: int) -> list[tuple[int, int]] | None:
         """Grow ``seq_id``'s table to hold ``num_tokens``; None (and no change) if blocks run out.
 

@@ -43,6 +43,7 @@ from mini_vllm.engine.triton_attention import (
     store_kv_triton,
 )
 from mini_vllm.engine.triton_norm import rms_norm_triton, rotary_triton, silu_mul_triton
+from mini_vllm.engine.triton_qkv import qkv_prologue_triton
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -162,7 +163,7 @@ class CudaModelRunner(ModelRunner):
         self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // block_size)
         self.tokens_per_tile = prefill_tokens_per_tile(config.num_attention_heads, config.num_key_value_heads)
-        model.use_fused_kernels(rms_norm_triton, rotary_triton, silu_mul_triton)
+        model.use_fused_kernels(rms_norm_triton, rotary_triton, silu_mul_triton, qkv_prologue=qkv_prologue_triton)
         rows = max(max_num_batched_tokens, max_num_seqs)
         self.max_num_batched_tokens = max_num_batched_tokens
         max_tiles = max_prefill_tiles(max_num_batched_tokens, max_num_seqs, self.tokens_per_tile)
@@ -212,6 +213,20 @@ class CudaModelRunner(ModelRunner):
         self.warm_up_eager()
         if not self.enforce_eager:
             self.capture_graphs()
+
+    def graph_reserve_bytes(self, eager_peak: int) -> int:
+        """Device memory the CUDA graphs' private pool will hold, to keep out of the KV budget:
+        every decode graph's logits, the activations of the largest mixed graph (``eager_peak``
+        is ``profile_peak_bytes`` at the step budget; a smaller top graph is measured), and
+        256 MiB for what capture allocates besides (cuBLAS workspaces, Triton scratch)."""
+        if self.enforce_eager:
+            return 0
+        config = self.model.config
+        itemsize = self.model.embed_tokens.weight.element_size()
+        logits = sum(graph_batch_sizes(self.max_num_seqs)) * config.vocab_size * itemsize
+        top = mixed_graph_sizes(self.max_num_batched_tokens)[-1]
+        activations = eager_peak if top == self.max_num_batched_tokens else self.profile_peak_bytes(top)
+        return logits + activations + (256 << 20)
 
     def close(self) -> None:
         """Free the weights, KV cache, CUDA graphs (and so their private pool), staging and pinned

@@ -33,6 +33,7 @@ def land_step(out: SchedulerOutput, output: ModelOutput, scheduler: Scheduler, n
               eos_ids: Container[int], max_model_len: int) -> LandedStep:
     """Land ``output`` (one token per sampling row, rows in ``out.seqs`` order) on the step ``out``."""
     bm = scheduler.block_manager
+    block_size = bm.block_size
     tokens = output.token_ids
     touched: dict[str, Request] = {}
     prompt_tokens = generated = 0
@@ -42,12 +43,16 @@ def land_step(out: SchedulerOutput, output: ModelOutput, scheduler: Scheduler, n
         first = row
         n = s.num_samples
         row += n
-        if seq.status is SeqStatus.FINISHED:  # aborted, or finished by the step before
+        status = seq.status
+        if status is SeqStatus.FINISHED:  # aborted, or finished by the step before
             continue
-        end = s.end
+        num_new = s.num_new_tokens
+        end = s.start + num_new
         if end <= seq.num_prompt_tokens:
-            prompt_tokens += s.num_new_tokens
-        if seq.status is SeqStatus.RUNNING:
+            prompt_tokens += num_new
+        # One token fills a block only when it ends on a block boundary; publishing catches up on
+        # any block left behind, so skipping the call in between loses nothing.
+        if status is SeqStatus.RUNNING and (num_new > 1 or end % block_size == 0):
             bm.cache_full_blocks(seq.seq_id, seq.token_ids, end)
         if not n:
             continue
@@ -78,9 +83,10 @@ def land_step(out: SchedulerOutput, output: ModelOutput, scheduler: Scheduler, n
 
 def _land_token(seq: Sequence, index: int, token: int, output: ModelOutput, row: int, scheduler: Scheduler,
                 eos_ids: Container[int], max_model_len: int) -> None:
-    if seq.token_ids[index] not in (PLACEHOLDER, token):
+    token_ids = seq.token_ids
+    if token_ids[index] != PLACEHOLDER and token_ids[index] != token:
         raise RuntimeError(f"sequence {seq.seq_id}: token {index} landed twice")
-    seq.token_ids[index] = token
+    token_ids[index] = token
     params = seq.request.params
     seq.new_token_ids.append(token)
     seq.delta_pending = True
@@ -104,7 +110,7 @@ def _land_token(seq: Sequence, index: int, token: int, output: ModelOutput, row:
         reason = "length"
     if reason is not None:
         seq.finish_reason = reason
-        del seq.token_ids[index + 1 :]  # a token scheduled one step too late is dropped
+        del token_ids[index + 1 :]  # a token scheduled one step too late is dropped
         if detokenizer is not None:
             detokenizer.finish()
         scheduler.remove(seq)

@@ -31,7 +31,7 @@ from mini_vllm.engine.outputs import RequestDelta, SampleDelta
 from mini_vllm.engine.prompts import PromptEncoder
 from mini_vllm.engine.sampling_params import SamplingParams
 from mini_vllm.engine.scheduler import Scheduler, SchedulerOutput
-from mini_vllm.engine.sequence import PLACEHOLDER, Request, SeqStatus, Sequence
+from mini_vllm.engine.sequence import PLACEHOLDER, Request, SeqStatus, Sequence, uses_penalties
 from mini_vllm.engine.step_loop import StepLoop, StepTiming
 
 
@@ -101,6 +101,9 @@ class LLMEngine:
         pipelined = args.async_scheduling if args.async_scheduling is not None else runner.device.type == "cuda"
         self.loop = StepLoop(pipelined)  # step()'s; the scheduler actor runs its own
         self.requests: dict[str, Request] = {}
+        # Requests in self.requests whose penalties need real output tokens (can_schedule_ahead):
+        # kept as requests come and go, so that a step does not scan them all.
+        self._penalized: set[str] = set()
         self._arrivals = itertools.count()
         self._seq_ids = itertools.count()
         self._steps = 0
@@ -163,8 +166,8 @@ class LLMEngine:
             num_blocks = args.num_kv_blocks
         elif device.type == "cuda":
             peak = runner.profile_peak_bytes(args.max_num_batched_tokens)  # type: ignore[attr-defined]
-            # The decode graphs keep their logits and activations in a private pool.
-            graph_reserve = 0 if args.enforce_eager else 2 * args.max_num_seqs * config.vocab_size * 4 + (256 << 20)
+            # The graphs keep their logits and activations in a private pool.
+            graph_reserve = runner.graph_reserve_bytes(peak)  # type: ignore[attr-defined]
             budget = gpu_kv_budget_bytes(device, args.gpu_memory_utilization, peak + graph_reserve)
             num_blocks = num_blocks_for_budget(config, args.block_size, dtype, budget)
         else:
@@ -196,6 +199,7 @@ class LLMEngine:
         for request in self.requests.values():
             request.sequences.clear()  # Request <-> Sequence is a cycle (see _request_delta)
         self.requests.clear()
+        self._penalized.clear()
         self.runner.close()
 
     def _check_open(self) -> None:
@@ -229,6 +233,8 @@ class LLMEngine:
                           detokenize=detokenize)
         seq = self._new_sequence(request, 0, list(prompt_token_ids))
         self.requests[request_id] = request
+        if uses_penalties(params):
+            self._penalized.add(request_id)
         self.scheduler.add(seq)
 
     def _new_sequence(self, request: Request, index: int, token_ids: list[int]) -> Sequence:
@@ -248,6 +254,7 @@ class LLMEngine:
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
+        self._penalized.discard(request_id)
         deltas = []
         for seq in request.sequences:
             if seq.status is SeqStatus.FINISHED:
@@ -346,10 +353,7 @@ class LLMEngine:
     def can_schedule_ahead(self) -> bool:
         """Whether the next step may be scheduled before the launched one lands: not while a
         request's penalties need its real output tokens."""
-        return not any(
-            r.params.repetition_penalty != 1.0 or r.params.presence_penalty or r.params.frequency_penalty
-            for r in self.requests.values()
-        )
+        return not self._penalized
 
     def process(self, batch: ScheduledBatch, output: ModelOutput) -> list[RequestDelta]:
         """Land a step's tokens: fill placeholders, fork n > 1 samples, check stops, free finished."""
@@ -361,25 +365,30 @@ class LLMEngine:
         return [self._request_delta(r) for r in landed.touched.values()]
 
     def _take_delta(self, seq: Sequence) -> SampleDelta:
-        final = seq.finish_reason is not None
-        text = seq.detokenizer.take(final) if seq.detokenizer is not None else ""
-        delta = SampleDelta(
-            index=seq.index,
-            token_ids=tuple(seq.new_token_ids),
-            text=text,
-            logprobs=tuple(seq.new_logprobs) if seq.logprobs is not None else None,
-            finish_reason=seq.finish_reason,
-        )
-        seq.new_token_ids = []
-        seq.new_logprobs = []
+        reason = seq.finish_reason
+        text = seq.detokenizer.take(reason is not None) if seq.detokenizer is not None else ""
+        logprobs = None
+        if seq.logprobs is not None:
+            logprobs = tuple(seq.new_logprobs)
+            seq.new_logprobs.clear()
+        # The news is copied out and the list emptied in place: no new list per sequence per step.
+        delta = SampleDelta(seq.index, tuple(seq.new_token_ids), text, logprobs, reason)
+        seq.new_token_ids.clear()
         seq.delta_pending = False
         return delta
 
     def _request_delta(self, request: Request) -> RequestDelta:
-        deltas = tuple(self._take_delta(s) for s in request.sequences if s.delta_pending)
-        finished = request.finished
+        sequences = request.sequences
+        if len(sequences) == 1:  # n == 1: the common case, without a generator
+            seq = sequences[0]
+            deltas: tuple[SampleDelta, ...] = (self._take_delta(seq),) if seq.delta_pending else ()
+            finished = seq.status is SeqStatus.FINISHED
+        else:
+            deltas = tuple(self._take_delta(s) for s in sequences if s.delta_pending)
+            finished = request.finished
         if finished:
             self.requests.pop(request.request_id, None)
+            self._penalized.discard(request.request_id)
             # Each sequence points at its request and the request lists them: break that cycle,
             # which would keep the sequences, their detokenizers and the tokenizer alive until
             # the cyclic GC runs. A step still in flight skips finished sequences.

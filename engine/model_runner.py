@@ -49,7 +49,11 @@ class ModelOutput:
 def prepare_inputs(
     out: SchedulerOutput, block_size: int, eos_ids: Seq[int], previous: StepInputs | None
 ) -> StepInputs:
-    """Flatten a scheduled step into lists; ``previous`` is the step still in flight, if any."""
+    """Flatten a scheduled step into lists; ``previous`` is the step still in flight, if any.
+
+    Hot: it runs for every sequence of every step, so a decode (one token) takes a short path, and
+    a request whose sampling needs nothing per step reuses its one ``Request.static_row``.
+    """
     prev_row = {sid: r for r, sid in enumerate(previous.sample_seq_ids)} if previous is not None else {}
     placeholder_rows: list[int] = []
     placeholder_src: list[int] = []
@@ -59,49 +63,65 @@ def prepare_inputs(
     slots: list[int] = []
     query_lens: list[int] = []
     seq_lens: list[int] = []
-    tables: list[tuple[int, ...]] = []
+    tables: list[list[int]] = []
     sample_indices: list[int] = []
     rows: list[SamplingRow] = []
     for s in out.seqs:
-        seq, table = s.seq, s.block_table
-        if seq.token_ids[s.end - 1] == PLACEHOLDER:  # only ever the last input token
-            placeholder_rows.append(len(input_ids) + s.num_new_tokens - 1)
-            placeholder_src.append(prev_row[seq.seq_id])
-        input_ids.extend(seq.token_ids[s.start : s.end])
-        if s.num_new_tokens == 1:  # decode: the common case, without a generator
-            p = s.start
-            positions.append(p)
-            slots.append(table[p // block_size] * block_size + p % block_size)
+        seq, table, start, num_new = s.seq, s.block_table, s.start, s.num_new_tokens
+        end = start + num_new
+        token_ids = seq.token_ids
+        if num_new == 1:  # decode: the common case, without slices or generators
+            token = token_ids[start]
+            if token == PLACEHOLDER:
+                placeholder_rows.append(len(input_ids))
+                placeholder_src.append(prev_row[seq.seq_id])
+            input_ids.append(token)
+            positions.append(start)
+            slots.append(table[start // block_size] * block_size + start % block_size)
         else:
-            pos = range(s.start, s.end)
-            positions.extend(pos)
-            slots.extend(table[p // block_size] * block_size + p % block_size for p in pos)
-        query_lens.append(s.num_new_tokens)
-        seq_lens.append(s.end)
+            if token_ids[end - 1] == PLACEHOLDER:  # only ever the last input token
+                placeholder_rows.append(len(input_ids) + num_new - 1)
+                placeholder_src.append(prev_row[seq.seq_id])
+            input_ids.extend(token_ids[start:end])
+            positions.extend(range(start, end))
+            # A block at a time, not a token at a time: a block's slots are one run of numbers.
+            p = start
+            while p < end:
+                block, offset = divmod(p, block_size)
+                run = min(end - p, block_size - offset)
+                first = table[block] * block_size + offset
+                slots.extend(range(first, first + run))
+                p += run
+        query_lens.append(num_new)
+        seq_lens.append(end)
         tables.append(table)
-        if not s.num_samples:
+        num_samples = s.num_samples
+        if not num_samples:
             continue
-        params = seq.request.params
-        out_pos = s.end - seq.num_prompt_tokens  # index of the sampled token in the output
+        request = seq.request
+        params = request.params
+        out_pos = end - seq.num_prompt_tokens  # index of the sampled token in the output
+        static = request.static_row
+        if num_samples == 1 and static is not None and out_pos >= params.min_tokens:
+            sample_seq_ids.append(seq.seq_id)
+            sample_indices.append(len(input_ids) - 1)
+            rows.append(static)
+            continue
         blocked: tuple[int, ...] = ()
         if out_pos < params.min_tokens:
             blocked = params.stop_token_ids + (() if params.ignore_eos else tuple(eos_ids))
-        prompt = seq.request.prompt_token_ids if params.repetition_penalty != 1.0 else None
-        for k in range(s.num_samples):
-            index = seq.index if s.num_samples == 1 else k
+        prompt = request.prompt_token_ids if params.repetition_penalty != 1.0 else None
+        penalized = params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0
+        output_ids = token_ids[seq.num_prompt_tokens : end] if penalized else []  # not the placeholder at end
+        for k in range(num_samples):
+            index = seq.index if num_samples == 1 else k
             sample_seq_ids.append(seq.seq_id if k == 0 else -1)
             sample_indices.append(len(input_ids) - 1)
-            rows.append(
-                SamplingRow(
-                    params=params,
-                    prompt_token_ids=prompt,
-                    output_token_ids=seq.token_ids[seq.num_prompt_tokens : s.end]  # not the placeholder at end
-                    if (params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0)
-                    else [],
-                    blocked_token_ids=blocked,
-                    seed=None if params.seed is None else derive_seed(params.seed, index, out_pos),
-                )
-            )
+            seed = None if params.seed is None else derive_seed(params.seed, index, out_pos)
+            rows.append(static if static is not None and not blocked else SamplingRow(
+                params=params, prompt_token_ids=prompt, output_token_ids=output_ids, blocked_token_ids=blocked,
+                seed=seed,
+            ))
     return StepInputs(
         input_ids, positions, slots, query_lens, seq_lens, tables, sample_indices, rows, out.copies,
         placeholder_rows, placeholder_src, sample_seq_ids,

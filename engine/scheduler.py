@@ -22,7 +22,9 @@ from mini_vllm.engine.errors import ConfigError
 from mini_vllm.engine.sequence import PLACEHOLDER, SeqStatus, Sequence
 
 
-@attrs.frozen
+# Not frozen: a frozen attrs record sets each field through object.__setattr__, four times the cost
+# of a plain one, and a step makes one per sequence. Nothing changes one after it is made.
+@attrs.define
 class ScheduledSeq:
     seq: Sequence
     start: int  # first position computed this step (== num_computed_tokens when scheduled)
@@ -37,6 +39,11 @@ class ScheduledSeq:
     @property
     def end(self) -> int:
         return self.start + self.num_new_tokens
+
+
+# Block copies (source, destination) that an allocation asks for; most steps need none.
+Copies = list[tuple[int, int]] | tuple[()]
+NO_COPIES: tuple[()] = ()
 
 
 @attrs.frozen
@@ -128,22 +135,24 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         bm = self.block_manager
         budget = self.max_num_batched_tokens
-        chosen: dict[int, tuple[Sequence, int, list[tuple[int, int]]]] = {}  # seq_id -> (seq, n, copies)
+        chosen: dict[int, tuple[Sequence, int, Copies]] = {}  # seq_id -> (seq, n, copies)
         preempted: list[Sequence] = []
 
         if not self.chunked_prefill:
             budget -= self._admit(chosen, budget, whole=True)
             if chosen:
-                return self._output(chosen, preempted)
+                return self._output(chosen, preempted, in_running_order=False)
 
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
+        # A preemption takes the last running sequence out of the list walked here: that only ends
+        # the walk sooner (the victim, possibly seq itself, would have come after seq).
+        for seq in self.running:
+            if budget <= 0:
+                break
             if seq.length_capped:  # its last token is still in flight; it finishes when that lands
-                i += 1
                 continue
             num_new = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
-            copies = bm.allocate(seq.seq_id, seq.num_computed_tokens + num_new)
+            needed = seq.num_computed_tokens + num_new
+            copies = NO_COPIES if bm.fits(seq.seq_id, needed) else bm.allocate(seq.seq_id, needed)
             while copies is None:
                 victim = self.running[-1]
                 if victim.seq_id in chosen:  # undo its place in this batch
@@ -155,17 +164,15 @@ class Scheduler:
                     break
                 copies = bm.allocate(seq.seq_id, seq.num_computed_tokens + num_new)
             if copies is None:
-                continue  # seq itself was preempted; running[i] is now the next one
+                break  # seq itself was preempted: it was the last one running
             chosen[seq.seq_id] = (seq, num_new, copies)
             budget -= num_new
-            i += 1
 
         # Admit new work only when nothing had to be preempted: otherwise we would thrash.
-        if self.chunked_prefill and not preempted:
-            self._admit(chosen, budget, whole=False)
-        return self._output(chosen, preempted)
+        admitted = self.chunked_prefill and not preempted and self._admit(chosen, budget, whole=False) > 0
+        return self._output(chosen, preempted, in_running_order=not admitted)
 
-    def _admit(self, chosen: dict[int, tuple[Sequence, int, list[tuple[int, int]]]], budget: int, whole: bool) -> int:
+    def _admit(self, chosen: dict[int, tuple[Sequence, int, Copies]], budget: int, whole: bool) -> int:
         """Admit waiting sequences in order while the budget, ``max_num_seqs`` and free blocks
         allow; ``whole``: only a prompt whose whole remaining part fits. Returns the tokens used."""
         bm = self.block_manager
@@ -193,30 +200,31 @@ class Scheduler:
             used += num_new
         return used
 
-    def _output(
-        self, chosen: dict[int, tuple[Sequence, int, list[tuple[int, int]]]], preempted: list[Sequence]
-    ) -> SchedulerOutput:
-        bm = self.block_manager
+    def _output(self, chosen: dict[int, tuple[Sequence, int, Copies]], preempted: list[Sequence],
+                in_running_order: bool) -> SchedulerOutput:
+        """The batch in running order, which keeps it deterministic. ``in_running_order``: ``chosen``
+        already is (it was filled walking ``running``, and nobody admitted was inserted into it)."""
+        tables = self.block_manager.tables
+        max_model_len = self.max_model_len
         scheduled = []
         all_copies: list[tuple[int, int]] = []
-        for seq in self.running:  # running order keeps the batch deterministic
-            entry = chosen.get(seq.seq_id)
-            if entry is None:
-                continue
-            _, num_new, copies = entry
-            all_copies.extend(copies)
-            reaches_end = seq.num_computed_tokens + num_new == len(seq.token_ids)
+        entries = chosen.values() if in_running_order else [
+            chosen[s.seq_id] for s in self.running if s.seq_id in chosen
+        ]
+        for seq, num_new, copies in entries:
+            if copies:
+                all_copies.extend(copies)
+            start = seq.num_computed_tokens
+            token_ids = seq.token_ids
             request = seq.request
-            samples = (request.params.n if not request.forked else 1) if reaches_end else 0
-            scheduled.append(
-                ScheduledSeq(seq, seq.num_computed_tokens, num_new, bm.tables[seq.seq_id], samples)
-            )
+            samples = (1 if request.forked else request.params.n) if start + num_new == len(token_ids) else 0
+            scheduled.append(ScheduledSeq(seq, start, num_new, tables[seq.seq_id], samples))
             # Account for the step now, so the next step can be scheduled before this one ends.
-            seq.num_computed_tokens += num_new
+            seq.num_computed_tokens = start + num_new
             if samples:
                 request.forked = True  # the other samples split off when this step lands
-                seq.token_ids.append(PLACEHOLDER)
-                params = request.params
-                if seq.num_output_tokens >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
+                token_ids.append(PLACEHOLDER)
+                length = len(token_ids)
+                if length - seq.num_prompt_tokens >= request.params.max_tokens or length >= max_model_len:
                     seq.length_capped = True
         return SchedulerOutput(tuple(scheduled), tuple(all_copies), tuple(preempted))

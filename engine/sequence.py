@@ -8,12 +8,18 @@ import attrs
 
 from mini_vllm.engine.detokenizer import IncrementalDetokenizer
 from mini_vllm.engine.outputs import FinishReason, TokenLogprob
+from mini_vllm.engine.sampler import SamplingRow
 from mini_vllm.engine.sampling_params import SamplingParams
 
 # Stands in token_ids for a token sampled by a step still running on the device: the next step is
 # scheduled before the previous one's tokens are known, and the runner fills the real id on the
 # device. ``LLMEngine.process`` writes it back into the list.
 PLACEHOLDER = -1
+
+
+def uses_penalties(params: SamplingParams) -> bool:
+    """Repetition, presence or frequency penalties: the sampler needs the real output tokens."""
+    return params.repetition_penalty != 1.0 or bool(params.presence_penalty) or bool(params.frequency_penalty)
 
 
 class SeqStatus(enum.Enum):
@@ -36,6 +42,14 @@ class Request:
     detokenize: bool = True
     # time.monotonic() when the scheduler first put it in a batch (queue-time metrics); None before
     scheduled_at: float | None = None
+    # The sampling row of every step past min_tokens when nothing in it changes from step to step
+    # (no seed per position, no penalties over the output): made once, not once per sample per
+    # step. None: prepare_inputs makes each step's row.
+    static_row: SamplingRow | None = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        per_step = self.params.seed is not None or uses_penalties(self.params)
+        self.static_row = None if per_step else SamplingRow(self.params, None, [], (), None)
 
     @property
     def finished(self) -> bool:
@@ -59,10 +73,12 @@ class Sequence:
     delta_pending: bool = False
     # All tokens it may produce are scheduled (max_tokens / max_model_len): schedule no more.
     length_capped: bool = False
+    # A plain attribute, not a property: the scheduler, the input preparation and the landing
+    # read it for every sequence of every step. A request's prompt never changes.
+    num_prompt_tokens: int = attrs.field(init=False)
 
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.request.prompt_token_ids)
+    def __attrs_post_init__(self) -> None:
+        self.num_prompt_tokens = len(self.request.prompt_token_ids)
 
     @property
     def num_output_tokens(self) -> int:
