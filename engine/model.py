@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -30,6 +31,28 @@ FusedRotary = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
 ]
 FusedSiluMul = Callable[[torch.Tensor, int], torch.Tensor]  # ([gate | up], intermediate) -> silu(gate) * up
+
+
+class FusedQkvPrologue(Protocol):
+    """Everything between the qkv projection and attention in one kernel (the GPU runner installs
+    ``triton_qkv.qkv_prologue_triton``): q/k norms when weights are given, rotary, the KV cache
+    write; returns q ``[T, heads, head_dim]``."""
+
+    def __call__(
+        self,
+        qkv: torch.Tensor,
+        positions: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        *,
+        num_heads: int,
+        q_norm: torch.Tensor | None = None,
+        k_norm: torch.Tensor | None = None,
+        eps: float | None = None,
+    ) -> torch.Tensor: ...
 
 
 class RMSNorm(nn.Module):
@@ -117,6 +140,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.prologue: FusedQkvPrologue | None = None  # replaces the q/k norms, rotary and store_kv_fn
 
     def forward(
         self,
@@ -130,16 +154,37 @@ class Attention(nn.Module):
         store_kv_fn: StoreKvFn,
     ) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
-        store_kv_fn(k, v, k_cache, v_cache, meta.slot_mapping)
+        if self.prologue is not None:
+            q = self._fused_prologue(self.prologue, positions, qkv, rotary, k_cache, v_cache, meta.slot_mapping)
+        else:
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = q.view(-1, self.num_heads, self.head_dim)
+            k = k.view(-1, self.num_kv_heads, self.head_dim)
+            v = v.view(-1, self.num_kv_heads, self.head_dim)
+            if self.q_norm is not None and self.k_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = rotary(positions, q, k)
+            store_kv_fn(k, v, k_cache, v_cache, meta.slot_mapping)
         out = attention_fn(q, k_cache, v_cache, meta, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
+
+    def _fused_prologue(
+        self,
+        prologue: FusedQkvPrologue,
+        positions: torch.Tensor,
+        qkv: torch.Tensor,
+        rotary: RotaryEmbedding,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> torch.Tensor:
+        args = (qkv, positions, rotary.cos, rotary.sin, k_cache, v_cache, slot_mapping)
+        if self.q_norm is not None and self.k_norm is not None:
+            # One eps for both: the two norms are built from the same config.rms_norm_eps.
+            return prologue(
+                *args, num_heads=self.num_heads, q_norm=self.q_norm.weight, k_norm=self.k_norm.weight, eps=self.q_norm.eps
+            )
+        return prologue(*args, num_heads=self.num_heads)
 
 
 class MLP(nn.Module):
@@ -207,12 +252,24 @@ class CausalLM(nn.Module):
             return self.norm(hidden)
         return self.norm.add_forward(hidden, residual)[0]
 
-    def use_fused_kernels(self, norm: FusedNorm, rotary: FusedRotary, silu_mul: FusedSiluMul) -> None:
+    def use_fused_kernels(
+        self,
+        norm: FusedNorm,
+        rotary: FusedRotary,
+        silu_mul: FusedSiluMul,
+        *,
+        qkv_prologue: FusedQkvPrologue | None = None,
+    ) -> None:
+        """Install the GPU's fused kernels; with ``qkv_prologue`` each layer's q/k norms, rotary and
+        KV cache write are that one kernel instead (``norm``/``rotary`` and the model's
+        ``store_kv_fn`` are then not called for them)."""
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.fused = norm
             elif isinstance(module, MLP):
                 module.fused = silu_mul
+            elif isinstance(module, Attention):
+                module.prologue = qkv_prologue
         self.rotary.fused = rotary
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -78,7 +78,7 @@ def rms_norm_triton(
 
 
 @triton.jit
-def _round_to(x, ty: tl.constexpr, IS_BF16: tl.constexpr):
+def round_to(x, ty: tl.constexpr, IS_BF16: tl.constexpr):
     """Round fp32 ``x`` to ``ty`` and back. For bf16 in integer arithmetic (round to nearest even):
     on the H200 the compiler dropped a plain ``.to(bf16).to(fp32)`` round trip inside the rotary
     sum, which left a fifth of the outputs one rounding away from the eager ops."""
@@ -117,13 +117,13 @@ def _rotary_kernel(
     x2 = tl.load(base + HALF + d[None, :], mask=ok, other=0.0)
     ty = x1.dtype
     # The table is cat(freqs, freqs): both halves share cos/sin; rounded to x's dtype as eager does.
-    c = _round_to(tl.load(cos + pos * stride_cos + d, mask=d_ok, other=0.0), ty, IS_BF16)[None, :]
-    s = _round_to(tl.load(sin + pos * stride_cos + d, mask=d_ok, other=0.0), ty, IS_BF16)[None, :]
+    c = round_to(tl.load(cos + pos * stride_cos + d, mask=d_ok, other=0.0), ty, IS_BF16)[None, :]
+    s = round_to(tl.load(sin + pos * stride_cos + d, mask=d_ok, other=0.0), ty, IS_BF16)[None, :]
     f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
     # Eager: x * cos + rotate_half(x) * sin, each product and the sum rounded to the dtype.
     # The sum is rounded here too, so the final cast is exact (value already representable).
-    o1 = _round_to(_round_to(f1 * c, ty, IS_BF16) + _round_to(-f2 * s, ty, IS_BF16), ty, IS_BF16).to(ty)
-    o2 = _round_to(_round_to(f2 * c, ty, IS_BF16) + _round_to(f1 * s, ty, IS_BF16), ty, IS_BF16).to(ty)
+    o1 = round_to(round_to(f1 * c, ty, IS_BF16) + round_to(-f2 * s, ty, IS_BF16), ty, IS_BF16).to(ty)
+    o2 = round_to(round_to(f2 * c, ty, IS_BF16) + round_to(f1 * s, ty, IS_BF16), ty, IS_BF16).to(ty)
     tl.store(base + d[None, :], o1, mask=ok)
     tl.store(base + HALF + d[None, :], o2, mask=ok)
 

@@ -103,10 +103,10 @@ def test_sampling_seeded_reproducible_on_gpu(tiny_model: Callable[..., Path]) ->
 
 
 def _jit_kernels() -> dict[str, object]:
-    from mini_vllm.engine import triton_attention, triton_norm
+    from mini_vllm.engine import triton_attention, triton_norm, triton_qkv
 
     return {
-        name: obj for module in (triton_attention, triton_norm) for name, obj in vars(module).items()
+        name: obj for module in (triton_attention, triton_norm, triton_qkv) for name, obj in vars(module).items()
         if hasattr(obj, "device_caches")
     }
 

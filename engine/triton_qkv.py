@@ -1,0 +1,275 @@
+"""The attention block's prologue in one Triton launch: q/k RMSNorm, rotary, and the KV cache write.
+
+Between the qkv projection and attention a decoder layer used to launch ``rms_norm_triton`` on q
+and on k (Qwen3-style q/k norms), ``rotary_triton`` on both, then ``store_kv_triton``: four small
+memory-bound kernels (two for Llama-style models), each a few microseconds of a decode step, 32
+times over in a CUDA graph of llama3-8b. ``qkv_prologue_triton`` does all of it in one launch.
+
+Launch layout: grid ``(tokens, heads + kv_heads)``, one program per head of one token's qkv row.
+A program of a query head normalizes and rotates it and writes it back in place, into the qkv
+buffer's q columns; a program of a kv head normalizes and rotates that key and writes it and the
+matching value head into the token's cache slot (none for slot < 0, graph padding). Per head, not
+per token as ``rotary_triton`` is, for two reasons: a decode step of one token still spreads over
+``heads + kv_heads`` programs instead of one, and the q/k norm's sum of squares is then reduced
+exactly as ``rms_norm_triton`` reduces it (one head in a 1-D tile of the same lanes, 4 warps, the
+same mask and runtime column count), which a [heads, lanes] tile would not: the reduction order
+follows the tile's layout, and a different order moves a bf16 rounding now and then.
+
+Every other operation is elementwise and written exactly as in ``rms_norm_triton`` (normalize in
+fp32, round to the dtype, scale, round), ``rotary_triton`` (each product and the sum rounded with
+the same ``round_to``) and ``store_kv_triton`` (a cast to the cache's dtype), so the results are
+bit for bit those of the three kernels in a row, for any even head size up to ``GPU_MAX_HEAD_DIM``
+(halves padded to a power of two and masked). Nothing reads a device value on the host and every
+shape depends only on the token count: the call can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mini_vllm.engine.attention import GPU_MAX_HEAD_DIM
+
+# The rotary kernel's own rounding (integer round-to-nearest-even for bf16), shared rather than
+# copied: bit-equality with rotary_triton holds by construction.
+from mini_vllm.engine.triton_norm import round_to
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# Kernel arguments are left unannotated: Triton reads annotations as specialization hints.
+@triton.jit
+def _qkv_prologue_kernel(
+    qkv,
+    positions,
+    cos,
+    sin,
+    q_weight,
+    k_weight,
+    k_cache,
+    v_cache,
+    slot_mapping,
+    stride_t,
+    stride_h,  # head_dim, passed at run time like rms_norm_triton's row stride (same alignment facts)
+    stride_cos,
+    stride_kc_blk,
+    stride_kc_slot,
+    stride_kc_head,
+    stride_vc_blk,
+    stride_vc_slot,
+    stride_vc_head,
+    n_cols,  # head_dim again: the norm divides by a runtime count and masks with it, as rms_norm does
+    eps,
+    NUM_HEADS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,  # HALF rounded up to a power of two (tl.arange needs one), masked
+    BLOCK_D: tl.constexpr,  # head_dim rounded up to a power of two: the norm's and v's tile
+    BLOCK_SIZE: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+    IS_BF16: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)  # 0..NUM_HEADS-1: query heads; then the kv heads
+    row = qkv + tok * stride_t + head * stride_h
+    d = tl.arange(0, BLOCK_HALF)
+    d_ok = d < HALF
+    # Roles as full tiles, not scalars and-ed into masks (those come out as int32 in the
+    # interpreter, which then refuses them as masks; see _store_kv_kernel).
+    heads = tl.zeros([BLOCK_HALF], dtype=tl.int32) + head
+    is_q = heads < NUM_HEADS
+    x1 = tl.load(row + d, mask=d_ok, other=0.0)
+    x2 = tl.load(row + HALF + d, mask=d_ok, other=0.0)
+    ty = x1.dtype
+    f1 = x1.to(tl.float32)
+    f2 = x2.to(tl.float32)
+    if HAS_NORM:
+        # rms_norm_triton's row, lane for lane: the same tile gives the same reduction order.
+        cols = tl.arange(0, BLOCK_D)
+        v32 = tl.load(row + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        mean_sq = tl.sum(v32 * v32, axis=0) / n_cols
+        inv = 1.0 / tl.sqrt(mean_sq + eps)
+        weight = tl.where(head < NUM_HEADS, q_weight, k_weight)
+        w1 = tl.load(weight + d, mask=d_ok, other=0.0).to(tl.float32)
+        w2 = tl.load(weight + HALF + d, mask=d_ok, other=0.0).to(tl.float32)
+        f1 = (w1 * (f1 * inv).to(ty).to(tl.float32)).to(ty).to(tl.float32)
+        f2 = (w2 * (f2 * inv).to(ty).to(tl.float32)).to(ty).to(tl.float32)
+
+    # rotary_triton's arithmetic (see _rotary_kernel): the table is cat(freqs, freqs), both halves
+    # share cos/sin, rounded to the dtype; each product and the sum rounded to the dtype.
+    pos = tl.load(positions + tok).to(tl.int64)
+    c = round_to(tl.load(cos + pos * stride_cos + d, mask=d_ok, other=0.0), ty, IS_BF16)
+    s = round_to(tl.load(sin + pos * stride_cos + d, mask=d_ok, other=0.0), ty, IS_BF16)
+    o1 = round_to(round_to(f1 * c, ty, IS_BF16) + round_to(-f2 * s, ty, IS_BF16), ty, IS_BF16).to(ty)
+    o2 = round_to(round_to(f2 * c, ty, IS_BF16) + round_to(f1 * s, ty, IS_BF16), ty, IS_BF16).to(ty)
+
+    # A query head goes back into its own columns. No element is read after it is overwritten:
+    # the norm's row loads all feed the sum, which every store waits for, and each half element is
+    # stored by the thread that loaded it (of replicated threads, Triton lets one store).
+    q_ok = d_ok & is_q
+    tl.store(row + d, o1, mask=q_ok)
+    tl.store(row + HALF + d, o2, mask=q_ok)
+
+    # A kv head: the rotated key and the value head into the token's slot, none for slot < 0.
+    kv = tl.maximum(head - NUM_HEADS, 0)
+    slot = tl.load(slot_mapping + tok).to(tl.int64)
+    slots = tl.zeros([BLOCK_HALF], dtype=tl.int64) + slot
+    k_ok = d_ok & (heads >= NUM_HEADS) & (slots >= 0)
+    blk = slot // BLOCK_SIZE
+    off = slot % BLOCK_SIZE
+    k_dst = k_cache + blk * stride_kc_blk + off * stride_kc_slot + kv * stride_kc_head
+    tl.store(k_dst + d, o1.to(k_cache.dtype.element_ty), mask=k_ok)
+    tl.store(k_dst + HALF + d, o2.to(k_cache.dtype.element_ty), mask=k_ok)
+    lanes = tl.arange(0, BLOCK_D)
+    v_lanes = tl.zeros([BLOCK_D], dtype=tl.int32) + head
+    v_slots = tl.zeros([BLOCK_D], dtype=tl.int64) + slot
+    v_ok = (lanes < 2 * HALF) & (v_lanes >= NUM_HEADS) & (v_slots >= 0)
+    value = tl.load(qkv + tok * stride_t + (NUM_HEADS + NUM_KV_HEADS + kv) * stride_h + lanes, mask=v_ok)
+    v_dst = v_cache + blk * stride_vc_blk + off * stride_vc_slot + kv * stride_vc_head
+    tl.store(v_dst + lanes, value.to(v_cache.dtype.element_ty), mask=v_ok)
+
+
+def _check_norm_weights(
+    q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float | None, head_dim: int, dtype: torch.dtype
+) -> bool:
+    """Whether the q/k norms are on; refuses half a pair, a missing eps and mismatched weights."""
+    if (q_norm is None) != (k_norm is None):
+        raise ValueError("q_norm and k_norm come as a pair: give both weights or neither")
+    if q_norm is None or k_norm is None:
+        return False
+    if eps is None or not eps >= 0.0:
+        raise ValueError(f"eps must be a float >= 0 when q/k norm weights are given, got {eps}")
+    for name, w in (("q_norm", q_norm), ("k_norm", k_norm)):
+        if w.shape != (head_dim,) or w.stride(0) != 1:
+            raise ValueError(f"{name} must be a contiguous [head_dim={head_dim}] weight, got {tuple(w.shape)}")
+        if w.dtype != dtype:  # as rms_norm_triton: the scale is applied in the input's dtype
+            raise ValueError(f"{name} ({w.dtype}) and qkv ({dtype}) must share a dtype")
+    return True
+
+
+def _check_inputs(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    num_heads: int,
+) -> None:
+    """Shapes, layouts, dtypes and devices; only tensor metadata is read (graph capturable)."""
+    if qkv.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"qkv must be float16, bfloat16 or float32, got {qkv.dtype}")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            "k_cache and v_cache must both be [num_blocks, block_size, num_kv_heads, head_dim], got "
+            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    if not 2 <= head_dim <= GPU_MAX_HEAD_DIM or head_dim % 2:
+        raise ValueError(
+            f"rotary rotates the two halves of each head: head_dim must be even, from 2 to {GPU_MAX_HEAD_DIM}, "
+            f"got {head_dim}"
+        )
+    if num_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"num_heads must be a positive multiple of num_kv_heads ({num_kv_heads}), got {num_heads}")
+    width = (num_heads + 2 * num_kv_heads) * head_dim
+    if qkv.dim() != 2 or qkv.shape[1] != width or qkv.stride(1) != 1:
+        raise ValueError(
+            f"qkv must be a row-major [T, (num_heads={num_heads} + 2 * num_kv_heads={num_kv_heads}) * "
+            f"head_dim={head_dim}] = [T, {width}] tensor, got {tuple(qkv.shape)} with strides {qkv.stride()}"
+        )
+    tokens = qkv.shape[0]
+    for name, t in (("positions", positions), ("slot_mapping", slot_mapping)):
+        if t.shape != (tokens,) or t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer [T={tokens}] tensor, got {t.dtype} {tuple(t.shape)}")
+        if tokens > 1 and t.stride(0) != 1:  # the kernel reads element i at offset i
+            raise ValueError(f"{name} must be contiguous, got stride {t.stride(0)}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dim() != 2 or t.shape[1] != head_dim or t.dtype != torch.float32 or t.stride(1) != 1:
+            raise ValueError(
+                f"{name} must be the float32 [max_positions, head_dim={head_dim}] rotary table, got "
+                f"{t.dtype} {tuple(t.shape)}"
+            )
+    if cos.stride(0) != sin.stride(0):
+        raise ValueError(f"cos and sin must share a row stride, got {cos.stride(0)} and {sin.stride(0)}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last (head_dim) dimension")
+    tensors = (("positions", positions), ("cos", cos), ("sin", sin), ("k_cache", k_cache), ("v_cache", v_cache),
+               ("slot_mapping", slot_mapping))
+    for name, t in tensors:
+        if t.device != qkv.device:
+            raise ValueError(f"{name} is on {t.device}, qkv on {qkv.device}: all inputs must share a device")
+
+
+def qkv_prologue_triton(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    num_heads: int,
+    q_norm: torch.Tensor | None = None,
+    k_norm: torch.Tensor | None = None,
+    eps: float | None = None,
+) -> torch.Tensor:
+    """Normalize (with ``q_norm``/``k_norm`` weights, both or neither) and rotate q and k of the qkv
+    projection's output, write k and v into the cache, in one launch; return q ``[T, heads, head_dim]``.
+
+    ``qkv`` is ``[T, (num_heads + 2 * kv_heads) * head_dim]`` row-major (as ``qkv_proj`` returns
+    it); kv_heads and head_dim are the caches' ``[blocks, block_size, kv_heads, head_dim]``.
+    ``cos``/``sin`` are the fp32 ``[positions, head_dim]`` tables (``RotaryEmbedding``: each row is
+    ``cat(freqs, freqs)``, so only its first half is read); every position must index them (not
+    checked: that would read the device). A token with slot < 0
+    writes nothing to the cache (graph padding). q is rotated in place: the result is a view of
+    qkv's q columns whose row stride is qkv's; qkv's k and v columns are left as they were.
+    Equal bit for bit to ``rms_norm_triton`` on q and k (when weights are given), then
+    ``rotary_triton``, then ``store_kv_triton``.
+    """
+    _check_inputs(qkv, positions, cos, sin, k_cache, v_cache, slot_mapping, num_heads)
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    has_norm = _check_norm_weights(q_norm, k_norm, eps, head_dim, qkv.dtype)
+    tokens = qkv.shape[0]
+    q = qkv[:, : num_heads * head_dim].view(tokens, num_heads, head_dim)
+    if tokens == 0:
+        return q
+    half = head_dim // 2
+    _qkv_prologue_kernel[(tokens, num_heads + num_kv_heads)](
+        qkv,
+        positions,
+        cos,
+        sin,
+        q_norm if q_norm is not None else qkv,  # unused without the norm
+        k_norm if k_norm is not None else qkv,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        qkv.stride(0),
+        head_dim,
+        cos.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        head_dim,
+        eps if eps is not None else 0.0,
+        NUM_HEADS=num_heads,
+        NUM_KV_HEADS=num_kv_heads,
+        HALF=half,
+        BLOCK_HALF=triton.next_power_of_2(half),
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_SIZE=k_cache.shape[1],
+        HAS_NORM=has_norm,
+        IS_BF16=qkv.dtype == torch.bfloat16,
+        # With the norm: rms_norm_triton's 4 warps, so that its sum is reduced the same way.
+        # Without: elementwise only; 2 warps hold a head of 128 one element per thread.
+        num_warps=4 if has_norm else 2,
+    )
+    return q
