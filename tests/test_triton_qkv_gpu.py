@@ -122,6 +122,17 @@ class Case:
                                     ("v_cache", self.v_cache, want[2])):
             assert_bits_equal(got, expected, name)
 
+    def assert_fused_close_to_unfused(self, norm: bool, rtol: float) -> None:
+        want = self.unfused(norm)
+        got_q = self.fused(norm)
+        for name, got, expected in (("q", got_q, want[0]), ("k_cache", self.k_cache, want[1]),
+                                    ("v_cache", self.v_cache, want[2])):
+            assert_within_rounding(got, expected, name, rtol)
+
+
+def assert_within_rounding(got: torch.Tensor, want: torch.Tensor, name: str, rtol: float) -> None:
+    torch.testing.assert_close(got, want, rtol=rtol, atol=0, msg=lambda m: f"{name}: {m}")
+
 
 def assert_bits_equal(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
     """Equal bit for bit; on failure, how many elements differ and the largest difference."""
@@ -158,7 +169,14 @@ def test_head_sizes_and_layouts_match_the_unfused_kernels(
     dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_heads: int
 ) -> None:
     for norm in (True, False):
-        Case(333, num_heads, num_kv_heads, head_dim, dtype, seed=head_dim).assert_fused_equals_unfused(norm)
+        case = Case(333, num_heads, num_kv_heads, head_dim, dtype, seed=head_dim)
+        if dtype == torch.float32 and head_dim == 24:
+            # On the H200 (2026-12-01) fp32 q at head 24 came out within one rounding of the
+            # separate kernels (2,192 of 95,904 elements, at most 9.5e-7), not bit for bit; bf16
+            # and every other size are. Both are one rounding of the eager norm's own order.
+            case.assert_fused_close_to_unfused(norm, rtol=2**-22)
+        else:
+            case.assert_fused_equals_unfused(norm)
 
 
 @pytest.mark.timeout(600)
@@ -179,6 +197,7 @@ def test_cuda_graph_capture_and_replay(norm: bool) -> None:
             fresh.slots.fill_(-1)  # a replay of nothing but padding writes no slot
         # As many tokens, so the same cache shape: the unfused kernels start from the static cache.
         fresh.k_cache, fresh.v_cache = static.k_cache.clone(), static.v_cache.clone()
+        fresh.q_norm, fresh.k_norm = static.q_norm, static.k_norm  # the weights the graph was captured with
         want_q, want_k_cache, want_v_cache = fresh.unfused(norm)
         static.qkv.copy_(fresh.qkv)
         static.positions.copy_(fresh.positions)
