@@ -122,16 +122,18 @@ class Case:
                                     ("v_cache", self.v_cache, want[2])):
             assert_bits_equal(got, expected, name)
 
-    def assert_fused_close_to_unfused(self, norm: bool, rtol: float) -> None:
+    def assert_fused_close_to_unfused(self, norm: bool, ulps_of_largest: int) -> None:
         want = self.unfused(norm)
         got_q = self.fused(norm)
         for name, got, expected in (("q", got_q, want[0]), ("k_cache", self.k_cache, want[1]),
                                     ("v_cache", self.v_cache, want[2])):
-            assert_within_rounding(got, expected, name, rtol)
+            assert_within_rounding(got, expected, name, ulps_of_largest)
 
 
-def assert_within_rounding(got: torch.Tensor, want: torch.Tensor, name: str, rtol: float) -> None:
-    torch.testing.assert_close(got, want, rtol=rtol, atol=0, msg=lambda m: f"{name}: {m}")
+def assert_within_rounding(got: torch.Tensor, want: torch.Tensor, name: str, ulps_of_largest: int) -> None:
+    """Equal to within a few fp32 roundings of the tensor's largest magnitude."""
+    atol = ulps_of_largest * 2.0**-23 * want.float().abs().max().item()
+    torch.testing.assert_close(got, want, rtol=0, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
 def assert_bits_equal(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
@@ -171,10 +173,11 @@ def test_head_sizes_and_layouts_match_the_unfused_kernels(
     for norm in (True, False):
         case = Case(333, num_heads, num_kv_heads, head_dim, dtype, seed=head_dim)
         if dtype == torch.float32 and head_dim == 24:
-            # On the H200 (2026-12-01) fp32 q at head 24 came out within one rounding of the
-            # separate kernels (2,192 of 95,904 elements, at most 9.5e-7), not bit for bit; bf16
-            # and every other size are. Both are one rounding of the eager norm's own order.
-            case.assert_fused_close_to_unfused(norm, rtol=2**-22)
+            # On the H200 (2026-12-01) fp32 q at head 24 differed from the separate kernels in
+            # 2,192 of 95,904 elements by at most 9.5e-7 (up to 6e-5 relative, where the rotary's
+            # two products nearly cancel): one fp32 rounding of a product, as when one kernel fuses
+            # a multiply-add the other does not. bf16 and every other size are bit for bit.
+            case.assert_fused_close_to_unfused(norm, ulps_of_largest=2)
         else:
             case.assert_fused_equals_unfused(norm)
 
