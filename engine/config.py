@@ -64,6 +64,8 @@ class EngineArgs:
     # No tokenizer in this engine (vLLM's name): prompts come as ids and text is made elsewhere.
     # The engine core sets it: its frontend tokenizes and detokenizes.
     skip_tokenizer_init: bool = False
+    # Ranks the model is split over (vLLM's --tensor-parallel-size): one process and device each.
+    tensor_parallel_size: int = 1
 
     def __attrs_post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -73,6 +75,7 @@ class EngineArgs:
         if self.block_size & (self.block_size - 1) or self.block_size > 256:
             raise ConfigError(f"block_size must be a power of two <= 256, got {self.block_size}")
         _positive_int("max_num_seqs", self.max_num_seqs)
+        _positive_int("tensor_parallel_size", self.tensor_parallel_size)
         _positive_int("max_num_batched_tokens", self.max_num_batched_tokens)
         _positive_int("num_kv_blocks", self.num_kv_blocks, allow_none=True)
         _positive_int("cpu_kv_cache_bytes", self.cpu_kv_cache_bytes)
@@ -230,6 +233,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_key_value_heads": 8,
         "head_dim": 128,
         "intermediate_size": 14336,
+        "vocab_size": 128256,
+        "tie_word_embeddings": False,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "max_position_embeddings": 8192,
+        "eos_token_id": 128001,
+    },
+    # No single H200 holds it in bf16 (141 GB of weights): for tensor parallelism over 2-4 GPUs.
+    "llama3-70b": {
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 8192,
+        "num_hidden_layers": 80,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "intermediate_size": 28672,
         "vocab_size": 128256,
         "tie_word_embeddings": False,
         "rms_norm_eps": 1e-5,

@@ -133,6 +133,10 @@ class LLMEngine:
 
     @classmethod
     def _load(cls, args: EngineArgs) -> LLMEngine:
+        if args.tensor_parallel_size > 1:
+            raise ConfigError(
+                f"tensor_parallel_size={args.tensor_parallel_size}: tensor parallelism is not built yet; use 1"
+            )
         device = args.resolved_device()
         dtype = args.resolved_dtype(device)
         source = resolve_model(args)

@@ -200,6 +200,7 @@ def add_engine_flags(parser: argparse.ArgumentParser, seed: bool = True) -> None
         add("--seed", "the engine's random seed (weights of dummy models, sampling)", type=int)
     add("--device", "auto, cpu, cuda or cuda:N", {"auto": "auto: cuda if available, else cpu"})
     add("--enforce-eager", "no CUDA graphs", action="store_true")
+    add("--tensor-parallel-size", "split each model over this many GPUs (one process each)", type=positive_int)
     add("--enable-chunked-prefill", "split long prompts over steps beside the decodes",
         action=argparse.BooleanOptionalAction)
     add("--async-scheduling", "the CPU schedules step N+1 while the GPU runs step N",
@@ -222,6 +223,7 @@ _ENGINE_FLAGS = (
     "enforce_eager",
     "enable_chunked_prefill",
     "async_scheduling",
+    "tensor_parallel_size",
 )
 
 
