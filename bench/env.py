@@ -112,6 +112,19 @@ def measure_cpu_peaks() -> tuple[float, float]:
     return rate(lambda: y.copy_(x), 2 * x.numel() * x.element_size()), rate(lambda: a @ b, 2 * 1024**3)
 
 
+def gpus_missing(tensor_parallel_size: int) -> str | None:
+    """Why ``--tensor-parallel-size`` cannot be met here, or None. Without CUDA the ranks are CPU
+    processes over gloo, any number of them."""
+    import torch
+
+    if tensor_parallel_size > 1 and torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        if count < tensor_parallel_size:
+            return (f"--tensor-parallel-size {tensor_parallel_size} needs {tensor_parallel_size} GPUs, and this "
+                    f"machine has {count}: give 1..{count}")
+    return None
+
+
 def model_config(model: str) -> ModelConfig | None:
     """A preset's or a local directory's config, without loading anything; None if neither."""
     from mini_vllm.engine.config import PRESETS, ModelConfig
@@ -124,6 +137,17 @@ def model_config(model: str) -> ModelConfig | None:
         return ModelConfig.from_file(path) if path.is_file() else None
     except MiniVllmError:
         return None
+
+
+def model_shapes(model: str) -> ModelConfig | None:
+    """``model_config``, plus the demo model (built on first use, as loading it would)."""
+    if model != "demo":
+        return model_config(model)
+    from mini_vllm.engine.config import ModelConfig
+    from mini_vllm.engine.demo_model import ensure_demo_model
+    from mini_vllm.engine.loader import default_cache_dir
+
+    return ModelConfig.from_file(ensure_demo_model(default_cache_dir()) / "config.json")
 
 
 def load_engine(command: str, make_args: Callable[[], EngineArgs]) -> LLMEngine | int:

@@ -25,13 +25,15 @@ from typing import Any
 
 import torch
 
+from mini_vllm.bench.allreduce import collectives_line, measure_tensor_parallel
 from mini_vllm.bench.command import HelpFormatter, fail, interruptible, unwritable, write_text
-from mini_vllm.bench.env import load_engine, measure_gpu_peaks, versions
+from mini_vllm.bench.env import gpus_missing, load_engine, measure_gpu_peaks, model_shapes, versions
 from mini_vllm.engine.config import PRESETS, EngineArgs, ModelConfig
 from mini_vllm.engine.kv_cache import bytes_per_block
 from mini_vllm.engine.llm_engine import LLMEngine
 from mini_vllm.engine.sampling_params import SamplingParams
-from mini_vllm.engine.workloads import WorkloadRequest, matmul_params
+from mini_vllm.engine.workloads import TensorParallel, WorkloadRequest, kv_heads_per_rank, matmul_params
+from mini_vllm.transport.flags import positive_int
 
 # Kernel names of cuBLAS / cuBLASLt matmuls (nvjet is Hopper's cuBLASLt family).
 MATMUL_KERNEL_MARKS = ("gemm", "gemv", "nvjet", "cutlass", "xmma")
@@ -60,6 +62,9 @@ def add_bench_latency(sub: Any) -> None:
                    help="tokens one step may carry (default: the larger of --max-model-len and --batch-size); "
                         "a larger budget prefills the batch in fewer steps that are mixed with decodes")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--tensor-parallel-size", type=positive_int, default=1, metavar="N",
+                   help="split the model over N GPUs (CPU processes over gloo without CUDA); the floor is then "
+                        "one GPU's share of the bytes at its bandwidth, plus the all-reduces measured over the N GPUs")
     p.add_argument("--no-async-scheduling", action="store_true", help="land every step before scheduling the next")
     p.add_argument("--profile-steps", type=int, default=0, metavar="N",
                    help="profile N steady decode steps (GPU; default: 0, no profile)")
@@ -88,6 +93,9 @@ def check_args(args: argparse.Namespace) -> str | None:
         return f"--input-len + --output-len ({args.input_len + args.output_len}) exceed --max-model-len ({args.max_model_len})"
     if (args.profile_steps or args.matmul_probe) and not torch.cuda.is_available():
         return "--profile-steps and --matmul-probe need a CUDA GPU"
+    missing = gpus_missing(args.tensor_parallel_size)
+    if missing:
+        return missing
     return unwritable(Path(args.output), "--output") if args.output else None
 
 
@@ -143,12 +151,22 @@ def random_prompts(rng: random.Random, n: int, length: int, vocab: int) -> list[
     return [[rng.randrange(vocab) for _ in range(length)] for _ in range(n)]
 
 
-def decode_floor_s(config: ModelConfig, batch: int, context: int, bandwidth: float) -> float:
-    """One decode step reading every weight once and each sequence's KV (bf16), at ``bandwidth``."""
+def decode_floor_s(
+    config: ModelConfig, batch: int, context: int, bandwidth: float, parallel: TensorParallel | None = None
+) -> float:
+    """One decode step reading every weight once and each sequence's KV (bf16), at ``bandwidth``.
+
+    With ``parallel`` (N GPUs) ``bandwidth`` is one GPU's: each reads 1/N of the weights and the KV of
+    its share of the heads, all at once, and the step adds its measured collectives (two all-reduces of
+    [batch, hidden] per layer, the logits' vocabulary gather)."""
     kv = bytes_per_block(config, 1, torch.bfloat16) * context * batch
     # Every matrix a token multiplies through (the LM head too, tied or not); the embedding is a
     # gather of `batch` rows, not a full read.
-    return (2 * matmul_params(config) + kv) / bandwidth
+    if parallel is None:
+        return (2 * matmul_params(config) + kv) / bandwidth
+    rank_kv = kv * kv_heads_per_rank(config, parallel.size) // config.num_key_value_heads
+    return ((2 * matmul_params(config) / parallel.size + rank_kv) / bandwidth
+            + parallel.step_seconds(config, batch, batch))
 
 
 # ---- the GPU's view ------------------------------------------------------------------------------
@@ -269,14 +287,22 @@ def run_latency(args: argparse.Namespace) -> int:
         "model": args.model,
         "batch_size": args.batch_size, "input_len": args.input_len, "output_len": args.output_len,
         "gpu": torch.cuda.get_device_name(device) if cuda else "none (CPU)",
+        "tensor_parallel_size": args.tensor_parallel_size,
         "versions": versions(),
         "command": "mini-vllm " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:])),
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
     bandwidth = None
+    parallel: TensorParallel | None = None
     if cuda:
-        bandwidth = measure_gpu_peaks(device)[0]
+        bandwidth = measure_gpu_peaks(device)[0]  # GPU 0's: with N GPUs, each one's
         torch.cuda.empty_cache()  # give the probe's tensors back before the model loads
+        if args.tensor_parallel_size > 1:
+            shapes = model_shapes(args.model)
+            measured = measure_tensor_parallel("latency", shapes, args.tensor_parallel_size)
+            if isinstance(measured, int):
+                return measured
+            record["collectives"], parallel = measured
     _log(f"loading {args.model} ({load_format}) ...")
     engine = load_engine("bench latency", lambda: EngineArgs(
         model=None if args.model == "demo" else args.model, load_format=load_format, max_model_len=args.max_model_len,
@@ -284,7 +310,7 @@ def run_latency(args: argparse.Namespace) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens or max(args.max_model_len, args.batch_size),
         gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
         block_size=args.block_size, enforce_eager=args.enforce_eager, enable_prefix_caching=False,
-        async_scheduling=False if args.no_async_scheduling else None,
+        async_scheduling=False if args.no_async_scheduling else None, tensor_parallel_size=args.tensor_parallel_size,
     ))
     if isinstance(engine, int):
         return engine
@@ -316,7 +342,7 @@ def run_latency(args: argparse.Namespace) -> int:
         record[f"{kind}_step_ms"] = {"steps": len(times), "p50": round(1e3 * statistics.median(times), 4)} if times else None
     if bandwidth is not None:
         mean_context = args.input_len + args.output_len // 2
-        floor = decode_floor_s(config, args.batch_size, mean_context, bandwidth)
+        floor = decode_floor_s(config, args.batch_size, mean_context, bandwidth, parallel)
         record["measured_bandwidth_bytes_per_s"] = bandwidth
         record["decode_floor_ms"] = round(1e3 * floor, 4)
         record["tpot_over_floor"] = round(record["tpot_ms"] / record["decode_floor_ms"], 4)
@@ -337,9 +363,10 @@ def run_latency(args: argparse.Namespace) -> int:
 
 
 def print_table(record: dict[str, Any]) -> None:
+    ranks = record.get("tensor_parallel_size", 1)
     rows = [
         ("model", f"{record['model']}, batch {record['batch_size']}, {record['input_len']} in / {record['output_len']} out"),
-        ("gpu", record["gpu"]),
+        ("gpu", f"{record['gpu']} x {ranks} (tensor parallel)" if ranks > 1 else record["gpu"]),
         ("TTFT (batch's prompts)", f"{record['ttft_ms']:.2f} ms"),
         ("TPOT", f"{record['tpot_ms']:.3f} ms"),
     ]
@@ -351,10 +378,14 @@ def print_table(record: dict[str, Any]) -> None:
         shown = [f"decode-only p50 {d['p50']:.3f} ms ({d['steps']} steps)" if d else "no decode-only step",
                  f"with prefill p50 {m['p50']:.3f} ms ({m['steps']} steps)" if m else "none with prefill"]
         rows.append(("steps by kind", ", ".join(shown)))
+    if "collectives" in record:
+        rows.append(("all-reduce (measured)", collectives_line(record["collectives"])))
     if "decode_floor_ms" in record:
-        rows.append(("floor (weights + KV / bandwidth)",
-                     f"{record['decode_floor_ms']:.3f} ms at {record['measured_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s; "
-                     f"TPOT is {record['tpot_over_floor']:.2f}x"))
+        label = ("floor (weights + KV / N + all-reduces)" if ranks > 1 else "floor (weights + KV / bandwidth)")
+        per_gpu = " per GPU" if ranks > 1 else ""
+        rows.append((label,
+                     f"{record['decode_floor_ms']:.3f} ms at {record['measured_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s"
+                     f"{per_gpu}; TPOT is {record['tpot_over_floor']:.2f}x"))
     if "profile" in record:
         p = record["profile"]
         u = p["us_per_step"]

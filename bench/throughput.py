@@ -32,13 +32,14 @@ import attrs
 import torch
 import trio
 
+from mini_vllm.bench.allreduce import collectives_line, measure_tensor_parallel
 from mini_vllm.bench.command import HelpFormatter, fail, interruptible, unwritable, write_text
-from mini_vllm.bench.env import load_engine, measure_cpu_peaks, measure_gpu_peaks, model_config, versions
-from mini_vllm.engine.config import PRESETS, EngineArgs, ModelConfig
+from mini_vllm.bench.env import gpus_missing, load_engine, measure_cpu_peaks, measure_gpu_peaks, model_shapes, versions
+from mini_vllm.engine.config import PRESETS, EngineArgs
 from mini_vllm.engine.llm_engine import LLMEngine
 from mini_vllm.engine.sampling_params import SamplingParams
 from mini_vllm.engine.step_loop import StepTiming
-from mini_vllm.engine.workloads import WorkloadRequest, offline_256, online_1000, physical_floor
+from mini_vllm.engine.workloads import TensorParallel, WorkloadRequest, offline_256, online_1000, physical_floor
 from mini_vllm.transport.flags import EXIT_ERROR, leaf_exceptions, positive_int
 
 
@@ -108,6 +109,9 @@ def add_bench_throughput(sub: Any) -> None:
                    help="fix the KV cache size (default: sized by --gpu-memory-utilization on a GPU, "
                         "the engine's CPU budget on the CPU)")
     t.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    t.add_argument("--tensor-parallel-size", type=positive_int, default=1, metavar="N",
+                   help="split the model over N GPUs (CPU processes over gloo without CUDA); the floor is then "
+                        "N GPUs', each at the measured per-GPU peaks, plus the collectives measured over them")
     t.add_argument("--trace", metavar="DIR", default=None,
                    help="profile steady-state decode steps and write the trace and a timeline PNG into DIR "
                         "(GPU; default: no trace)")
@@ -314,6 +318,8 @@ def server_argv(args: argparse.Namespace, load_format: str, num_requests: int, c
         argv += ["--num-kv-blocks", str(args.num_kv_blocks)]
     if args.enforce_eager:
         argv.append("--enforce-eager")
+    if args.tensor_parallel_size != 1:
+        argv += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
     return argv + shlex.split(args.serve_args)  # last: serve's argparse lets a later flag win
 
 
@@ -616,6 +622,9 @@ def check_args(args: argparse.Namespace) -> str | None:
         return f"--peer-timeout must be > 0 seconds, got {args.peer_timeout}"
     if args.trace and not torch.cuda.is_available():
         return "--trace profiles GPU kernels and needs a CUDA GPU: drop it on this machine"
+    missing = gpus_missing(args.tensor_parallel_size)
+    if missing:
+        return missing
     try:
         shlex.split(args.serve_args)
     except ValueError as exc:
@@ -626,19 +635,9 @@ def check_args(args: argparse.Namespace) -> str | None:
         unwritable(Path(args.trace), "--trace", folder=True) if args.trace else None)
 
 
-def _model_config(model: str) -> ModelConfig | None:
-    """``model_config``, plus the demo model (built on first use, as loading it would)."""
-    if model != "demo":
-        return model_config(model)
-    from mini_vllm.engine.demo_model import ensure_demo_model
-    from mini_vllm.engine.loader import default_cache_dir
-
-    return ModelConfig.from_file(ensure_demo_model(default_cache_dir()) / "config.json")
-
-
 def cpu_refusal(model: str, workload: Workload) -> str:
     """Why the full run is refused without CUDA, with roughly how long it would take on this CPU."""
-    config = _model_config(model)
+    config = model_shapes(model)
     if config is None:  # not a preset or a readable directory: the load will say why, once N is given
         estimate = "hours"
     else:
@@ -681,16 +680,23 @@ def run_throughput(args: argparse.Namespace) -> int:
         "workload": workload.name if num_requests == workload.size else f"{workload.name}[:{num_requests}]",
         "model": args.model,
         "gpu": torch.cuda.get_device_name(device) if cuda else "none (CPU)",
+        "tensor_parallel_size": args.tensor_parallel_size,
         "versions": versions(),
         "command": "mini-vllm " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:])),
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
+    parallel: TensorParallel | None = None
     if cuda:
         _log("measuring copy bandwidth and bf16 matmul rate ...")
         bandwidth, flops = measure_gpu_peaks(device)
         torch.cuda.empty_cache()  # the 6 GiB of probe tensors are gone: give them back
-        record["measured_bandwidth_bytes_per_s"] = bandwidth
+        record["measured_bandwidth_bytes_per_s"] = bandwidth  # of GPU 0: with N GPUs, each one's
         record["measured_bf16_flops"] = flops
+        if args.tensor_parallel_size > 1:
+            measured = measure_tensor_parallel("throughput", model_shapes(args.model), args.tensor_parallel_size)
+            if isinstance(measured, int):
+                return measured
+            record["collectives"], parallel = measured
 
     in_process = [p for p in args.path if p in IN_PROCESS_RUNS]
     requests: list[WorkloadRequest] | None = None  # None: the model's vocabulary is unknown here
@@ -702,6 +708,7 @@ def run_throughput(args: argparse.Namespace) -> int:
             max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
             num_kv_blocks=args.num_kv_blocks, enforce_eager=args.enforce_eager, enable_prefix_caching=False,
+            tensor_parallel_size=args.tensor_parallel_size,
         ))
         if isinstance(engine, int):
             return engine
@@ -722,12 +729,14 @@ def run_throughput(args: argparse.Namespace) -> int:
         if cuda:
             torch.cuda.empty_cache()
     else:
-        config = _model_config(args.model)
+        config = model_shapes(args.model)
         requests = None if config is None else workload.make(config.vocab_size, num_requests)
     if cuda and config is not None and requests is not None:
-        floor = physical_floor(config, requests, bandwidth, flops)
+        floor = physical_floor(config, requests, bandwidth, flops, parallel=parallel)
         record["floor_seconds"] = floor.seconds
         record["floor_output_tokens_per_s"] = floor.output_tokens_per_s
+        if parallel is not None:
+            record["floor_communication_seconds"] = floor.communication_seconds
 
     server_error: str | None = None
     if "server" in args.path:
@@ -808,7 +817,15 @@ def warm_up(engine: LLMEngine) -> None:
 
 
 def print_table(record: dict[str, Any]) -> None:
-    rows = [("workload", record["workload"]), ("model", record["model"]), ("gpu", record["gpu"])]
+    ranks = record.get("tensor_parallel_size", 1)
+    gpu = f"{record['gpu']} x {ranks} (tensor parallel)" if ranks > 1 else record["gpu"]
+    rows = [("workload", record["workload"]), ("model", record["model"]), ("gpu", gpu)]
+    if "measured_bandwidth_bytes_per_s" in record:
+        rows.append(("measured peaks, per GPU" if ranks > 1 else "measured peaks",
+                     f"{record['measured_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s copy, "
+                     f"{record['measured_bf16_flops'] / 1e12:.0f} TFLOP/s bf16 matmul"))
+    if "collectives" in record:
+        rows.append(("all-reduce (measured)", collectives_line(record["collectives"])))
     for path in PATHS:
         if path in record:
             r = record[path]
@@ -829,7 +846,10 @@ def print_table(record: dict[str, Any]) -> None:
 
         rows.append(("decode trace (--trace)", trace_line(record["trace"])))
     if "floor_output_tokens_per_s" in record:
-        rows.append(("floor tok/s", f"{record['floor_output_tokens_per_s']:,.0f} ({record['floor_seconds']:.2f} s)"))
+        communication = (f"; {record['floor_communication_seconds']:.2f} s of it in collectives"
+                         if "floor_communication_seconds" in record else "")
+        rows.append((f"floor tok/s ({ranks} GPUs)" if ranks > 1 else "floor tok/s",
+                     f"{record['floor_output_tokens_per_s']:,.0f} ({record['floor_seconds']:.2f} s{communication})"))
         rows.append(("fraction of floor", f"{record.get('floor_fraction', 0):.3f}"))
     if "peer_output_tokens_per_s" in record:
         rows.append(("peer (transformers CB) tok/s", f"{record['peer_output_tokens_per_s']:,.0f}"))

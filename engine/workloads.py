@@ -13,8 +13,11 @@ are gamma-distributed gaps (``arrival_times``).
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import random
+from typing import Any
 
 import attrs
 
@@ -82,6 +85,85 @@ class Floor:
     output_tokens_per_s: float
     prefill_seconds: float
     decode_seconds: float
+    # The part of ``seconds`` spent in collectives between GPUs (0 on one GPU).
+    communication_seconds: float = 0.0
+
+
+@attrs.frozen
+class CollectiveCost:
+    """Measured seconds of one collective as a function of its size in bytes.
+
+    ``points`` are (bytes, seconds) measurements, sorted by bytes. A collective can always pad its
+    tensor to a larger measured size, so a size costs at most what any larger measured one did: the
+    points' times are first lowered to the least time at that size or above (measurement noise can
+    make a small size look slower). Between two points the time is interpolated linearly; below the
+    smallest it is the smallest's (a small collective costs its latency); above the largest it grows
+    in proportion to the bytes (a large one is bandwidth-bound, as if sent in pieces of the largest size).
+    """
+
+    points: tuple[tuple[int, float], ...] = attrs.field(converter=lambda ps: tuple((int(b), float(s)) for b, s in ps))
+    _envelope: tuple[tuple[int, float], ...] = attrs.field(init=False, repr=False, eq=False)
+
+    @points.validator
+    def _check(self, _attribute: attrs.Attribute[Any], points: tuple[tuple[int, float], ...]) -> None:
+        if not points:
+            raise ValueError("CollectiveCost.points must hold at least one (bytes, seconds) measurement")
+        if any(b < 1 or not 0 <= s < math.inf for b, s in points):
+            raise ValueError(f"CollectiveCost.points must be (bytes >= 1, finite seconds >= 0), got {points}")
+        if any(b1 >= b2 for (b1, _), (b2, _) in itertools.pairwise(points)):
+            raise ValueError(f"CollectiveCost.points must be sorted by strictly increasing bytes, got {points}")
+
+    @_envelope.default
+    def _lowered(self) -> tuple[tuple[int, float], ...]:
+        least, out = math.inf, []
+        for nbytes, seconds in reversed(self.points):
+            least = min(least, seconds)
+            out.append((nbytes, least))
+        return tuple(reversed(out))
+
+    def seconds(self, nbytes: int) -> float:
+        """The time of one collective of ``nbytes`` (0 for nothing to send)."""
+        if nbytes <= 0:
+            return 0.0
+        points = self._envelope
+        first_bytes, first_s = points[0]
+        if nbytes <= first_bytes:
+            return first_s
+        last_bytes, last_s = points[-1]
+        if nbytes >= last_bytes:
+            return last_s * nbytes / last_bytes
+        upper = bisect.bisect_left(points, nbytes, key=lambda point: point[0])  # first point >= nbytes
+        (b1, s1), (b2, s2) = points[upper - 1], points[upper]
+        return s1 + (s2 - s1) * (nbytes - b1) / (b2 - b1)
+
+
+@attrs.frozen
+class TensorParallel:
+    """How a model is split over ``size`` GPUs of one host for the floor, with the measured cost of
+    its collectives: ``all_reduce`` keyed by the bytes of the [tokens, hidden] activations it sums,
+    ``all_gather`` by the bytes of the whole [rows, vocab] logits it gathers."""
+
+    size: int
+    all_reduce: CollectiveCost
+    all_gather: CollectiveCost
+
+    def __attrs_post_init__(self) -> None:
+        if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 1:
+            raise ValueError(f"TensorParallel.size (GPUs) must be an integer >= 1, got {self.size!r}")
+
+    def step_seconds(self, config: ModelConfig, tokens: int, sampled: int, bytes_per_param: int = 2) -> float:
+        """Collectives of one forward over ``tokens`` tokens of which ``sampled`` need logits: two
+        all-reduces per layer (after o_proj and after down_proj) and the vocabulary gather of the logits."""
+        if self.size == 1:
+            return 0.0
+        activations = tokens * config.hidden_size * bytes_per_param
+        logits = sampled * config.vocab_size * bytes_per_param
+        return 2 * config.num_hidden_layers * self.all_reduce.seconds(activations) + self.all_gather.seconds(logits)
+
+
+def kv_heads_per_rank(config: ModelConfig, tensor_parallel_size: int) -> int:
+    """KV heads each rank holds: split evenly, at least one (with more ranks than heads, ranks share heads)."""
+    return -(-config.num_key_value_heads // tensor_parallel_size)
 
 
 def matmul_params(config: ModelConfig) -> int:
@@ -99,15 +181,29 @@ def weight_bytes(config: ModelConfig, bytes_per_param: int = 2) -> int:
 
 
 def physical_floor(
-    config: ModelConfig, requests: list[WorkloadRequest], bandwidth: float, flops: float, bytes_per_param: int = 2
+    config: ModelConfig,
+    requests: list[WorkloadRequest],
+    bandwidth: float,
+    flops: float,
+    bytes_per_param: int = 2,
+    parallel: TensorParallel | None = None,
 ) -> Floor:
     """The physical floor (docs/design.md): all requests admitted at once, prefill at the matmul peak, and each
-    decode step max(bytes / bandwidth, FLOPs / peak) with bytes = weights + every live KV."""
+    decode step max(bytes / bandwidth, FLOPs / peak) with bytes = weights + every live KV.
+
+    With ``parallel`` (N GPUs), ``bandwidth`` and ``flops`` are one GPU's: each rank reads 1/N of the
+    weights and its share of the KV heads, and does 1/N of the FLOPs, all ranks at once; every forward
+    then adds its collectives (``TensorParallel.step_seconds``), which no overlap hides: the next layer
+    needs their result."""
+    ranks = 1 if parallel is None else parallel.size
     params = matmul_params(config)
-    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * bytes_per_param
+    kv_per_token = (2 * config.num_hidden_layers * kv_heads_per_rank(config, ranks) * config.head_dim
+                    * bytes_per_param)
     prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
-    prefill = 2 * params * prompt_tokens / flops
-    weights = weight_bytes(config, bytes_per_param)
+    communication = 0.0 if parallel is None else parallel.step_seconds(
+        config, prompt_tokens, len(requests), bytes_per_param)  # each prompt's last token is sampled
+    prefill = 2 * params * prompt_tokens / (ranks * flops) + communication
+    weights = weight_bytes(config, bytes_per_param) / ranks
     decode = 0.0
     # Step s produces every live request's s-th output token (the first comes from the prefill).
     for step in range(1, max(r.output_len for r in requests)):
@@ -116,7 +212,9 @@ def physical_floor(
             break
         context = sum(len(r.prompt_token_ids) + step for r in live)
         step_bytes = weights + kv_per_token * context
-        decode += max(step_bytes / bandwidth, 2 * params * len(live) / flops)
+        collectives = 0.0 if parallel is None else parallel.step_seconds(config, len(live), len(live), bytes_per_param)
+        communication += collectives
+        decode += max(step_bytes / bandwidth, 2 * params * len(live) / (ranks * flops)) + collectives
     total = prefill + decode
     outputs = sum(r.output_len for r in requests)
-    return Floor(total, outputs / total, prefill, decode)
+    return Floor(total, outputs / total, prefill, decode, communication)

@@ -339,3 +339,12 @@ def test_a_larger_step_budget_reaches_the_engine(
     # Four prompts of 32 tokens fit one step: one step with prefill, the rest decode-only.
     assert record["mixed_step_ms"]["steps"] == 1 and record["decode_only_step_ms"]["steps"] >= 6
 
+
+
+def test_tensor_parallel_ranks_run_on_the_cpu_and_one_is_recorded(
+    no_cuda: None, demo_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Without CUDA the ranks are CPU processes over gloo: any size passes the flag checks.
+    assert check_args(_args(tensor_parallel_size=4)) is None
+    record, table, _ = _run(tmp_path, capsys)
+    assert record["tensor_parallel_size"] == 1 and "tensor parallel" not in table and "collectives" not in record

@@ -169,6 +169,7 @@ def test_bad_flags_are_one_line_errors_before_loading(
         (["--connections", "0"], "argument --connections: must be an integer >= 1"),
         (["--client-processes", "0"], "argument --client-processes: must be an integer >= 1"),
         (["--num-requests", "1", "--serve-args", "'x"], "--serve-args \"'x\": No closing quotation"),
+        (["--tensor-parallel-size", "0"], "argument --tensor-parallel-size: must be an integer >= 1, got 0"),
     ]
     for flags, message in cases:
         try:
