@@ -284,6 +284,13 @@ class SchedulerActor:
         """One request's bad input must not end the others: roll the running requests back to their
         landed tokens and search for the one(s) that break the step (``engine.fault_isolation``)."""
         self._step_errors += 1
+        if self.engine.closed:  # the step closed the engine (a tensor-parallel rank died): nothing to retry
+            message = f"model {self.model!r} failed and is closed: {exc}"
+            log.error("model %r: a step failed and closed the engine; failing every request", self.model, exc_info=exc)
+            self._closed_reason = self._closed_reason or message  # new requests are refused with it
+            self._fail_everything("model_error", message)
+            self._publish()
+            return
         try:
             verdict = self._isolation.failed(self.engine.roll_back())
         except Exception:  # the engine's books are broken too: nothing left to save

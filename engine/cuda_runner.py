@@ -29,6 +29,7 @@ from mini_vllm.engine.attention import AttentionMetadata
 from mini_vllm.engine.block_table_rows import BlockTableRows
 from mini_vllm.engine.model import CausalLM
 from mini_vllm.engine.model_runner import ModelOutput, ModelRunner, StepHandle, StepInputs
+from mini_vllm.engine.parallel import TensorParallel
 from mini_vllm.engine.sampler import SamplerOutput, SamplingRow, sample
 from mini_vllm.engine.sampling_params import SamplingParams
 from mini_vllm.engine.triton_attention import (
@@ -153,12 +154,15 @@ class CudaModelRunner(ModelRunner):
         max_model_len: int,
         block_size: int,
         enforce_eager: bool,
+        parallel: TensorParallel | None = None,
     ) -> None:
-        config = model.config
+        config = model.config  # with tensor parallelism this rank's: its heads and KV heads
         self._attention = _TritonAttention(
             max_model_len, config.num_key_value_heads, torch.cuda.get_device_properties(device).multi_processor_count
         )
-        super().__init__(model, kv_cache, device, seed, attention_fn=self._attention, store_kv_fn=store_kv_triton)
+        super().__init__(
+            model, kv_cache, device, seed, attention_fn=self._attention, store_kv_fn=store_kv_triton, parallel=parallel
+        )
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
@@ -486,7 +490,12 @@ class CudaModelRunner(ModelRunner):
         if logits is None:
             return StepHandle(None, None)
 
-        # 4. Sample and start the copy back; collect() waits for it.
+        # 4. Sample and start the copy back; collect() waits for it. With tensor parallelism only
+        # rank 0 samples; its ids reach the other ranks by a broadcast in stream order, for the
+        # next step's placeholders.
+        if self.parallel is not None and not self.parallel.is_driver:
+            self._last_sampled = self.parallel.broadcast(torch.empty(n_rows, dtype=torch.int64, device=self.device))
+            return StepHandle(None, None)
         if all(r.params.greedy and r.params.logprobs is None for r in inputs.sampling_rows) and not any(
             r.blocked_token_ids or r.params.repetition_penalty != 1.0 or r.params.presence_penalty
             or r.params.frequency_penalty for r in inputs.sampling_rows
@@ -494,6 +503,8 @@ class CudaModelRunner(ModelRunner):
             result = SamplerOutput(logits.argmax(dim=-1), None, None, None)
         else:
             result = sample(logits.float(), inputs.sampling_rows, self.generator)
+        if self.parallel is not None:
+            self.parallel.broadcast(result.token_ids)
         self._last_sampled = result.token_ids
         out_host[:n_rows].copy_(result.token_ids, non_blocking=True)
         done = torch.cuda.Event()

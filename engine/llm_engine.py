@@ -12,8 +12,9 @@ from __future__ import annotations
 import gc
 import itertools
 import json
+import weakref
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
@@ -22,17 +23,21 @@ from mini_vllm.engine.attention import check_gpu_head_dim
 from mini_vllm.engine.block_manager import BlockManager
 from mini_vllm.engine.config import EngineArgs, ModelConfig
 from mini_vllm.engine.detokenizer import IncrementalDetokenizer
-from mini_vllm.engine.errors import ConfigError, EngineClosed, InvalidRequest, ModelLoadError
+from mini_vllm.engine.errors import ConfigError, EngineClosed, InvalidRequest, MiniVllmError, ModelLoadError
 from mini_vllm.engine.kv_cache import allocate_kv_cache, gpu_kv_budget_bytes, num_blocks_for_budget
 from mini_vllm.engine.landing import land_step
 from mini_vllm.engine.loader import ModelSource, build_model, resolve_model
 from mini_vllm.engine.model_runner import ModelOutput, ModelRunner, StepHandle, StepInputs, prepare_inputs
 from mini_vllm.engine.outputs import RequestDelta, SampleDelta
+from mini_vllm.engine.parallel import RankFailed, TensorParallel, check_tensor_parallel
 from mini_vllm.engine.prompts import PromptEncoder
 from mini_vllm.engine.sampling_params import SamplingParams
 from mini_vllm.engine.scheduler import Scheduler, SchedulerOutput
 from mini_vllm.engine.sequence import PLACEHOLDER, Request, SeqStatus, Sequence, uses_penalties
 from mini_vllm.engine.step_loop import StepLoop, StepTiming
+
+if TYPE_CHECKING:
+    from mini_vllm.engine.tp_worker import WorkerPool
 
 
 @attrs.frozen
@@ -81,10 +86,62 @@ def generation_eos_ids(directory: Path | None, config: ModelConfig) -> tuple[int
     return config.eos_token_ids
 
 
+def load_rank(args: EngineArgs, source: ModelSource, max_len: int, device: torch.device, dtype: torch.dtype,
+              tp: TensorParallel | None) -> tuple[ModelRunner, int, int]:
+    """Build one rank's model (all of it without ``tp``), its runner and KV cache; returns the
+    runner, the number of KV blocks (agreed by every rank: the smallest) and the max model length.
+
+    Every rank of a tensor-parallel engine runs exactly this, so their collectives (profiling,
+    the block count, the GPU's warm-up and graph capture) pair up in the same order.
+    """
+    torch.manual_seed(args.seed)
+    model = build_model(source, max_len, dtype, device, args.seed, tp)
+    config = model.config  # this rank's shapes: its KV heads are what its cache holds
+    runner: ModelRunner
+    if device.type == "cuda":
+        from mini_vllm.engine.cuda_runner import CudaModelRunner  # needs triton, which a CPU install may lack
+
+        runner = CudaModelRunner(
+            model, None, device, args.seed, max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len,
+            block_size=args.block_size, enforce_eager=args.enforce_eager, parallel=tp,
+        )
+    else:
+        runner = ModelRunner(model, None, device, args.seed, parallel=tp)
+    if args.num_kv_blocks is not None:
+        num_blocks = args.num_kv_blocks
+    elif device.type == "cuda":
+        peak = runner.profile_peak_bytes(args.max_num_batched_tokens)  # type: ignore[attr-defined]
+        # The graphs keep their logits and activations in a private pool.
+        graph_reserve = runner.graph_reserve_bytes(peak)  # type: ignore[attr-defined]
+        budget = gpu_kv_budget_bytes(device, args.gpu_memory_utilization, peak + graph_reserve)
+        num_blocks = num_blocks_for_budget(config, args.block_size, dtype, budget)
+    else:
+        num_blocks = num_blocks_for_budget(config, args.block_size, dtype, args.cpu_kv_cache_bytes)
+    if tp is not None:
+        num_blocks = tp.min_int(num_blocks)
+    capacity = num_blocks * args.block_size
+    if capacity < max_len:
+        if args.max_model_len is not None:
+            raise ConfigError(
+                f"max_model_len={args.max_model_len} does not fit in the KV cache ({num_blocks} blocks of "
+                f"{args.block_size} = {capacity} tokens): raise num_kv_blocks / the memory budget or lower max_model_len"
+            )
+        max_len = capacity  # a default length is capped to what one sequence can hold
+    kv_cache = allocate_kv_cache(config, num_blocks, args.block_size, dtype, device)
+    runner.set_kv_cache(kv_cache)
+    return runner, num_blocks, max_len
+
+
 class LLMEngine:
     def __init__(self, args: EngineArgs, source: ModelSource, runner: ModelRunner, num_blocks: int, max_model_len: int,
-                 tokenizer: Any, eos_ids: tuple[int, ...]) -> None:
+                 tokenizer: Any, eos_ids: tuple[int, ...], workers: WorkerPool | None = None) -> None:
         self.args = args
+        # Tensor parallelism: the other ranks' processes (None: this process holds the whole model).
+        self.workers = workers
+        self._failure: str | None = None  # why the engine closed itself (a rank died)
+        if workers is not None:
+            weakref.finalize(self, workers.stop)  # an engine dropped without close() leaves no process
         self.name = source.name
         self.model_config = source.config
         self.runner = runner
@@ -133,14 +190,12 @@ class LLMEngine:
 
     @classmethod
     def _load(cls, args: EngineArgs) -> LLMEngine:
-        if args.tensor_parallel_size > 1:
-            raise ConfigError(
-                f"tensor_parallel_size={args.tensor_parallel_size}: tensor parallelism is not built yet; use 1"
-            )
         device = args.resolved_device()
         dtype = args.resolved_dtype(device)
         source = resolve_model(args)
         config = source.config
+        # Before anything loads or starts: sizes that do not split the model are refused at once.
+        check_tensor_parallel(config, args.tensor_parallel_size)
         max_len = args.max_model_len or config.max_position_embeddings
         if args.max_model_len and args.max_model_len > config.max_position_embeddings:
             raise ConfigError(
@@ -153,40 +208,38 @@ class LLMEngine:
             check_gpu_head_dim(config.head_dim)
         tokenizer = load_tokenizer(source.directory) if not args.skip_tokenizer_init else None
         eos_ids = generation_eos_ids(source.directory, config)
-        torch.manual_seed(args.seed)
-        model = build_model(source, max_len, dtype, device, args.seed)
-        runner: ModelRunner
-        if device.type == "cuda":
-            from mini_vllm.engine.cuda_runner import CudaModelRunner  # needs triton, which a CPU install may lack
-
-            runner = CudaModelRunner(
-                model, None, device, args.seed, max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len,
-                block_size=args.block_size, enforce_eager=args.enforce_eager,
-            )
-        else:
-            runner = ModelRunner(model, None, device, args.seed)
-        if args.num_kv_blocks is not None:
-            num_blocks = args.num_kv_blocks
-        elif device.type == "cuda":
-            peak = runner.profile_peak_bytes(args.max_num_batched_tokens)  # type: ignore[attr-defined]
-            # The graphs keep their logits and activations in a private pool.
-            graph_reserve = runner.graph_reserve_bytes(peak)  # type: ignore[attr-defined]
-            budget = gpu_kv_budget_bytes(device, args.gpu_memory_utilization, peak + graph_reserve)
-            num_blocks = num_blocks_for_budget(config, args.block_size, dtype, budget)
-        else:
-            num_blocks = num_blocks_for_budget(config, args.block_size, dtype, args.cpu_kv_cache_bytes)
-        capacity = num_blocks * args.block_size
-        if capacity < max_len:
-            if args.max_model_len is not None:
-                raise ConfigError(
-                    f"max_model_len={args.max_model_len} does not fit in the KV cache ({num_blocks} blocks of "
-                    f"{args.block_size} = {capacity} tokens): raise num_kv_blocks / the memory budget or lower max_model_len"
-                )
-            max_len = capacity  # a default length is capped to what one sequence can hold
-        kv_cache = allocate_kv_cache(config, num_blocks, args.block_size, dtype, device)
-        runner.set_kv_cache(kv_cache)
+        if args.tensor_parallel_size > 1:
+            return cls._load_parallel(args, source, max_len, device, dtype, tokenizer, eos_ids)
+        runner, num_blocks, max_len = load_rank(args, source, max_len, device, dtype, None)
         return cls(args, source, runner, num_blocks, max_len, tokenizer, eos_ids)
+
+    @classmethod
+    def _load_parallel(cls, args: EngineArgs, source: ModelSource, max_len: int, device: torch.device,
+                       dtype: torch.dtype, tokenizer: Any, eos_ids: tuple[int, ...]) -> LLMEngine:
+        """Rank 0 here, ranks 1..N-1 in worker processes started now; each loads its shard."""
+        from mini_vllm.engine.tp_worker import WorkerPool, rank_device
+
+        size = args.tensor_parallel_size
+        if device.type == "cuda":
+            last = rank_device(device, size - 1)
+            if last.index is not None and last.index >= torch.cuda.device_count():
+                raise ConfigError(
+                    f"tensor_parallel_size={size} needs GPUs {device.index or 0}..{last.index}, "
+                    f"but {torch.cuda.device_count()} are visible"
+                )
+            device = rank_device(device, 0)
+        workers = WorkerPool.start(args, source, max_len, device)
+        try:
+            runner, num_blocks, max_len = load_rank(args, source, max_len, device, dtype, workers.tp)
+        except MiniVllmError:  # refused here (and by every rank alike): no rank is to blame
+            workers.stop(kill=True)
+            raise
+        except Exception as exc:  # a collective failed: a rank died while loading
+            raise workers.failure(exc, "loading") from exc
+        except BaseException:
+            workers.stop(kill=True)
+            raise
+        return cls(args, source, runner, num_blocks, max_len, tokenizer, eos_ids, workers)
 
     # ---- lifetime -------------------------------------------------------------------------------
     @property
@@ -205,10 +258,22 @@ class LLMEngine:
         self.requests.clear()
         self._penalized.clear()
         self.runner.close()
+        if self.workers is not None:
+            self.workers.stop()
 
     def _check_open(self) -> None:
+        if self._failure is not None:
+            raise EngineClosed(f"model {self.name!r}: {self._failure}")
         if self.runner.closed:
             raise EngineClosed(f"model {self.name!r}: this engine is closed (close() freed its model): build a new one")
+
+    def _rank_failed(self, workers: WorkerPool, exc: BaseException) -> RankFailed:
+        """Any failed step of a tensor-parallel engine is fatal: the ranks' collectives no longer
+        pair up. Stop every rank, close the engine, and say which rank failed."""
+        failure = workers.failure(exc, "a step")
+        self._failure = str(failure)
+        self.close()
+        return failure
 
     # ---- requests -------------------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:
@@ -336,11 +401,24 @@ class LLMEngine:
         tokens as placeholders. Check ``can_schedule_ahead`` first.
         """
         self._check_open()
-        return self.runner.launch(batch.inputs)
+        workers = self.workers
+        if workers is None:
+            return self.runner.launch(batch.inputs)
+        try:
+            workers.send(batch.inputs)  # once per step; the workers run the same step on their shards
+            return self.runner.launch(batch.inputs)
+        except Exception as exc:
+            raise self._rank_failed(workers, exc) from exc
 
     def collect(self, handle: StepHandle) -> ModelOutput:
         """Wait for a launched step and read its sampled tokens back."""
-        return self.runner.collect(handle)
+        workers = self.workers
+        if workers is None:
+            return self.runner.collect(handle)
+        try:
+            return self.runner.collect(handle)
+        except Exception as exc:
+            raise self._rank_failed(workers, exc) from exc
 
     def execute(self, batch: ScheduledBatch) -> ModelOutput:
         return self.collect(self.launch(batch))

@@ -10,6 +10,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import attrs
 import torch
@@ -18,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from mini_vllm.engine.config import PRESETS, EngineArgs, ModelConfig
 from mini_vllm.engine.errors import ModelLoadError
 from mini_vllm.engine.model import CausalLM
+from mini_vllm.engine.parallel import TensorParallel, local_config
 
 # checkpoint suffix -> (our parameter suffix, shard index within the fused parameter)
 _FUSED = {
@@ -138,9 +140,47 @@ def _target(name: str) -> tuple[str, int | None] | None:
     return name, None
 
 
+@attrs.frozen
+class _Cut:
+    """Which part of a checkpoint tensor one rank reads: rows or columns ``[start, start+length)``
+    of dimension ``dim``; ``full`` is the whole tensor's shape (checked against the file)."""
+
+    dim: int
+    start: int
+    length: int
+    full: tuple[int, ...]
+
+
+def _cut(pname: str, dest: torch.Tensor, tp: TensorParallel, vocab_size: int) -> _Cut | None:
+    """This rank's cut of the tensor loaded into ``dest`` (its local part); None: replicated."""
+    shape = tuple(dest.shape)
+    if pname in ("embed_tokens.weight", "lm_head.weight"):  # vocabulary-parallel, the last range padded
+        start, rows = tp.vocab_shard(vocab_size)
+        return _Cut(0, start, max(0, min(rows, vocab_size - start)), (vocab_size, *shape[1:]))
+    if pname.endswith(("qkv_proj.weight", "qkv_proj.bias", "gate_up_proj.weight")):  # column-parallel
+        return _Cut(0, tp.rank * shape[0], shape[0], (shape[0] * tp.size, *shape[1:]))
+    if pname.endswith(("o_proj.weight", "down_proj.weight")):  # row-parallel
+        return _Cut(1, tp.rank * shape[1], shape[1], (shape[0], shape[1] * tp.size))
+    return None
+
+
+def _read_cut(f: Any, name: str, cut: _Cut, file_name: str) -> torch.Tensor:
+    """Read only this rank's slice of ``name`` from the file, never the whole tensor."""
+    sl = f.get_slice(name)
+    shape = tuple(sl.get_shape())
+    if shape != cut.full:
+        raise ModelLoadError(f"{file_name}: tensor {name!r} has shape {shape}, expected {cut.full} from config.json")
+    end = cut.start + cut.length
+    return sl[cut.start : end] if cut.dim == 0 else sl[:, cut.start : end]
+
+
 def load_weights(model: CausalLM, directory: Path) -> None:
-    """Copy every checkpoint tensor into the model; all parameters must be covered exactly once."""
+    """Copy every checkpoint tensor into the model; all parameters must be covered exactly once.
+
+    A tensor-parallel shard (``model.tp``) reads only its slices of the sharded tensors.
+    """
     config = model.config
+    tp = model.tp
     params = dict(model.named_parameters(remove_duplicate=False))
     q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     shard_sizes = {"qkv_proj": [q, kv, kv], "gate_up_proj": [config.intermediate_size] * 2}
@@ -158,12 +198,19 @@ def load_weights(model: CausalLM, directory: Path) -> None:
                     param = params.get(pname)
                     if param is None:
                         raise ModelLoadError(f"{path.name}: unexpected tensor {name!r} for {config.architecture}")
-                    tensor = f.get_tensor(name)
                     dest = param.data
                     if shard is not None:
                         sizes = shard_sizes[pname.split(".")[-2]]
                         start = sum(sizes[:shard])
                         dest = dest.narrow(0, start, sizes[shard])
+                    cut = _cut(pname, dest, tp, config.vocab_size) if tp is not None else None
+                    if cut is not None:
+                        tensor = _read_cut(f, name, cut, path.name)
+                        if cut.length < dest.shape[cut.dim]:  # the padding past the vocabulary: zeros
+                            dest.narrow(cut.dim, cut.length, dest.shape[cut.dim] - cut.length).zero_()
+                            dest = dest.narrow(cut.dim, 0, cut.length)
+                    else:
+                        tensor = f.get_tensor(name)
                     if tuple(tensor.shape) != tuple(dest.shape):
                         raise ModelLoadError(
                             f"{path.name}: tensor {name!r} has shape {tuple(tensor.shape)}, "
@@ -207,17 +254,26 @@ def init_dummy_weights(model: CausalLM, seed: int) -> None:
                 param.uniform_(-0.05, 0.05, generator=gen)
 
 
-def build_model(source: ModelSource, max_positions: int, dtype: torch.dtype, device: torch.device, seed: int) -> CausalLM:
-    """Create the model on ``device`` in ``dtype`` and fill its weights."""
+def build_model(
+    source: ModelSource,
+    max_positions: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int,
+    tp: TensorParallel | None = None,
+) -> CausalLM:
+    """Create the model (with ``tp``: this rank's shard) on ``device`` in ``dtype`` and fill its weights."""
+    config = source.config if tp is None else local_config(source.config, tp.size)
     with torch.device("meta"):
-        model = CausalLM(source.config, max_positions)
+        model = CausalLM(config, max_positions, tp)
     model = model.to_empty(device=device).to(dtype)
     # The RoPE tables were on meta: compute them for real, kept in fp32 like transformers does.
     model.rotary = type(model.rotary)(source.config, max_positions).to(device)
     if source.config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     if source.dummy or source.directory is None:
-        init_dummy_weights(model, seed)
+        # Each rank draws only its shard, from a stream of its own.
+        init_dummy_weights(model, seed if tp is None else seed + 7919 * tp.rank)
     else:
         load_weights(model, source.directory)
     model.eval()

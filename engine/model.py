@@ -17,6 +17,7 @@ from torch import nn
 
 from mini_vllm.engine.attention import AttentionMetadata, paged_attention_reference, store_kv_reference
 from mini_vllm.engine.config import ModelConfig
+from mini_vllm.engine.parallel import TensorParallel
 
 # (query, k_cache, v_cache, meta, scale) -> output; (key, value, k_cache, v_cache, slot_mapping) -> None
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor]
@@ -128,8 +129,12 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """With ``tp``: ``config`` is this rank's (``parallel.local_config``: its heads and KV heads);
+    o_proj is row-parallel and its partial output is summed over the ranks."""
+
+    def __init__(self, config: ModelConfig, tp: TensorParallel | None = None) -> None:
         super().__init__()
+        self.tp = tp
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -166,7 +171,9 @@ class Attention(nn.Module):
             q, k = rotary(positions, q, k)
             store_kv_fn(k, v, k_cache, v_cache, meta.slot_mapping)
         out = attention_fn(q, k_cache, v_cache, meta, self.scale)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        if self.tp is None:
+            return self.o_proj(out.reshape(-1, self.q_size))
+        return self.tp.all_reduce(self.o_proj(out.reshape(-1, self.q_size)))
 
     def _fused_prologue(
         self,
@@ -188,8 +195,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """With ``tp``: this rank's ``intermediate_size`` rows; down_proj's output summed over the ranks."""
+
+    def __init__(self, config: ModelConfig, tp: TensorParallel | None = None) -> None:
         super().__init__()
+        self.tp = tp
         self.intermediate = config.intermediate_size
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
@@ -197,31 +207,80 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused is not None:
-            return self.down_proj(self.fused(self.gate_up_proj(x), self.intermediate))
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+            out = self.down_proj(self.fused(self.gate_up_proj(x), self.intermediate))
+        else:
+            gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+            out = self.down_proj(nn.functional.silu(gate) * up)
+        return out if self.tp is None else self.tp.all_reduce(out)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """This rank's contiguous range of the embedding rows; ids outside it give zeros, and the sum
+    over the ranks is the full lookup."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallel) -> None:
+        super().__init__()
+        self.tp = tp
+        self.start, self.rows = tp.vocab_shard(vocab_size)
+        self.weight = nn.Parameter(torch.empty(self.rows, hidden_size))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        local = input_ids - self.start
+        outside = (local < 0) | (local >= self.rows)
+        out = nn.functional.embedding(local.masked_fill(outside, 0), self.weight)
+        return self.tp.all_reduce(out.masked_fill(outside.unsqueeze(-1), 0))
+
+
+class ParallelLMHead(nn.Module):
+    """This rank's vocabulary range of the LM head: local logits, gathered to the full vocabulary
+    on every rank (only rank 0 samples; the padding's logits are cut off)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallel) -> None:
+        super().__init__()
+        self.tp = tp
+        self.vocab_size = vocab_size
+        self.start, self.rows = tp.vocab_shard(vocab_size)
+        self.weight = nn.Parameter(torch.empty(self.rows, hidden_size))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.tp.gather_last(nn.functional.linear(hidden, self.weight))[..., : self.vocab_size]
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TensorParallel | None = None) -> None:
         super().__init__()
-        self.self_attn = Attention(config)
-        self.mlp = MLP(config)
+        self.self_attn = Attention(config, tp)
+        self.mlp = MLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 class CausalLM(nn.Module):
-    """Embedding, decoder layers, final norm and LM head; names match HF checkpoints."""
+    """Embedding, decoder layers, final norm and LM head; names match HF checkpoints.
 
-    def __init__(self, config: ModelConfig, max_positions: int) -> None:
+    With ``tp`` this is one rank's shard: ``config`` is the rank's (``parallel.local_config``), the
+    embedding and LM head hold its vocabulary range, norms are whole on every rank.
+    """
+
+    def __init__(self, config: ModelConfig, max_positions: int, tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.tp = tp
+        # Modules are made in the same order with and without tp: dummy weights are drawn in
+        # registration order, so a one-rank model keeps the weights it always had.
+        self.embed_tokens: nn.Embedding | VocabParallelEmbedding
+        self.lm_head: nn.Linear | ParallelLMHead
+        if tp is None:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        else:
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(config, tp) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config, max_positions)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if tp is None:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        else:
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 

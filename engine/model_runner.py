@@ -13,6 +13,7 @@ import torch
 
 from mini_vllm.engine.attention import AttentionMetadata, build_metadata, paged_attention_reference, store_kv_reference
 from mini_vllm.engine.model import AttentionFn, CausalLM, StoreKvFn
+from mini_vllm.engine.parallel import TensorParallel
 from mini_vllm.engine.sampler import SamplerOutput, SamplingRow, derive_seed, sample
 from mini_vllm.engine.scheduler import SchedulerOutput
 from mini_vllm.engine.sequence import PLACEHOLDER
@@ -143,6 +144,10 @@ class ModelRunner:
 
     Nothing it holds may point back at it (no bound methods of ``self`` stored on ``self``): a
     dropped engine must free its device memory by reference counting alone, at once.
+
+    With ``parallel`` it runs one rank's shard: every rank launches the same ``StepInputs``, only
+    rank 0 samples, and the sampled ids are broadcast to the others, whose next step's placeholder
+    tokens read them on their own device.
     """
 
     closed = False
@@ -155,8 +160,10 @@ class ModelRunner:
         seed: int,
         attention_fn: AttentionFn = paged_attention_reference,
         store_kv_fn: StoreKvFn = store_kv_reference,
+        parallel: TensorParallel | None = None,
     ) -> None:
         self.model = model
+        self.parallel = parallel
         self.kv_cache: torch.Tensor = kv_cache if kv_cache is not None else torch.empty(0)
         self.device = device
         self.attention_fn = attention_fn
@@ -207,7 +214,13 @@ class ModelRunner:
         if not inputs.sample_indices:
             return StepHandle(None, None)
         rows = torch.tensor(inputs.sample_indices, dtype=torch.int64, device=self.device)
-        out = sample(self.model.compute_logits(hidden[rows]), inputs.sampling_rows, self.generator)
+        logits = self.model.compute_logits(hidden[rows])  # with tensor parallelism: gathered on every rank
+        if self.parallel is not None and not self.parallel.is_driver:
+            self._last_sampled = self.parallel.broadcast(torch.empty(len(rows), dtype=torch.int64, device=self.device))
+            return StepHandle(None, None)
+        out = sample(logits, inputs.sampling_rows, self.generator)
+        if self.parallel is not None:
+            self.parallel.broadcast(out.token_ids)
         self._last_sampled = out.token_ids
         return StepHandle(out.token_ids, out)
 
