@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 
 from mini_vllm.engine.config import PRESETS, EngineArgs, ModelConfig
 from mini_vllm.engine.errors import ModelLoadError
-from mini_vllm.engine.model import CausalLM
+from mini_vllm.engine.model import Attention, CausalLM
 from mini_vllm.engine.parallel import TensorParallel, local_config
 
 # checkpoint suffix -> (our parameter suffix, shard index within the fused parameter)
@@ -151,12 +151,20 @@ class _Cut:
     full: tuple[int, ...]
 
 
-def _cut(pname: str, dest: torch.Tensor, tp: TensorParallel, vocab_size: int) -> _Cut | None:
-    """This rank's cut of the tensor loaded into ``dest`` (its local part); None: replicated."""
+def _cut(pname: str, shard: int | None, dest: torch.Tensor, tp: TensorParallel, config: ModelConfig) -> _Cut | None:
+    """This rank's cut of the tensor loaded into ``dest`` (its local part; ``shard`` its part of a
+    fused parameter); ``config`` is the whole model's. None: the tensor is whole on every rank."""
     shape = tuple(dest.shape)
     if pname in ("embed_tokens.weight", "lm_head.weight"):  # vocabulary-parallel, the last range padded
+        vocab_size = config.vocab_size
         start, rows = tp.vocab_shard(vocab_size)
         return _Cut(0, start, max(0, min(rows, vocab_size - start)), (vocab_size, *shape[1:]))
+    if pname.endswith(("qkv_proj.weight", "qkv_proj.bias")) and shard in (1, 2):  # k or v: whole KV heads
+        # Split: kv_heads / N heads; replicated: the one KV head that this rank's query heads use
+        # (``TensorParallel.kv_head_shard`` says why that is exact).
+        first, count = tp.kv_head_shard(config.num_key_value_heads)
+        d = config.head_dim
+        return _Cut(0, first * d, count * d, (config.num_key_value_heads * d, *shape[1:]))
     if pname.endswith(("qkv_proj.weight", "qkv_proj.bias", "gate_up_proj.weight")):  # column-parallel
         return _Cut(0, tp.rank * shape[0], shape[0], (shape[0] * tp.size, *shape[1:]))
     if pname.endswith(("o_proj.weight", "down_proj.weight")):  # row-parallel
@@ -174,12 +182,15 @@ def _read_cut(f: Any, name: str, cut: _Cut, file_name: str) -> torch.Tensor:
     return sl[cut.start : end] if cut.dim == 0 else sl[:, cut.start : end]
 
 
-def load_weights(model: CausalLM, directory: Path) -> None:
+def load_weights(model: CausalLM, directory: Path, full_config: ModelConfig | None = None) -> None:
     """Copy every checkpoint tensor into the model; all parameters must be covered exactly once.
 
-    A tensor-parallel shard (``model.tp``) reads only its slices of the sharded tensors.
+    A tensor-parallel shard (``model.tp``) reads only its slices of the sharded tensors;
+    ``full_config`` is then the whole model's config (the shard's own ``model.config`` cannot tell
+    how many KV heads a replicated one is taken from). Without it: ``model.config``.
     """
     config = model.config
+    whole = config if full_config is None else full_config
     tp = model.tp
     params = dict(model.named_parameters(remove_duplicate=False))
     q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
@@ -203,7 +214,7 @@ def load_weights(model: CausalLM, directory: Path) -> None:
                         sizes = shard_sizes[pname.split(".")[-2]]
                         start = sum(sizes[:shard])
                         dest = dest.narrow(0, start, sizes[shard])
-                    cut = _cut(pname, dest, tp, config.vocab_size) if tp is not None else None
+                    cut = _cut(pname, shard, dest, tp, whole) if tp is not None else None
                     if cut is not None:
                         tensor = _read_cut(f, name, cut, path.name)
                         if cut.length < dest.shape[cut.dim]:  # the padding past the vocabulary: zeros
@@ -239,6 +250,25 @@ def load_weights(model: CausalLM, directory: Path) -> None:
         raise ModelLoadError(f"{directory}: checkpoint lacks weights for {shown}")
 
 
+def _share_replicated_kv(model: CausalLM, tp: TensorParallel, full_config: ModelConfig, seed: int) -> None:
+    """Redraw a replicating rank's k/v rows from a stream of its KV head, not of its rank, so the
+    ranks holding one KV head hold the same values: otherwise each rank's queries would attend to
+    keys and values of its own, a model with ``size`` KV heads rather than the configured ones."""
+    head, _ = tp.kv_head_shard(full_config.num_key_value_heads)
+    device = next(model.parameters()).device
+    # Seeds past every rank's (seed + 7919 * rank, rank < size): no stream is reused.
+    gen = torch.Generator(device=device).manual_seed(seed + 7919 * (tp.size + head))
+    config = model.config
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    with torch.no_grad():
+        for module in model.modules():  # layer order: the same draws on every replica
+            if isinstance(module, Attention):
+                qkv = module.qkv_proj
+                for param in (qkv.weight, qkv.bias):
+                    if param is not None:
+                        param.narrow(0, q, 2 * kv).uniform_(-0.05, 0.05, generator=gen)
+
+
 def init_dummy_weights(model: CausalLM, seed: int) -> None:
     """Deterministic small random weights (norms stay at one), enough for realistic timing.
 
@@ -272,10 +302,12 @@ def build_model(
     if source.config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     if source.dummy or source.directory is None:
-        # Each rank draws only its shard, from a stream of its own.
+        # Each rank draws only its shard, from a stream of its own; replicated KV heads from theirs.
         init_dummy_weights(model, seed if tp is None else seed + 7919 * tp.rank)
+        if tp is not None and tp.size > source.config.num_key_value_heads:
+            _share_replicated_kv(model, tp, source.config, seed)
     else:
-        load_weights(model, source.directory)
+        load_weights(model, source.directory, source.config)
     model.eval()
     model.requires_grad_(False)
     return model

@@ -2,9 +2,10 @@
 
 Megatron-style: q/k/v and gate/up are split by output rows (whole heads per rank), o_proj and
 down_proj by input columns (their partial sums are all-reduced), the vocabulary in contiguous
-ranges (``ceil(vocab / size)`` rows per rank, the last range padded). Rank 0 runs the engine; the
-other ranks are ``engine.tp_worker`` processes. One torch.distributed default group per process:
-gloo on the CPU; on CUDA NCCL for device tensors and gloo for the few host ones.
+ranges (``ceil(vocab / size)`` rows per rank, the last range padded). With more ranks than KV
+heads each KV head is replicated on ``size // kv_heads`` consecutive ranks (vLLM's rule). Rank 0
+runs the engine; the other ranks are ``engine.tp_worker`` processes. One torch.distributed default
+group per process: gloo on the CPU; on CUDA NCCL for device tensors and gloo for the few host ones.
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ class RankFailed(EngineClosed):
 
 
 def check_tensor_parallel(config: ModelConfig, size: int) -> None:
-    """Refuse sizes the model cannot be split by (whole heads, whole KV heads, whole MLP rows)."""
+    """Refuse sizes the model cannot be split by: whole query heads and MLP rows per rank, and KV
+    heads either split (``size`` divides them) or replicated (they divide ``size``)."""
     if size == 1:
         return
     for field, value in (
         ("num_attention_heads", config.num_attention_heads),
-        ("num_key_value_heads", config.num_key_value_heads),
         ("intermediate_size", config.intermediate_size),
     ):
         if value % size:
@@ -42,18 +43,25 @@ def check_tensor_parallel(config: ModelConfig, size: int) -> None:
                 f"tensor_parallel_size={size} must divide the model's {field} ({value}): "
                 f"choose a divisor of {value}"
             )
+    kv_heads = config.num_key_value_heads
+    if kv_heads % size and size % kv_heads:
+        raise ConfigError(
+            f"tensor_parallel_size={size} must divide the model's num_key_value_heads ({kv_heads}) to split "
+            f"them, or be a multiple of it to replicate them: choose a divisor or a multiple of {kv_heads}"
+        )
 
 
 def local_config(config: ModelConfig, size: int) -> ModelConfig:
-    """The shapes one rank's shard is built with: its heads, KV heads and MLP rows (vocabulary and
-    hidden size stay whole: the embedding and LM head split the vocabulary themselves)."""
+    """The shapes one rank's shard is built with: its heads, KV heads (one when they are
+    replicated) and MLP rows (vocabulary and hidden size stay whole: the embedding and LM head
+    split the vocabulary themselves)."""
     check_tensor_parallel(config, size)
     if size == 1:
         return config
     return attrs.evolve(
         config,
         num_attention_heads=config.num_attention_heads // size,
-        num_key_value_heads=config.num_key_value_heads // size,
+        num_key_value_heads=max(1, config.num_key_value_heads // size),
         intermediate_size=config.intermediate_size // size,
     )
 
@@ -88,6 +96,20 @@ class TensorParallel:
         made sure it divides)."""
         length = total // self.size
         return self.rank * length, length
+
+    def kv_head_shard(self, kv_heads: int) -> tuple[int, int]:
+        """This rank's (first KV head, count) of the model's ``kv_heads``: an even split, or with
+        more ranks than KV heads the one head it shares with ``size // kv_heads - 1`` other ranks.
+
+        Replicating is exact because ``check_tensor_parallel`` made ``kv_heads`` divide ``size``:
+        query head h uses KV head ``h // (heads // kv_heads)``, and a group of ``heads // kv_heads``
+        query heads is ``size // kv_heads`` whole ranks' contiguous ``heads // size`` heads, so every
+        query head rank r holds uses KV head ``r // (size // kv_heads)``, the one it holds.
+        """
+        if self.size <= kv_heads:
+            count = kv_heads // self.size
+            return self.rank * count, count
+        return self.rank // (self.size // kv_heads), 1
 
     def vocab_shard(self, vocab_size: int) -> tuple[int, int]:
         """This rank's (first id, rows): every rank holds ``ceil(vocab / size)`` rows, the last

@@ -141,12 +141,14 @@ class WorkerPool:
         leave_group(self.tp.group)
 
     def _wait_for_a_death(self, timeout: float) -> tuple[int, int] | None:
+        """The dead rank to blame, as (rank, exit code). When one dies the others fail too (their
+        collectives lose a peer) and may be gone by the time we look, so prefer a rank killed by a
+        signal, then one that reported no error of its own, then the lowest."""
         deadline = time.monotonic() + timeout
         while True:
-            for rank, proc in enumerate(self.procs, start=1):
-                code = proc.poll()
-                if code is not None:
-                    return rank, code
+            dead = [(rank, code) for rank, proc in enumerate(self.procs, start=1) if (code := proc.poll()) is not None]
+            if dead:
+                return min(dead, key=lambda d: (d[1] >= 0, self._reported_error(d[0]) is not None, d[0]))
             if time.monotonic() >= deadline:
                 return None
             time.sleep(_JOIN_POLL)
@@ -281,4 +283,10 @@ if __name__ == "__main__":
     # Run as the importable module, not as __main__: the pickled WorkerSetup names its class there.
     from mini_vllm.engine import tp_worker
 
-    sys.exit(tp_worker.main(sys.argv[1:]))
+    code = tp_worker.main(sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The work is done and the group left: skip the interpreter's teardown, whose C++ destructors
+    # (torch.distributed's store and gloo threads) once aborted a worker that had ended cleanly
+    # ("terminate called without an active exception"), turning exit code 0 into SIGABRT.
+    os._exit(code)
