@@ -30,16 +30,14 @@ import torch
 
 from mini_vllm.bench.command import fail
 from mini_vllm.engine.config import ModelConfig
-from mini_vllm.engine.workloads import CollectiveCost, TensorParallel
+from mini_vllm.engine.parallel import MULTICAST_OFF
+from mini_vllm.engine.workloads import CollectiveCost, ParallelCost
 from mini_vllm.transport.flags import EXIT_ERROR
 
 # A step's token counts, 1 .. 8192 (the default --max-num-batched-tokens): what the all-reduces carry.
 ALL_REDUCE_TOKENS = tuple(2**i for i in range(14))
 # Rows of logits a step samples, 1 .. 1024 (at most one per running sequence): what the gather carries.
 ALL_GATHER_ROWS = tuple(2**i for i in range(11))
-# NVLink multicast can take the host's shared GPUs out of service (the lent machines' KINDS.md):
-# forced off in every worker, whatever the parent's environment says.
-MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 DEFAULT_TIMEOUT_S = 600.0
 SLEEP_CYCLES = 20_000_000  # about 10 ms at 2 GHz: longer than queueing the timed ops takes the host
 
@@ -70,9 +68,9 @@ class CollectiveMeasurement:
     all_reduce: tuple[CollectivePoint, ...]
     all_gather: tuple[CollectivePoint, ...]
 
-    def tensor_parallel(self) -> TensorParallel:
+    def tensor_parallel(self) -> ParallelCost:
         """The floor's view: each collective's seconds as a function of bytes."""
-        return TensorParallel(
+        return ParallelCost(
             self.world_size,
             CollectiveCost([(p.bytes, p.seconds) for p in self.all_reduce]),
             CollectiveCost([(p.bytes, p.seconds) for p in self.all_gather]),
@@ -148,7 +146,7 @@ def measure_collectives(
 
 def measure_tensor_parallel(
     command: str, config: ModelConfig | None, tensor_parallel_size: int
-) -> tuple[dict[str, Any], TensorParallel] | int:
+) -> tuple[dict[str, Any], ParallelCost] | int:
     """The collectives over the N GPUs, for the record and the floor; or the exit status after
     printing why not (before any model is loaded: the workers need the GPUs' memory for a moment)."""
     if config is None:
@@ -238,7 +236,9 @@ def _worker(rank: int, plan: _Plan, results: Any) -> None:
     """One rank: join the group, time every size, send rank 0's medians (or any rank's error) back."""
     import torch.distributed as dist
 
-    os.environ.update(MULTICAST_OFF)
+    # Forced off here, whatever the parent's environment says: NVLink multicast can take a shared
+    # host's GPUs out of service (the lent machines' KINDS.md).
+    os.environ.update(dict(MULTICAST_OFF))
     try:
         device = torch.device("cuda", rank) if plan.device == "cuda" else torch.device("cpu")
         if plan.device == "cuda":

@@ -32,7 +32,7 @@ from mini_vllm.engine.config import PRESETS, EngineArgs, ModelConfig
 from mini_vllm.engine.kv_cache import bytes_per_block
 from mini_vllm.engine.llm_engine import LLMEngine
 from mini_vllm.engine.sampling_params import SamplingParams
-from mini_vllm.engine.workloads import TensorParallel, WorkloadRequest, kv_heads_per_rank, matmul_params
+from mini_vllm.engine.workloads import ParallelCost, WorkloadRequest, kv_heads_per_rank, matmul_params
 from mini_vllm.transport.flags import positive_int
 
 # Kernel names of cuBLAS / cuBLASLt matmuls (nvjet is Hopper's cuBLASLt family).
@@ -152,7 +152,7 @@ def random_prompts(rng: random.Random, n: int, length: int, vocab: int) -> list[
 
 
 def decode_floor_s(
-    config: ModelConfig, batch: int, context: int, bandwidth: float, parallel: TensorParallel | None = None
+    config: ModelConfig, batch: int, context: int, bandwidth: float, parallel: ParallelCost | None = None
 ) -> float:
     """One decode step reading every weight once and each sequence's KV (bf16), at ``bandwidth``.
 
@@ -293,7 +293,7 @@ def run_latency(args: argparse.Namespace) -> int:
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
     bandwidth = None
-    parallel: TensorParallel | None = None
+    parallel: ParallelCost | None = None
     if cuda:
         bandwidth = measure_gpu_peaks(device)[0]  # GPU 0's: with N GPUs, each one's
         torch.cuda.empty_cache()  # give the probe's tensors back before the model loads

@@ -39,7 +39,7 @@ from mini_vllm.engine.config import PRESETS, EngineArgs
 from mini_vllm.engine.llm_engine import LLMEngine
 from mini_vllm.engine.sampling_params import SamplingParams
 from mini_vllm.engine.step_loop import StepTiming
-from mini_vllm.engine.workloads import TensorParallel, WorkloadRequest, offline_256, online_1000, physical_floor
+from mini_vllm.engine.workloads import ParallelCost, WorkloadRequest, offline_256, online_1000, physical_floor
 from mini_vllm.transport.flags import EXIT_ERROR, leaf_exceptions, positive_int
 
 
@@ -685,7 +685,7 @@ def run_throughput(args: argparse.Namespace) -> int:
         "command": "mini-vllm " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:])),
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
-    parallel: TensorParallel | None = None
+    parallel: ParallelCost | None = None
     if cuda:
         _log("measuring copy bandwidth and bf16 matmul rate ...")
         bandwidth, flops = measure_gpu_peaks(device)

@@ -11,6 +11,7 @@ group per process: gloo on the CPU; on CUDA NCCL for device tensors and gloo for
 from __future__ import annotations
 
 import datetime
+import os
 from typing import Any
 
 import attrs
@@ -23,6 +24,10 @@ from mini_vllm.engine.errors import ConfigError, EngineClosed
 # Longest any rank waits in a collective or the rendezvous: a peer that is alive but stuck (a dead
 # one closes its sockets, which ends the wait at once over gloo).
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=300)
+
+# NVLink multicast (NVLS) stays off unless the environment says otherwise: on shared multi-GPU
+# hosts a program using it can put the GPUs out of service (the lent machines set these too).
+MULTICAST_OFF = (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1"))
 
 
 class RankFailed(EngineClosed):
@@ -160,6 +165,9 @@ def join_group(store: dist.TCPStore, rank: int, size: int, device: torch.device)
             "group per process): close it first"
         )
     kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
+    if device.type == "cuda":
+        for name, value in MULTICAST_OFF:  # before NCCL reads them; an explicit setting wins
+            os.environ.setdefault(name, value)
     dist.init_process_group(
         backend_for(device), store=store, rank=rank, world_size=size, timeout=COLLECTIVE_TIMEOUT, **kwargs
     )

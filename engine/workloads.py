@@ -138,7 +138,7 @@ class CollectiveCost:
 
 
 @attrs.frozen
-class TensorParallel:
+class ParallelCost:
     """How a model is split over ``size`` GPUs of one host for the floor, with the measured cost of
     its collectives: ``all_reduce`` keyed by the bytes of the [tokens, hidden] activations it sums,
     ``all_gather`` by the bytes of the whole [rows, vocab] logits it gathers."""
@@ -149,7 +149,7 @@ class TensorParallel:
 
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 1:
-            raise ValueError(f"TensorParallel.size (GPUs) must be an integer >= 1, got {self.size!r}")
+            raise ValueError(f"ParallelCost.size (GPUs) must be an integer >= 1, got {self.size!r}")
 
     def step_seconds(self, config: ModelConfig, tokens: int, sampled: int, bytes_per_param: int = 2) -> float:
         """Collectives of one forward over ``tokens`` tokens of which ``sampled`` need logits: two
@@ -186,14 +186,14 @@ def physical_floor(
     bandwidth: float,
     flops: float,
     bytes_per_param: int = 2,
-    parallel: TensorParallel | None = None,
+    parallel: ParallelCost | None = None,
 ) -> Floor:
     """The physical floor (docs/design.md): all requests admitted at once, prefill at the matmul peak, and each
     decode step max(bytes / bandwidth, FLOPs / peak) with bytes = weights + every live KV.
 
     With ``parallel`` (N GPUs), ``bandwidth`` and ``flops`` are one GPU's: each rank reads 1/N of the
     weights and its share of the KV heads, and does 1/N of the FLOPs, all ranks at once; every forward
-    then adds its collectives (``TensorParallel.step_seconds``), which no overlap hides: the next layer
+    then adds its collectives (``ParallelCost.step_seconds``), which no overlap hides: the next layer
     needs their result."""
     ranks = 1 if parallel is None else parallel.size
     params = matmul_params(config)

@@ -28,7 +28,7 @@ from mini_vllm.bench.latency import decode_floor_s
 from mini_vllm.engine.config import PRESETS, ModelConfig
 from mini_vllm.engine.workloads import (
     CollectiveCost,
-    TensorParallel,
+    ParallelCost,
     WorkloadRequest,
     kv_heads_per_rank,
     offline_256,
@@ -57,8 +57,8 @@ def _constant(seconds: float) -> CollectiveCost:
     return CollectiveCost([(1, seconds), (10**15, seconds)])
 
 
-def _parallel(size: int, all_reduce_s: float = 0.0, all_gather_s: float = 0.0) -> TensorParallel:
-    return TensorParallel(size, _constant(all_reduce_s), _constant(all_gather_s))
+def _parallel(size: int, all_reduce_s: float = 0.0, all_gather_s: float = 0.0) -> ParallelCost:
+    return ParallelCost(size, _constant(all_reduce_s), _constant(all_gather_s))
 
 
 # ---- one GPU: today's numbers ------------------------------------------------------------------------
@@ -136,12 +136,12 @@ def test_kv_heads_are_shared_when_there_are_more_ranks_than_heads() -> None:
 
 def test_collectives_are_priced_at_a_steps_bytes() -> None:
     linear = CollectiveCost([(1, 1e-9), (2, 2e-9)])  # a nanosecond per byte
-    parallel = TensorParallel(2, linear, CollectiveCost([(1, 1e-6), (2, 2e-6)]))
+    parallel = ParallelCost(2, linear, CollectiveCost([(1, 1e-6), (2, 2e-6)]))
     # 3 tokens: all-reduces of 3 x 16 x 2 bytes, four of them; the gather of 3 x 100 logits x 2 bytes.
     assert parallel.step_seconds(SMALL, 3, 3) == pytest.approx(4 * 96e-9 + 600e-6)
     # A prefill of 40 tokens samples 2 rows; float32 doubles the bytes.
     assert parallel.step_seconds(SMALL, 40, 2, bytes_per_param=4) == pytest.approx(4 * 2560e-9 + 800e-6)
-    assert TensorParallel(1, linear, linear).step_seconds(SMALL, 3, 3) == 0.0
+    assert ParallelCost(1, linear, linear).step_seconds(SMALL, 3, 3) == 0.0
 
 
 def test_latency_decode_floor_over_two_gpus_by_hand() -> None:
@@ -194,8 +194,8 @@ def test_collective_cost_rejects_bad_points(points: list[tuple[int, float]], mes
 
 @pytest.mark.parametrize("size", [0, -2, 1.5, True])
 def test_tensor_parallel_size_is_validated(size: Any) -> None:
-    with pytest.raises(ValueError, match="TensorParallel.size .* must be an integer >= 1"):
-        TensorParallel(size, _constant(0.0), _constant(0.0))
+    with pytest.raises(ValueError, match="ParallelCost.size .* must be an integer >= 1"):
+        ParallelCost(size, _constant(0.0), _constant(0.0))
 
 
 # ---- the measurement over gloo -----------------------------------------------------------------------
