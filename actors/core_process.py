@@ -4,33 +4,16 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
 import sys
-import threading
-import time
 from collections.abc import Sequence
 
 import trio
 
 from mini_vllm.actors.core import CoreStart, run_core
 from mini_vllm.actors.link import SocketLink
-
-_PARENT_POLL = 0.2  # seconds between looks at our parent: how long an orphaned core lives at most
-
-
-def _die_with_parent(parent: int) -> None:
-    """Exit as soon as the frontend is gone, even while a model loads (when no task reads the
-    socket). A watching thread rather than PR_SET_PDEATHSIG: that signal follows the *thread* that
-    started us, and trio starts processes from a worker thread that exits when idle."""
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(_PARENT_POLL)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="mini-vllm-core-parent-watch", daemon=True).start()
+from mini_vllm.engine.parent_watch import die_with_parent
 
 
 async def _core_main(fd: int) -> None:
@@ -43,7 +26,7 @@ async def _core_main(fd: int) -> None:
 
 def main(argv: Sequence[str]) -> int:
     fd, parent = int(argv[0]), int(argv[1])
-    _die_with_parent(parent)
+    die_with_parent(parent, "mini-vllm-core-parent-watch")  # the frontend is gone: so are we
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the frontend decides when the core stops
     logging.basicConfig(level=logging.WARNING, format="mini-vllm core: %(levelname)s %(message)s")
     trio.run(_core_main, fd)

@@ -37,8 +37,8 @@ from mini_vllm.engine.parallel import (
     leave_group,
     open_store,
 )
+from mini_vllm.engine.parent_watch import die_with_parent
 
-_PARENT_POLL = 0.2  # seconds between looks at our parent: how long an orphaned worker lives at most
 _JOIN_POLL = 0.01  # seconds between looks at the store while the workers start
 _STOP_GRACE = 10.0  # seconds a worker gets to free its device and exit after EOF, before it is killed
 _DEATH_GRACE = 2.0  # after a failed collective: how long to wait for the rank that caused it to exit
@@ -209,18 +209,6 @@ def _end_processes(procs: list[subprocess.Popen[bytes]], grace: float) -> None:
 
 
 # ---- the worker process ---------------------------------------------------------------------------
-def _die_with_parent(parent: int) -> None:
-    """Exit as soon as rank 0's process is gone, even inside a collective or a load (a thread that
-    watches, rather than PR_SET_PDEATHSIG, which follows the thread that started us)."""
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(_PARENT_POLL)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="mini-vllm-tp-parent-watch", daemon=True).start()
-
-
 def serve_steps(runner: ModelRunner, stream: IO[bytes]) -> None:
     """Launch every step rank 0 sends, until EOF. The sampled ids arrive by broadcast inside
     ``launch``; a worker never reads its output back."""
@@ -268,7 +256,7 @@ def main(argv: Sequence[str]) -> int:
         print("usage: python -m mini_vllm.engine.tp_worker RANK SIZE PORT PARENT_PID", file=sys.stderr)
         return 2
     rank, size, port, parent = (int(a) for a in argv)
-    _die_with_parent(parent)
+    die_with_parent(parent, "mini-vllm-tp-parent-watch")  # rank 0 is gone, even mid-collective
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides when the workers stop
     try:
         run_worker(rank, size, port, sys.stdin.buffer)
