@@ -164,3 +164,19 @@ def load_engine(command: str, make_args: Callable[[], EngineArgs]) -> LLMEngine 
     except MiniVllmError as exc:
         print(f"mini-vllm {command}: error: {exc}", file=sys.stderr)
         return 1
+
+
+def step_kinds(engine: LLMEngine) -> dict[str, int] | None:
+    """How many steps the engine's runner has run by kind (decode graph, mixed graph, eager), as a
+    copy; None for a runner that does not count them (the CPU's)."""
+    kinds = getattr(engine.runner, "step_kinds", None)
+    return dict(kinds) if kinds is not None else None
+
+
+def step_kinds_since(engine: LLMEngine, before: dict[str, int] | None) -> dict[str, int] | None:
+    """The steps by kind since ``before`` (a ``step_kinds`` taken earlier): the check that the
+    steps that matter were graphed. None where the runner does not count them."""
+    now = step_kinds(engine)
+    if now is None or before is None:
+        return None
+    return {k: now[k] - before.get(k, 0) for k in now}

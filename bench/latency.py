@@ -27,7 +27,15 @@ import torch
 
 from mini_vllm.bench.allreduce import collectives_line, measure_tensor_parallel
 from mini_vllm.bench.command import HelpFormatter, fail, interruptible, unwritable, write_text
-from mini_vllm.bench.env import gpus_missing, load_engine, measure_gpu_peaks, model_shapes, versions
+from mini_vllm.bench.env import (
+    gpus_missing,
+    load_engine,
+    measure_gpu_peaks,
+    model_shapes,
+    step_kinds,
+    step_kinds_since,
+    versions,
+)
 from mini_vllm.engine.config import PRESETS, EngineArgs, ModelConfig
 from mini_vllm.engine.kv_cache import bytes_per_block
 from mini_vllm.engine.llm_engine import LLMEngine
@@ -319,7 +327,7 @@ def run_latency(args: argparse.Namespace) -> int:
     record["max_num_batched_tokens"] = engine.args.max_num_batched_tokens
     record["cuda_graphs"] = cuda and not args.enforce_eager
     rng = random.Random(3)  # fresh prompts every iteration: nothing to reuse even with a prefix cache
-    kinds_before = dict(getattr(engine.runner, "step_kinds", {}))
+    kinds_before = step_kinds(engine)
     iters = []
     for i in range(args.warmup_iters + args.num_iters):
         result = run_batch(engine, random_prompts(rng, args.batch_size, args.input_len, config.vocab_size),
@@ -334,9 +342,9 @@ def run_latency(args: argparse.Namespace) -> int:
     record["e2e_ms"] = round(1e3 * statistics.median(r["e2e_s"] for r in iters), 2)
     record["step_ms"] = {"p50": round(1e3 * gaps[len(gaps) // 2], 4), "p99": round(1e3 * gaps[int(0.99 * (len(gaps) - 1))], 4),
                          "max": round(1e3 * gaps[-1], 4)} if gaps else None
-    kinds = getattr(engine.runner, "step_kinds", None)
+    kinds = step_kinds_since(engine, kinds_before)
     if kinds is not None:  # on a GPU: how the steps ran (decode graph, mixed graph, eager), warm-up included
-        record["step_kinds"] = {k: kinds[k] - kinds_before.get(k, 0) for k in kinds}
+        record["step_kinds"] = kinds
     for kind in ("decode_only", "mixed"):
         times = [c for r in iters for c in r[f"{kind}_calls_s"]]
         record[f"{kind}_step_ms"] = {"steps": len(times), "p50": round(1e3 * statistics.median(times), 4)} if times else None

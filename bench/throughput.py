@@ -34,7 +34,16 @@ import trio
 
 from mini_vllm.bench.allreduce import collectives_line, measure_tensor_parallel
 from mini_vllm.bench.command import HelpFormatter, fail, interruptible, unwritable, write_text
-from mini_vllm.bench.env import gpus_missing, load_engine, measure_cpu_peaks, measure_gpu_peaks, model_shapes, versions
+from mini_vllm.bench.env import (
+    gpus_missing,
+    load_engine,
+    measure_cpu_peaks,
+    measure_gpu_peaks,
+    model_shapes,
+    step_kinds,
+    step_kinds_since,
+    versions,
+)
 from mini_vllm.engine.config import PRESETS, EngineArgs
 from mini_vllm.engine.llm_engine import LLMEngine
 from mini_vllm.engine.sampling_params import SamplingParams
@@ -147,8 +156,7 @@ def run_offline(engine: LLMEngine, workload: list[WorkloadRequest]) -> dict[str,
     total = sum(r.output_len for r in workload)
     progress = _Progress("offline", total)
     engine.step_timings = []
-    kinds = getattr(engine.runner, "step_kinds", None)  # only the GPU runner counts its steps
-    before = dict(kinds) if kinds is not None else None
+    before = step_kinds(engine)
     start = time.perf_counter()
     for i, r in enumerate(workload):
         engine.add_request(f"bench-{i}", r.prompt_token_ids, _params(r))
@@ -163,16 +171,11 @@ def run_offline(engine: LLMEngine, workload: list[WorkloadRequest]) -> dict[str,
     timings, engine.step_timings = engine.step_timings, None
     wall = last_token - start
     return {"output_tokens": done, "seconds": wall, "output_tokens_per_s": done / wall, "steps": len(timings),
-            **step_kinds(engine, before), **cpu_step_times(timings)}
+            **_kinds_field(step_kinds_since(engine, before)), **cpu_step_times(timings)}
 
 
-def step_kinds(engine: LLMEngine, before: dict[str, int] | None) -> dict[str, Any]:
-    """How the run's steps ran on a GPU (decode graph, mixed graph, eager): the check that the
-    steps that matter were graphed. Empty on the CPU."""
-    now = getattr(engine.runner, "step_kinds", None)
-    if now is None or before is None:
-        return {}
-    return {"step_kinds": {k: now[k] - before.get(k, 0) for k in now}}
+def _kinds_field(kinds: dict[str, int] | None) -> dict[str, Any]:
+    return {"step_kinds": kinds} if kinds is not None else {}  # on a GPU only
 
 
 def cpu_step_times(timings: list[StepTiming]) -> dict[str, Any]:
