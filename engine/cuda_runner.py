@@ -42,6 +42,7 @@ from mini_vllm.engine.triton_attention import (
     prefill_tile_map,
     prefill_tokens_per_tile,
     store_kv_triton,
+    tile_sizes,
 )
 from mini_vllm.engine.triton_norm import rms_norm_triton, rotary_triton, silu_mul_triton
 from mini_vllm.engine.triton_qkv import SUPPORTED_DTYPES as PROLOGUE_DTYPES
@@ -167,7 +168,8 @@ class CudaModelRunner(ModelRunner):
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // block_size)
-        self.tokens_per_tile = prefill_tokens_per_tile(config.num_attention_heads, config.num_key_value_heads)
+        block_m = tile_sizes(config.head_dim, model.embed_tokens.weight.dtype)[0]
+        self.tokens_per_tile = prefill_tokens_per_tile(config.num_attention_heads, config.num_key_value_heads, block_m)
         prologue = qkv_prologue_triton if model.embed_tokens.weight.dtype in PROLOGUE_DTYPES else None
         model.use_fused_kernels(rms_norm_triton, rotary_triton, silu_mul_triton, qkv_prologue=prologue)
         rows = max(max_num_batched_tokens, max_num_seqs)

@@ -408,12 +408,21 @@ def padded_head_dim(head_dim: int) -> int:
 
 
 def tile_sizes(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
-    """Default (BLOCK_M, BLOCK_N): the largest tiles that do not spill registers at 8 warps on
-    sm_90 (checked with ptxas). Prefill uses both; decode uses BLOCK_N. Registers go with the
-    padded head (a head of 80 holds 128 lanes), so that is what is compared."""
+    """The prefill kernel's (BLOCK_M, BLOCK_N). Half types with a padded head up to 128: 128 rows
+    by 32 keys (8 warps, 2 stages), which ran a prefill step's attention in half the time of the
+    64 x 64 tiles used before on the H200 (docs/gpu-execution.md: 14 prompts of 585 tokens, and 4
+    chunks of 2,048 after 1,024 cached; qwen3-0.6b's and llama3-8b's heads). Else 32 x 32, which
+    do not spill registers at 8 warps on sm_90. Registers go with the padded head (a head of 80
+    holds 128 lanes), so that is what is compared."""
     if dtype.itemsize <= 2 and padded_head_dim(head_dim) <= 128:
-        return 64, 64
+        return 128, 32
     return 32, 32
+
+
+def decode_block_n(head_dim: int, dtype: torch.dtype) -> int:
+    """Keys per step of the decode kernel: 64 for half types with a padded head up to 128 (the
+    fastest at batch 256 in the H200 sweeps), else 32."""
+    return 64 if dtype.itemsize <= 2 and padded_head_dim(head_dim) <= 128 else 32
 
 
 def prefill_tokens_per_tile(num_heads: int, num_kv_heads: int, block_m: int = 64) -> int:
@@ -580,7 +589,7 @@ def prefill_attention_triton(
         UPCAST_DOT=INTERPRETED,
         COUNT_ON_DEVICE=schedule.tile_count is not None,
         num_warps=8,  # 4 warps spill registers at 64x64 tiles with head_dim 128 (sm_90)
-        num_stages=2 if query.dtype == torch.float32 else 3,  # fp32 tiles are twice the smem
+        num_stages=2,  # as fast as 3 or 4 at 128 x 32 (H200), and fp32 tiles are twice the smem
     )
     return out
 
@@ -616,7 +625,7 @@ def decode_attention_triton(
             f"decode needs one query per sequence: query has {batch} rows, seq_lens "
             f"{seq_lens.shape[0]}, block_tables {block_tables.shape[0]}"
         )
-    block_n = block_n or tile_sizes(head_dim, query.dtype)[1]
+    block_n = block_n or decode_block_n(head_dim, query.dtype)
     if out is None:
         out = torch.empty_like(query)
     if batch == 0:

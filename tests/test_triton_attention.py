@@ -484,8 +484,10 @@ def test_padded_head_dim() -> None:
         16, 16, 16, 16, 32, 64, 64, 128, 128, 128, 256, 256
     ]
     # The registers a tile holds go with its padded width: a head of 80 gets the tiles of 128.
-    assert ta.tile_sizes(80, torch.bfloat16) == ta.tile_sizes(128, torch.bfloat16) == (64, 64)
-    assert ta.tile_sizes(136, torch.bfloat16) == (32, 32)
+    assert ta.tile_sizes(80, torch.bfloat16) == ta.tile_sizes(128, torch.bfloat16) == (128, 32)
+    assert ta.tile_sizes(136, torch.bfloat16) == ta.tile_sizes(128, torch.float32) == (32, 32)
+    assert ta.decode_block_n(80, torch.bfloat16) == ta.decode_block_n(128, torch.float16) == 64
+    assert ta.decode_block_n(136, torch.bfloat16) == ta.decode_block_n(64, torch.float32) == 32
 
 
 @pytest.mark.timeout(120)
