@@ -48,7 +48,16 @@ from mini_vllm.engine.config import PRESETS, EngineArgs
 from mini_vllm.engine.llm_engine import LLMEngine
 from mini_vllm.engine.sampling_params import SamplingParams
 from mini_vllm.engine.step_loop import StepTiming
-from mini_vllm.engine.workloads import ParallelCost, WorkloadRequest, offline_256, online_1000, physical_floor
+from mini_vllm.engine.workloads import (
+    DecodeStepFloor,
+    Floor,
+    ParallelCost,
+    WorkloadRequest,
+    decode_floor_steps,
+    offline_256,
+    online_1000,
+    physical_floor,
+)
 from mini_vllm.transport.flags import EXIT_ERROR, leaf_exceptions, positive_int
 
 
@@ -171,7 +180,57 @@ def run_offline(engine: LLMEngine, workload: list[WorkloadRequest]) -> dict[str,
     timings, engine.step_timings = engine.step_timings, None
     wall = last_token - start
     return {"output_tokens": done, "seconds": wall, "output_tokens_per_s": done / wall, "steps": len(timings),
-            **_kinds_field(step_kinds_since(engine, before)), **cpu_step_times(timings)}
+            **_kinds_field(step_kinds_since(engine, before)), **cpu_step_times(timings),
+            "time_by_step": time_by_step(timings, pipelined=engine.async_scheduling)}
+
+
+BATCH_BIN = 32  # decode steps are grouped by running sequences in bins this wide: 1-32, 33-64, ...
+
+
+def _decode_bin(num_seqs: int) -> str:
+    top = -(-num_seqs // BATCH_BIN) * BATCH_BIN
+    return f"decode {top - BATCH_BIN + 1}-{top}"
+
+
+def time_by_step(timings: list[StepTiming], *, pipelined: bool) -> dict[str, dict[str, float]]:
+    """Wall time of the loop by the kind of step it was spent on: the steps that carry prefill
+    tokens, and decode-only steps by running sequences. A turn of the pipelined loop launches one
+    step and waits for the one before it, so its time goes to that earlier step (on a busy GPU,
+    the turn lasts as long as that step's device work)."""
+    bins: dict[str, dict[str, float]] = {}
+    for i, t in enumerate(timings):
+        owner = timings[i - 1] if pipelined and i > 0 else t
+        key = _decode_bin(owner.num_seqs) if owner.decode_only else "prefill-carrying"
+        row = bins.setdefault(key, {"steps": 0, "seconds": 0.0})
+        row["steps"] += 1
+        row["seconds"] += t.schedule_s + t.launch_s + t.wait_s + t.process_s
+    return bins
+
+
+def against_floor(
+    measured: dict[str, dict[str, float]], floor: Floor, floor_steps: list[DecodeStepFloor]
+) -> list[dict[str, Any]]:
+    """Each kind of step's measured time next to the floor's for the same work: the floor's prefill
+    (every prompt at the matmul peak) for the prefill-carrying steps, its decode steps with as many
+    live requests for each decode bin. Where the time above the floor goes."""
+    wanted: dict[str, dict[str, float]] = {"prefill-carrying": {"steps": 1, "seconds": floor.prefill_seconds}}
+    for step in floor_steps:
+        row = wanted.setdefault(_decode_bin(step.live), {"steps": 0, "seconds": 0.0})
+        row["steps"] += 1
+        row["seconds"] += step.seconds
+
+    def order(key: str) -> int:
+        return -1 if key == "prefill-carrying" else int(key.split()[1].split("-")[0])
+
+    rows = []
+    for key in sorted(set(measured) | set(wanted), key=order):
+        got, want = measured.get(key, {"steps": 0, "seconds": 0.0}), wanted.get(key, {"steps": 0, "seconds": 0.0})
+        rows.append({
+            "steps": key, "measured_steps": int(got["steps"]), "measured_seconds": round(got["seconds"], 4),
+            "floor_steps": int(want["steps"]), "floor_seconds": round(want["seconds"], 4),
+            "over_floor_seconds": round(got["seconds"] - want["seconds"], 4),
+        })
+    return rows
 
 
 def _kinds_field(kinds: dict[str, int] | None) -> dict[str, Any]:
@@ -738,6 +797,9 @@ def run_throughput(args: argparse.Namespace) -> int:
         floor = physical_floor(config, requests, bandwidth, flops, parallel=parallel)
         record["floor_seconds"] = floor.seconds
         record["floor_output_tokens_per_s"] = floor.output_tokens_per_s
+        if "time_by_step" in record.get("offline", {}):
+            steps = decode_floor_steps(config, requests, bandwidth, flops, parallel=parallel)
+            record["offline"]["against_floor"] = against_floor(record["offline"]["time_by_step"], floor, steps)
         if parallel is not None:
             record["floor_communication_seconds"] = floor.communication_seconds
 
@@ -862,3 +924,17 @@ def print_table(record: dict[str, Any]) -> None:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
+    if "against_floor" in record.get("offline", {}):
+        print_against_floor(record["offline"]["against_floor"])
+
+
+def print_against_floor(rows: list[dict[str, Any]]) -> None:
+    print("\noffline loop against the floor, by step:")
+    print(f"{'steps':<18} {'measured':>9} {'s':>8} {'ms/step':>8} {'floor':>6} {'s':>8} {'ms/step':>8} {'over, s':>8}")
+    for r in rows:
+        def per(seconds: float, steps: int) -> str:
+            return f"{1e3 * seconds / steps:8.2f}" if steps else f"{'-':>8}"
+
+        print(f"{r['steps']:<18} {r['measured_steps']:>9} {r['measured_seconds']:8.3f} "
+              f"{per(r['measured_seconds'], r['measured_steps'])} {r['floor_steps']:>6} {r['floor_seconds']:8.3f} "
+              f"{per(r['floor_seconds'], r['floor_steps'])} {r['over_floor_seconds']:8.3f}")

@@ -95,6 +95,45 @@ def test_cpu_step_times_are_medians_of_full_decode_steps() -> None:
     assert cpu_step_times([_timing(3, False, 1.0)]) == {}
 
 
+def test_time_by_step_gives_a_pipelined_turn_to_the_step_it_waited_for() -> None:
+    # _timing(n, kind, ms) lasts 10 ms x ms in all (1 + 2 + 3 + 4).
+    timings = [_timing(200, False, 1.0), _timing(200, True, 10.0), _timing(40, True, 2.0), _timing(33, True, 3.0)]
+    piped = bench_throughput.time_by_step(timings, pipelined=True)
+    # Turn 1 (100 ms) waited for the prefill step; turns 2 and 3 for decode steps of 200 and 40.
+    assert piped == {
+        "prefill-carrying": {"steps": 2, "seconds": pytest.approx(0.110)},
+        "decode 193-224": {"steps": 1, "seconds": pytest.approx(0.020)},
+        "decode 33-64": {"steps": 1, "seconds": pytest.approx(0.030)},
+    }
+    inline = bench_throughput.time_by_step(timings, pipelined=False)
+    assert inline == {
+        "prefill-carrying": {"steps": 1, "seconds": pytest.approx(0.010)},
+        "decode 193-224": {"steps": 1, "seconds": pytest.approx(0.100)},
+        "decode 33-64": {"steps": 2, "seconds": pytest.approx(0.050)},
+    }
+
+
+def test_against_floor_sets_each_kind_of_step_beside_the_floors() -> None:
+    config = ModelConfig.from_dict(PRESETS["qwen3-0.6b"], "qwen3-0.6b")
+    requests = offline_256(config.vocab_size)
+    floor = physical_floor(config, requests, 4.2e12, 7.9e14)
+    steps = bench_throughput.decode_floor_steps(config, requests, 4.2e12, 7.9e14)
+    assert sum(s.seconds for s in steps) == pytest.approx(floor.decode_seconds, rel=1e-12)
+    assert sum(1 for s in steps if s.live > 224) > 0 and min(s.live for s in steps) >= 1
+    measured = {"prefill-carrying": {"steps": 19, "seconds": 0.6}, "decode 225-256": {"steps": 180, "seconds": 1.2},
+                "decode 1-32": {"steps": 100, "seconds": 0.2}}
+    rows = bench_throughput.against_floor(measured, floor, steps)
+    keys = [r["steps"] for r in rows]
+    assert keys[0] == "prefill-carrying" and keys[1] == "decode 1-32" and keys[-1] == "decode 225-256"
+    assert len(keys) == 9  # prefill + every bin of 32 the floor's live counts cover
+    first = rows[0]
+    assert first["floor_steps"] == 1 and first["floor_seconds"] == pytest.approx(floor.prefill_seconds, abs=1e-4)
+    assert first["over_floor_seconds"] == pytest.approx(0.6 - floor.prefill_seconds, abs=1e-4)
+    assert sum(r["floor_seconds"] for r in rows) == pytest.approx(floor.seconds, abs=1e-3)
+    unmeasured = next(r for r in rows if r["steps"] == "decode 97-128")
+    assert unmeasured["measured_steps"] == 0 and unmeasured["over_floor_seconds"] < 0
+
+
 # ---- on a machine without CUDA -----------------------------------------------------------------------
 
 
