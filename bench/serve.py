@@ -1191,17 +1191,40 @@ def plot_sweeps(records: Sequence[dict[str, Any]], path: Path, title: str) -> bo
 
 
 def add_bench_plot(bench_subparsers: Any) -> None:
-    p = bench_subparsers.add_parser("plot", help="draw (or overlay) bench serve sweeps from their JSON files",
-                                    formatter_class=HelpFormatter)
-    p.add_argument("files", nargs="+", type=Path, metavar="FILE.json", help="bench serve results")
+    p = bench_subparsers.add_parser(
+        "plot", help="draw (or overlay) bench serve sweeps, or bench throughput runs against the floor, from their JSON",
+        formatter_class=HelpFormatter)
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE.json",
+                   help="bench serve results (overlaid), or bench throughput results of GPU runs (a panel each)")
     p.add_argument("--output", required=True, type=Path, help="the PNG (required)")
     p.add_argument("--title", default=None, help="the figure's title (default: the first file's model and workload)")
     p.add_argument("--labels", nargs="+", default=None, help="one per file (default: each run's label)")
     p.set_defaults(func=run_plot)
 
 
+def _plot_throughput(args: argparse.Namespace, records: list[dict[str, Any]]) -> int:
+    from mini_vllm.bench.throughput import plot_against_floor
+
+    if args.labels is not None:
+        print("mini-vllm bench plot: error: --labels names bench serve runs; a throughput panel is titled by its "
+              "model", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        title = args.title or f"{records[0]['workload']}: the offline loop's time by kind of step, against the floor"
+        if not plot_against_floor(records, args.output, title):
+            return EXIT_FAILED
+    except OSError as exc:
+        return fail("plot", f"cannot write {args.output}: {exc.strerror or exc}", EXIT_FAILED)
+    except (KeyError, TypeError) as exc:  # valid JSON, but not the shape bench throughput writes
+        return fail("plot", f"a file lacks what bench throughput writes ({type(exc).__name__}: {exc})")
+    print(f"wrote {args.output}")
+    return EXIT_OK
+
+
 @interruptible("plot")
 def run_plot(args: argparse.Namespace) -> int:
+    from mini_vllm.bench.throughput import is_against_floor_record  # torch: not for a plain serve plot's import
+
     error = unwritable(args.output, "--output")
     if error:
         return fail("plot", error)
@@ -1212,10 +1235,18 @@ def run_plot(args: argparse.Namespace) -> int:
         except (OSError, json.JSONDecodeError) as exc:
             print(f"mini-vllm bench plot: error: cannot read {f}: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        if record.get("benchmark") != "serve":
-            print(f"mini-vllm bench plot: error: {f} is not a bench serve result", file=sys.stderr)
+        if record.get("benchmark") != "serve" and not is_against_floor_record(record):
+            print(f"mini-vllm bench plot: error: {f} is not a bench serve result, nor a bench throughput result "
+                  "set against the floor (a GPU run's)", file=sys.stderr)
             return EXIT_USAGE
         records.append(record)
+    kinds = {is_against_floor_record(r) for r in records}
+    if len(kinds) > 1:
+        print("mini-vllm bench plot: error: give bench serve results or bench throughput results, not both",
+              file=sys.stderr)
+        return EXIT_USAGE
+    if kinds == {True}:
+        return _plot_throughput(args, records)
     if args.labels is not None:
         if len(args.labels) != len(records):
             print("mini-vllm bench plot: error: give one --labels entry per file", file=sys.stderr)

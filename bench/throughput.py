@@ -928,6 +928,46 @@ def print_table(record: dict[str, Any]) -> None:
         print_against_floor(record["offline"]["against_floor"])
 
 
+def is_against_floor_record(record: dict[str, Any]) -> bool:
+    """A ``bench throughput`` result whose offline run was set against the floor (a GPU run)."""
+    return isinstance(record.get("offline"), dict) and "against_floor" in record["offline"]
+
+
+def plot_against_floor(records: list[dict[str, Any]], path: Path, title: str) -> bool:
+    """One panel per record: each kind of step's seconds, the floor's part and the part above it
+    stacked, so a bar's height is the measured time; False if matplotlib is missing."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+    except ImportError:
+        print("no PNG: matplotlib is not installed (pip install 'mini-vllm[bench]')", file=sys.stderr)
+        return False
+    fig = Figure(figsize=(6.5 * len(records), 4.8), layout="constrained")
+    axes = fig.subplots(1, len(records), squeeze=False)[0]
+    for ax, record in zip(axes, records, strict=True):
+        rows = record["offline"]["against_floor"]
+        names = [r["steps"].replace("prefill-carrying", "prefill-\ncarrying").replace("decode ", "decode\n")
+                 for r in rows]
+        floor = [min(r["floor_seconds"], r["measured_seconds"]) for r in rows]
+        over = [max(0.0, r["measured_seconds"] - r["floor_seconds"]) for r in rows]
+        ax.bar(names, floor, color="0.7", label="the floor's time for the same work")
+        ax.bar(names, over, bottom=floor, color="tab:red", label="measured, above the floor")
+        for i, r in enumerate(rows):
+            if r["measured_steps"]:
+                ax.annotate(f"{1e3 * r['measured_seconds'] / r['measured_steps']:.1f}", (i, r["measured_seconds"]),
+                            ha="center", va="bottom", fontsize=7)
+        fraction = record.get("floor_fraction")
+        ax.set_title(f"{record['model']}: {record['offline']['seconds']:.2f} s, floor {record['floor_seconds']:.2f} s"
+                     + (f" ({fraction:.2f})" if fraction else ""), fontsize=10)
+        ax.set_ylabel("seconds of the run (ms per step above each bar)")
+        ax.tick_params(axis="x", labelsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8, loc="upper left")
+    fig.suptitle(title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return True
+
+
 def print_against_floor(rows: list[dict[str, Any]]) -> None:
     print("\noffline loop against the floor, by step:")
     print(f"{'steps':<18} {'measured':>9} {'s':>8} {'ms/step':>8} {'floor':>6} {'s':>8} {'ms/step':>8} {'over, s':>8}")

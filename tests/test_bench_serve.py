@@ -654,6 +654,47 @@ def test_bench_plot_overlays_runs(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert png.read_bytes()[:8] == PNG_MAGIC
 
 
+def _throughput_record(model: str) -> dict[str, Any]:
+    rows = [{"steps": "prefill-carrying", "measured_steps": 20, "measured_seconds": 0.55, "floor_steps": 1,
+             "floor_seconds": 0.24, "over_floor_seconds": 0.31},
+            {"steps": "decode 1-32", "measured_steps": 99, "measured_seconds": 0.19, "floor_steps": 99,
+             "floor_seconds": 0.09, "over_floor_seconds": 0.1},
+            {"steps": "decode 33-64", "measured_steps": 0, "measured_seconds": 0.0, "floor_steps": 3,
+             "floor_seconds": 0.01, "over_floor_seconds": -0.01}]
+    return {"workload": "OFFLINE-256", "model": model, "floor_seconds": 0.34, "floor_fraction": 0.46,
+            "offline": {"seconds": 0.74, "against_floor": rows}}
+
+
+def test_bench_plot_draws_throughput_runs_against_the_floor(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_throughput_record("qwen3-0.6b")))
+    b.write_text(json.dumps(_throughput_record("llama3-8b")))
+    png = tmp_path / "floor.png"
+    assert cli.main(["bench", "plot", str(a), str(b), "--output", str(png)]) == 0
+    assert f"wrote {png}" in capsys.readouterr().out
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_bench_plot_refuses_mixed_or_unplottable_throughput_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    serve, tput, cpu_run = tmp_path / "serve.json", tmp_path / "tput.json", tmp_path / "cpu.json"
+    serve.write_text(json.dumps(_serve_record("g", [1.0])))
+    tput.write_text(json.dumps(_throughput_record("m")))
+    cpu_run.write_text(json.dumps({"workload": "OFFLINE-256", "model": "demo", "offline": {"seconds": 1.0}}))
+    png = tmp_path / "x.png"
+    cases = [
+        ([str(serve), str(tput)], "not both"),
+        ([str(tput), "--labels", "a"], "--labels names bench serve runs"),
+        ([str(cpu_run)], "nor a bench throughput result set against the floor"),
+    ]
+    for args, message in cases:
+        assert cli.main(["bench", "plot", *args, "--output", str(png)]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("mini-vllm bench plot: error: ") and message in err and "Traceback" not in err
+    assert not png.exists()
+
+
 def test_bench_plot_bad_inputs_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good, other, broken = tmp_path / "good.json", tmp_path / "other.json", tmp_path / "broken.json"
     good.write_text(json.dumps(_serve_record("g", [1.0])))
