@@ -1202,64 +1202,61 @@ def add_bench_plot(bench_subparsers: Any) -> None:
     p.set_defaults(func=run_plot)
 
 
-def _plot_throughput(args: argparse.Namespace, records: list[dict[str, Any]]) -> int:
-    from mini_vllm.bench.throughput import plot_against_floor
-
-    if args.labels is not None:
-        print("mini-vllm bench plot: error: --labels names bench serve runs; a throughput panel is titled by its "
-              "model", file=sys.stderr)
-        return EXIT_USAGE
+def _draw(args: argparse.Namespace, draw: Callable[[], bool], writer: str) -> int:
+    """Run one of the pictures' ``draw`` (False: matplotlib is missing) and report it as the command does."""
     try:
-        title = args.title or f"{records[0]['workload']}: the offline loop's time by kind of step, against the floor"
-        if not plot_against_floor(records, args.output, title):
+        if not draw():
             return EXIT_FAILED
     except OSError as exc:
         return fail("plot", f"cannot write {args.output}: {exc.strerror or exc}", EXIT_FAILED)
-    except (KeyError, TypeError) as exc:  # valid JSON, but not the shape bench throughput writes
-        return fail("plot", f"a file lacks what bench throughput writes ({type(exc).__name__}: {exc})")
+    except (KeyError, TypeError) as exc:  # valid JSON, but not the shape the benchmark writes
+        return fail("plot", f"a file lacks what {writer} writes ({type(exc).__name__}: {exc}): "
+                            f"give files written by mini-vllm {writer}")
     print(f"wrote {args.output}")
     return EXIT_OK
 
 
 @interruptible("plot")
 def run_plot(args: argparse.Namespace) -> int:
-    from mini_vllm.bench.throughput import is_against_floor_record  # torch: not for a plain serve plot's import
+    # torch: not for a plain serve plot's import
+    from mini_vllm.bench.throughput import is_against_floor_record, plot_against_floor
 
     error = unwritable(args.output, "--output")
     if error:
         return fail("plot", error)
     records = []
+    kinds: set[bool] = set()
     for f in args.files:
         try:
             record = json.loads(f.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             print(f"mini-vllm bench plot: error: cannot read {f}: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        if record.get("benchmark") != "serve" and not is_against_floor_record(record):
+        throughput = is_against_floor_record(record)
+        if record.get("benchmark") != "serve" and not throughput:
             print(f"mini-vllm bench plot: error: {f} is not a bench serve result, nor a bench throughput result "
                   "set against the floor (a GPU run's)", file=sys.stderr)
             return EXIT_USAGE
+        kinds.add(throughput)
         records.append(record)
-    kinds = {is_against_floor_record(r) for r in records}
     if len(kinds) > 1:
         print("mini-vllm bench plot: error: give bench serve results or bench throughput results, not both",
               file=sys.stderr)
         return EXIT_USAGE
     if kinds == {True}:
-        return _plot_throughput(args, records)
+        if args.labels is not None:
+            print("mini-vllm bench plot: error: --labels names bench serve runs; a throughput panel is titled by "
+                  "its model", file=sys.stderr)
+            return EXIT_USAGE
+        return _draw(args, lambda: plot_against_floor(
+            records, args.output,
+            args.title or f"{records[0]['workload']}: the offline loop's time by kind of step, against the floor"),
+            "bench throughput")
     if args.labels is not None:
         if len(args.labels) != len(records):
             print("mini-vllm bench plot: error: give one --labels entry per file", file=sys.stderr)
             return EXIT_USAGE
         records = [{**r, "label": label} for r, label in zip(records, args.labels, strict=True)]
-    try:
-        title = args.title or f"{records[0]['model']} under {records[0]['workload']}"
-        if not plot_sweeps(records, args.output, title):
-            return EXIT_FAILED
-    except OSError as exc:
-        return fail("plot", f"cannot write {args.output}: {exc.strerror or exc}", EXIT_FAILED)
-    except (KeyError, TypeError) as exc:  # valid JSON, but not the shape bench serve writes
-        return fail("plot", f"a file lacks what bench serve writes ({type(exc).__name__}: {exc}): "
-                            "give files written by mini-vllm bench serve")
-    print(f"wrote {args.output}")
-    return EXIT_OK
+    return _draw(args, lambda: plot_sweeps(records, args.output,
+                                           args.title or f"{records[0]['model']} under {records[0]['workload']}"),
+                 "bench serve")
