@@ -49,11 +49,9 @@ from mini_vllm.engine.llm_engine import LLMEngine
 from mini_vllm.engine.sampling_params import SamplingParams
 from mini_vllm.engine.step_loop import StepTiming
 from mini_vllm.engine.workloads import (
-    DecodeStepFloor,
     Floor,
     ParallelCost,
     WorkloadRequest,
-    decode_floor_steps,
     offline_256,
     online_1000,
     physical_floor,
@@ -207,14 +205,12 @@ def time_by_step(timings: list[StepTiming], *, pipelined: bool) -> dict[str, dic
     return bins
 
 
-def against_floor(
-    measured: dict[str, dict[str, float]], floor: Floor, floor_steps: list[DecodeStepFloor]
-) -> list[dict[str, Any]]:
+def against_floor(measured: dict[str, dict[str, float]], floor: Floor) -> list[dict[str, Any]]:
     """Each kind of step's measured time next to the floor's for the same work: the floor's prefill
     (every prompt at the matmul peak) for the prefill-carrying steps, its decode steps with as many
     live requests for each decode bin. Where the time above the floor goes."""
     wanted: dict[str, dict[str, float]] = {"prefill-carrying": {"steps": 1, "seconds": floor.prefill_seconds}}
-    for step in floor_steps:
+    for step in floor.decode_steps:
         row = wanted.setdefault(_decode_bin(step.live), {"steps": 0, "seconds": 0.0})
         row["steps"] += 1
         row["seconds"] += step.seconds
@@ -798,8 +794,7 @@ def run_throughput(args: argparse.Namespace) -> int:
         record["floor_seconds"] = floor.seconds
         record["floor_output_tokens_per_s"] = floor.output_tokens_per_s
         if "time_by_step" in record.get("offline", {}):
-            steps = decode_floor_steps(config, requests, bandwidth, flops, parallel=parallel)
-            record["offline"]["against_floor"] = against_floor(record["offline"]["time_by_step"], floor, steps)
+            record["offline"]["against_floor"] = against_floor(record["offline"]["time_by_step"], floor)
         if parallel is not None:
             record["floor_communication_seconds"] = floor.communication_seconds
 

@@ -80,6 +80,15 @@ def arrival_times(num_requests: int, request_rate: float, burstiness: float = 1.
 
 
 @attrs.frozen
+class DecodeStepFloor:
+    """One decode step of the floor: how many requests it serves and what it costs."""
+
+    live: int
+    seconds: float  # max(bytes / bandwidth, FLOPs / peak) + collective_seconds
+    collective_seconds: float = 0.0
+
+
+@attrs.frozen
 class Floor:
     seconds: float
     output_tokens_per_s: float
@@ -87,6 +96,7 @@ class Floor:
     decode_seconds: float
     # The part of ``seconds`` spent in collectives between GPUs (0 on one GPU).
     communication_seconds: float = 0.0
+    decode_steps: tuple[DecodeStepFloor, ...] = ()  # what decode_seconds sums, step by step
 
 
 @attrs.frozen
@@ -180,44 +190,6 @@ def weight_bytes(config: ModelConfig, bytes_per_param: int = 2) -> int:
     return (matmul_params(config) - config.hidden_size * config.vocab_size + embed + lm_head) * bytes_per_param
 
 
-@attrs.frozen
-class DecodeStepFloor:
-    """One decode step of the floor: how many requests it serves and what it costs."""
-
-    live: int
-    seconds: float  # max(bytes / bandwidth, FLOPs / peak) + collective_seconds
-    collective_seconds: float = 0.0
-
-
-def decode_floor_steps(
-    config: ModelConfig,
-    requests: list[WorkloadRequest],
-    bandwidth: float,
-    flops: float,
-    bytes_per_param: int = 2,
-    parallel: ParallelCost | None = None,
-) -> list[DecodeStepFloor]:
-    """The floor's decode steps (``physical_floor`` sums them): step s produces every live
-    request's s-th output token (the first comes from the prefill) and reads the weights and
-    every live request's KV once."""
-    ranks = 1 if parallel is None else parallel.size
-    params = matmul_params(config)
-    kv_per_token = (2 * config.num_hidden_layers * kv_heads_per_rank(config, ranks) * config.head_dim
-                    * bytes_per_param)
-    weights = weight_bytes(config, bytes_per_param) / ranks
-    steps: list[DecodeStepFloor] = []
-    for step in range(1, max((r.output_len for r in requests), default=0)):
-        live = [r for r in requests if r.output_len > step]
-        if not live:
-            break
-        context = sum(len(r.prompt_token_ids) + step for r in live)
-        step_bytes = weights + kv_per_token * context
-        collectives = 0.0 if parallel is None else parallel.step_seconds(config, len(live), len(live), bytes_per_param)
-        compute = max(step_bytes / bandwidth, 2 * params * len(live) / (ranks * flops))
-        steps.append(DecodeStepFloor(len(live), compute + collectives, collectives))
-    return steps
-
-
 def physical_floor(
     config: ModelConfig,
     requests: list[WorkloadRequest],
@@ -235,13 +207,27 @@ def physical_floor(
     needs their result."""
     ranks = 1 if parallel is None else parallel.size
     params = matmul_params(config)
+    kv_per_token = (2 * config.num_hidden_layers * kv_heads_per_rank(config, ranks) * config.head_dim
+                    * bytes_per_param)
     prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
     communication = 0.0 if parallel is None else parallel.step_seconds(
         config, prompt_tokens, len(requests), bytes_per_param)  # each prompt's last token is sampled
     prefill = 2 * params * prompt_tokens / (ranks * flops) + communication
-    steps = decode_floor_steps(config, requests, bandwidth, flops, bytes_per_param, parallel)
+    weights = weight_bytes(config, bytes_per_param) / ranks
+    steps: list[DecodeStepFloor] = []
+    # Step s produces every live request's s-th output token (the first comes from the prefill) and
+    # reads the weights and every live request's KV once.
+    for step in range(1, max((r.output_len for r in requests), default=0)):
+        live = [r for r in requests if r.output_len > step]
+        if not live:
+            break
+        context = sum(len(r.prompt_token_ids) + step for r in live)
+        step_bytes = weights + kv_per_token * context
+        collectives = 0.0 if parallel is None else parallel.step_seconds(config, len(live), len(live), bytes_per_param)
+        compute = max(step_bytes / bandwidth, 2 * params * len(live) / (ranks * flops))
+        steps.append(DecodeStepFloor(len(live), compute + collectives, collectives))
     communication += sum(s.collective_seconds for s in steps)
     decode = sum(s.seconds for s in steps)
     total = prefill + decode
     outputs = sum(r.output_len for r in requests)
-    return Floor(total, outputs / total, prefill, decode, communication)
+    return Floor(total, outputs / total, prefill, decode, communication, tuple(steps))

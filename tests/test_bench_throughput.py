@@ -117,12 +117,12 @@ def test_against_floor_sets_each_kind_of_step_beside_the_floors() -> None:
     config = ModelConfig.from_dict(PRESETS["qwen3-0.6b"], "qwen3-0.6b")
     requests = offline_256(config.vocab_size)
     floor = physical_floor(config, requests, 4.2e12, 7.9e14)
-    steps = bench_throughput.decode_floor_steps(config, requests, 4.2e12, 7.9e14)
+    steps = floor.decode_steps
     assert sum(s.seconds for s in steps) == pytest.approx(floor.decode_seconds, rel=1e-12)
     assert sum(1 for s in steps if s.live > 224) > 0 and min(s.live for s in steps) >= 1
     measured = {"prefill-carrying": {"steps": 19, "seconds": 0.6}, "decode 225-256": {"steps": 180, "seconds": 1.2},
                 "decode 1-32": {"steps": 100, "seconds": 0.2}}
-    rows = bench_throughput.against_floor(measured, floor, steps)
+    rows = bench_throughput.against_floor(measured, floor)
     keys = [r["steps"] for r in rows]
     assert keys[0] == "prefill-carrying" and keys[1] == "decode 1-32" and keys[-1] == "decode 225-256"
     assert len(keys) == 9  # prefill + every bin of 32 the floor's live counts cover
