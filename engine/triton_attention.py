@@ -535,13 +535,16 @@ def prefill_attention_triton(
     schedule: PrefillSchedule | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
+    num_warps: int = 8,  # 4 warps spill registers at 64x64 tiles with head_dim 128 (sm_90)
+    num_stages: int = 2,  # as fast as 3 or 4 at 128 x 32 (H200), and fp32 tiles are twice the smem
 ) -> torch.Tensor:
     """Causal varlen paged attention of ``query`` ``[T, heads, head_dim]`` for any mixed batch.
 
     The new tokens' K/V must already be in the cache. ``schedule`` (from
     ``build_prefill_schedule``) may be passed to reuse one tile map across layers; otherwise it
     is built from ``meta.query_start_loc_list``. ``block_m`` (tile rows: tokens x GQA group; only
-    used when no schedule is given) and ``block_n`` (keys per step) default to ``tile_sizes``.
+    used when no schedule is given) and ``block_n`` (keys per step) default to ``tile_sizes``;
+    ``num_warps`` and ``num_stages`` are there for tuning sweeps (docs/benchmarks/prefill_tiles_sweep.py).
     """
     group = _check_shapes(query, k_cache, v_cache)
     num_heads, head_dim = query.shape[1], query.shape[2]
@@ -588,8 +591,8 @@ def prefill_attention_triton(
         DOT_PRECISION=_dot_precision(query.dtype),
         UPCAST_DOT=INTERPRETED,
         COUNT_ON_DEVICE=schedule.tile_count is not None,
-        num_warps=8,  # 4 warps spill registers at 64x64 tiles with head_dim 128 (sm_90)
-        num_stages=2,  # as fast as 3 or 4 at 128 x 32 (H200), and fp32 tiles are twice the smem
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out
 
@@ -606,6 +609,7 @@ def decode_attention_triton(
     *,
     block_n: int | None = None,
     num_warps: int = 8,
+    num_stages: int = 3,  # Triton's own default on CUDA; a knob for sweeps (docs/benchmarks/)
 ) -> torch.Tensor:
     """Flash-decoding: one query per sequence (``query`` ``[B, heads, head_dim]``).
 
@@ -671,6 +675,7 @@ def decode_attention_triton(
         UPCAST_DOT=INTERPRETED,
         DIRECT=direct,
         num_warps=num_warps,  # 8 by default: 4 warps spill at BLOCK_N=64, head_dim 128 (sm_90)
+        num_stages=num_stages,
     )
     if direct:
         return out

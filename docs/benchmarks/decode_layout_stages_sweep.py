@@ -18,7 +18,6 @@ import sys
 from typing import Any
 
 import torch
-import triton
 import triton.testing
 
 from mini_vllm.engine import triton_attention as ta
@@ -44,19 +43,12 @@ def sweep(batch: int, context: int, heads: int, kv_heads: int, head_major: bool,
     out = torch.empty_like(q)
     kv_bytes = 2 * batch * context * kv_heads * HEAD_DIM * 2
     reference = ta.decode_attention_triton(q, k, v, lens, tables, SCALE, 1, block_n=64, num_warps=4)
-    group = heads // kv_heads
     for block_n in (32, 64, 128):
         for warps in (4, 8):
             for stages in (1, 2, 3, 4):
                 def launch(bn: int = block_n, w: int = warps, st: int = stages) -> None:
-                    ta._decode_split_kernel[(batch, kv_heads, 1)](
-                        q, k, v, out, out, out, lens, tables, SCALE * ta.LOG2E, 1, q.stride(0), q.stride(1),
-                        out.stride(0), out.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
-                        v.stride(1), v.stride(2), tables.stride(0), NUM_HEADS=heads, GROUP=group,
-                        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=bn, HEAD_DIM=HEAD_DIM,
-                        BLOCK_D=HEAD_DIM, BLOCK_SIZE=BLOCK_SIZE, DOT_PRECISION="tf32", UPCAST_DOT=False,
-                        DIRECT=True, num_warps=w, num_stages=st,
-                    )
+                    ta.decode_attention_triton(q, k, v, lens, tables, SCALE, 1, out, block_n=bn, num_warps=w,
+                                               num_stages=st)
 
                 row: dict[str, Any] = {"bs": batch, "ctx": context, "H": heads, "KV": kv_heads, "hm": head_major,
                                        "bn": block_n, "w": warps, "st": stages}
