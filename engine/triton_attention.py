@@ -414,15 +414,18 @@ def tile_sizes(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
     chunks of 2,048 after 1,024 cached; qwen3-0.6b's and llama3-8b's heads). Else 32 x 32, which
     do not spill registers at 8 warps on sm_90. Registers go with the padded head (a head of 80
     holds 128 lanes), so that is what is compared."""
-    if dtype.itemsize <= 2 and padded_head_dim(head_dim) <= 128:
-        return 128, 32
-    return 32, 32
+    return (128, 32) if _large_tiles_fit(head_dim, dtype) else (32, 32)
 
 
 def decode_block_n(head_dim: int, dtype: torch.dtype) -> int:
     """Keys per step of the decode kernel: 64 for half types with a padded head up to 128 (the
     fastest at batch 256 in the H200 sweeps), else 32."""
-    return 64 if dtype.itemsize <= 2 and padded_head_dim(head_dim) <= 128 else 32
+    return 64 if _large_tiles_fit(head_dim, dtype) else 32
+
+
+def _large_tiles_fit(head_dim: int, dtype: torch.dtype) -> bool:
+    """A half type with a padded head up to 128 lanes: what the larger tiles were sized for."""
+    return dtype.itemsize <= 2 and padded_head_dim(head_dim) <= 128
 
 
 def prefill_tokens_per_tile(num_heads: int, num_kv_heads: int, block_m: int = 64) -> int:
