@@ -30,7 +30,7 @@ from mini_vllm.engine.block_table_rows import BlockTableRows
 from mini_vllm.engine.model import CausalLM
 from mini_vllm.engine.model_runner import ModelOutput, ModelRunner, StepHandle, StepInputs
 from mini_vllm.engine.parallel import TensorParallel
-from mini_vllm.engine.sampler import SamplerOutput, SamplingRow, sample
+from mini_vllm.engine.sampler import SamplerOutput, SamplingRow, argmax_rows, sample
 from mini_vllm.engine.sampling_params import SamplingParams
 from mini_vllm.engine.triton_attention import (
     PrefillSchedule,
@@ -502,7 +502,7 @@ class CudaModelRunner(ModelRunner):
             r.blocked_token_ids or r.params.repetition_penalty != 1.0 or r.params.presence_penalty
             or r.params.frequency_penalty for r in inputs.sampling_rows
         ):
-            result = SamplerOutput(logits.argmax(dim=-1), None, None, None)
+            result = SamplerOutput(argmax_rows(logits), None, None, None)
         else:
             result = sample(logits.float(), inputs.sampling_rows, self.generator)
         if self.parallel is not None:

@@ -35,6 +35,28 @@ class SamplerOutput:
     top_logprobs: torch.Tensor | None  # [N, K] float32
 
 
+# Below this many pieces a row is reduced in one pass: a small or odd vocabulary gains nothing.
+MIN_ARGMAX_PIECES = 16
+MAX_ARGMAX_PIECES = 256
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax over the vocabulary: the first index of its largest value, as
+    ``torch.argmax`` (which it equals, NaN and -inf included), in two passes. One pass reduces a
+    whole row in one block of the GPU: 36 us for one row of llama3-8b's 128,256 logits, 54 us for
+    256 rows of qwen3-0.6b's (H200), a fifth of the bandwidth. Here each row is cut into up to 256
+    equal pieces (the largest power of two dividing the vocabulary) reduced in parallel, then the
+    first piece holding the row's maximum is chosen: its first maximal index is the row's."""
+    rows, vocab = logits.shape
+    pieces = min(MAX_ARGMAX_PIECES, vocab & -vocab)
+    if pieces < MIN_ARGMAX_PIECES or rows == 0:
+        return logits.argmax(dim=-1)
+    width = vocab // pieces
+    best, where = logits.reshape(rows, pieces, width).max(dim=-1)
+    piece = best.argmax(dim=-1, keepdim=True)  # the first piece whose maximum is the row's
+    return (piece * width + where.gather(1, piece)).squeeze(1)
+
+
 def derive_seed(seed: int, sample_index: int, position: int) -> int:
     # tuple-of-int hashes are stable across processes (only str/bytes hashing is randomized)
     return hash((seed, sample_index, position)) & ((1 << 63) - 1)
@@ -102,7 +124,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], generator: torch.Gener
                 logits[i, list(r.blocked_token_ids)] = float("-inf")
 
     greedy = torch.tensor([p.greedy for p in params], device=device)
-    chosen = logits.argmax(dim=-1)
+    chosen = argmax_rows(logits)
     if not bool(greedy.all()):
         temp = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
         probs = torch.softmax(logits / temp.unsqueeze(1), dim=-1)

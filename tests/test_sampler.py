@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
 
-from mini_vllm.engine.sampler import SamplingRow, apply_penalties, derive_seed, sample
+from mini_vllm.engine.sampler import SamplingRow, apply_penalties, argmax_rows, derive_seed, sample
 from mini_vllm.engine.sampling_params import SamplingParams
 
 
@@ -103,3 +104,37 @@ def test_logprobs_are_raw_model_logprobs() -> None:
     assert math.isclose(out.top_logprobs[0, 0].item(), ref[2].item(), rel_tol=1e-6)
     chosen = out.token_ids.item()
     assert math.isclose(out.logprobs[0].item(), ref[chosen].item(), rel_tol=1e-6)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("vocab", [259, 4096, 32000, 128256, 151936, 8 * 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_argmax_rows_is_torch_argmax_ties_nan_and_inf_included(vocab: int, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(vocab)
+    rows = torch.randn(9, vocab, generator=gen).to(dtype)
+    rows[1] = 0.0  # one value everywhere: index 0
+    rows[2] = torch.randint(-2, 3, (vocab,), generator=gen).to(dtype)  # ties in many pieces
+    rows[3] = float("-inf")
+    rows[4, [vocab // 2 - 1, vocab // 2, vocab - 1]] = 50.0  # the maximum at the end of one piece and in others
+    rows[5, [3, vocab - 2]] = float("nan")  # NaN counts as the largest, its first index wins
+    rows[6, -1] = 1e4  # the very last index
+    rows[7] = torch.where(torch.arange(vocab) % 7 == 0, 5.0, -5.0).to(dtype)
+    rows[8, 0] = 1e4
+    assert torch.equal(argmax_rows(rows), rows.argmax(dim=-1))
+    assert torch.equal(argmax_rows(rows[:0]), rows[:0].argmax(dim=-1))
+
+
+@pytest.mark.timeout(60)
+def test_argmax_rows_cuts_a_row_into_the_largest_power_of_two_that_divides_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    shapes: list[tuple[int, ...]] = []
+    real = torch.Tensor.reshape
+
+    def spy(self: torch.Tensor, *shape: Any) -> torch.Tensor:
+        shapes.append(tuple(shape))
+        return real(self, *shape)
+
+    monkeypatch.setattr(torch.Tensor, "reshape", spy)
+    argmax_rows(torch.randn(2, 151936))  # 2^7 x 1187
+    argmax_rows(torch.randn(2, 128256))  # 2^8 x 501
+    argmax_rows(torch.randn(2, 259))  # odd: one pass
+    assert shapes == [(2, 128, 1187), (2, 256, 501)]
