@@ -30,7 +30,7 @@ from mini_vllm.engine.block_table_rows import BlockTableRows
 from mini_vllm.engine.model import CausalLM
 from mini_vllm.engine.model_runner import ModelOutput, ModelRunner, StepHandle, StepInputs
 from mini_vllm.engine.parallel import TensorParallel
-from mini_vllm.engine.sampler import SamplerOutput, SamplingRow, argmax_rows, sample
+from mini_vllm.engine.sampler import GreedyArgmax, SamplerOutput, SamplingRow, argmax_rows, sample
 from mini_vllm.engine.sampling_params import SamplingParams
 from mini_vllm.engine.triton_attention import (
     PrefillSchedule,
@@ -212,6 +212,7 @@ class CudaModelRunner(ModelRunner):
         self._m_count = torch.zeros(1, dtype=torch.int32, device=device)
         self._m_hidden = torch.zeros((m_tokens, config.hidden_size), dtype=model.embed_tokens.weight.dtype, device=device)
         self.enforce_eager = enforce_eager
+        self.greedy_argmax = GreedyArgmax.one_pass()  # measured once the cache is in (set_kv_cache)
         self._stream_ready = False
 
     def set_kv_cache(self, kv_cache: torch.Tensor) -> None:
@@ -219,6 +220,7 @@ class CudaModelRunner(ModelRunner):
         the graphs over it."""
         self.kv_cache = kv_cache
         self.warm_up_eager()
+        self.greedy_argmax = self.measure_greedy_argmax()
         if not self.enforce_eager:
             self.capture_graphs()
 
@@ -276,6 +278,29 @@ class CudaModelRunner(ModelRunner):
             self.collect(self.launch(inputs))
         self._last_sampled = None
         self.step_kinds = dict.fromkeys(self.step_kinds, 0)  # warm-up steps are not served steps
+
+    @torch.inference_mode()
+    def measure_greedy_argmax(self, reps: int = 10) -> GreedyArgmax:
+        """Time one pass against two at each decode graph's batch size, on random logits of the
+        lm head's shape and dtype, on the compute stream (a few ms at start)."""
+        sizes = graph_batch_sizes(self.max_num_seqs)
+        dtype = self.model.embed_tokens.weight.dtype
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(self.compute_stream):
+            logits = torch.randn((sizes[-1], self.model.config.vocab_size), dtype=dtype, device=self.device)
+
+            def time_us(rows: int, two_pass: bool) -> float:
+                x = logits[:rows]
+                argmax = argmax_rows if two_pass else (lambda t: t.argmax(dim=-1))
+                argmax(x)  # warm-up
+                start.record()
+                for _ in range(reps):
+                    argmax(x)
+                end.record()
+                end.synchronize()
+                return start.elapsed_time(end) * 1e3 / reps
+
+            return GreedyArgmax.measured(sizes, time_us)  # the logits go with this frame
 
     # ---- CUDA graphs ------------------------------------------------------------------------------
     def _graph_meta(self, bs: int) -> AttentionMetadata:
@@ -502,7 +527,7 @@ class CudaModelRunner(ModelRunner):
             r.blocked_token_ids or r.params.repetition_penalty != 1.0 or r.params.presence_penalty
             or r.params.frequency_penalty for r in inputs.sampling_rows
         ):
-            result = SamplerOutput(argmax_rows(logits), None, None, None)
+            result = SamplerOutput(self.greedy_argmax(logits), None, None, None)
         else:
             result = sample(logits.float(), inputs.sampling_rows, self.generator)
         if self.parallel is not None:

@@ -10,6 +10,9 @@ is in the batch. Logprobs are those of the model's raw distribution (before any 
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Callable
+
 import attrs
 import torch
 
@@ -42,11 +45,10 @@ MAX_ARGMAX_PIECES = 256
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     """Each row's argmax over the vocabulary: the first index of its largest value, as
-    ``torch.argmax`` (which it equals, NaN and -inf included), in two passes. One pass reduces a
-    whole row in one block of the GPU: 36 us for one row of llama3-8b's 128,256 logits, 54 us for
-    256 rows of qwen3-0.6b's (H200), a fifth of the bandwidth. Here each row is cut into up to 256
-    equal pieces (the largest power of two dividing the vocabulary) reduced in parallel, then the
-    first piece holding the row's maximum is chosen: its first maximal index is the row's."""
+    ``torch.argmax`` (which it equals, NaN and -inf included), in two passes. Each row is cut into
+    up to 256 equal pieces (the largest power of two dividing the vocabulary), reduced in parallel,
+    then the first piece holding the row's maximum is chosen: its first maximal index is the row's.
+    This pays where one pass leaves the GPU idle (a row or a few); ``GreedyArgmax`` picks."""
     rows, vocab = logits.shape
     pieces = min(MAX_ARGMAX_PIECES, vocab & -vocab)
     if pieces < MIN_ARGMAX_PIECES or rows == 0:
@@ -55,6 +57,33 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     best, where = logits.reshape(rows, pieces, width).max(dim=-1)
     piece = best.argmax(dim=-1, keepdim=True)  # the first piece whose maximum is the row's
     return (piece * width + where.gather(1, piece)).squeeze(1)
+
+
+@attrs.frozen
+class GreedyArgmax:
+    """Greedy's argmax by whichever of one pass (``torch.argmax``) and two (``argmax_rows``) was
+    the faster for that many rows on this device. Neither always wins: on the H200 two passes take
+    12 us instead of 26 for one row of 128,256 logits, but 14 instead of 8 for one of 151,936, and
+    lose at 256 rows of either. Both give the same index, so the choice changes only the time."""
+
+    sizes: tuple[int, ...]  # ascending row counts; more rows than the last use the last's choice
+    two_pass: tuple[bool, ...]
+
+    @classmethod
+    def one_pass(cls) -> GreedyArgmax:
+        return cls((1,), (False,))
+
+    @classmethod
+    def measured(cls, sizes: list[int], time_us: Callable[[int, bool], float]) -> GreedyArgmax:
+        """Choose per size from ``time_us(rows, two_pass)``; a row count between two sizes takes
+        the choice of the size above it."""
+        if not sizes or sizes != sorted(set(sizes)) or sizes[0] < 1:
+            raise ValueError(f"argmax sizes must be ascending positive row counts, got {sizes}")
+        return cls(tuple(sizes), tuple(time_us(n, True) < time_us(n, False) for n in sizes))
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        i = min(bisect_left(self.sizes, logits.shape[0]), len(self.sizes) - 1)
+        return argmax_rows(logits) if self.two_pass[i] else logits.argmax(dim=-1)
 
 
 def derive_seed(seed: int, sample_index: int, position: int) -> int:
@@ -124,7 +153,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], generator: torch.Gener
                 logits[i, list(r.blocked_token_ids)] = float("-inf")
 
     greedy = torch.tensor([p.greedy for p in params], device=device)
-    chosen = argmax_rows(logits)
+    chosen = logits.argmax(dim=-1)
     if not bool(greedy.all()):
         temp = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
         probs = torch.softmax(logits / temp.unsqueeze(1), dim=-1)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from mini_vllm.engine.sampler import SamplingRow, apply_penalties, argmax_rows, derive_seed, sample
+from mini_vllm.engine.sampler import GreedyArgmax, SamplingRow, apply_penalties, argmax_rows, derive_seed, sample
 from mini_vllm.engine.sampling_params import SamplingParams
 
 
@@ -138,3 +138,35 @@ def test_argmax_rows_cuts_a_row_into_the_largest_power_of_two_that_divides_it(mo
     argmax_rows(torch.randn(2, 128256))  # 2^8 x 501
     argmax_rows(torch.randn(2, 259))  # odd: one pass
     assert shapes == [(2, 128, 1187), (2, 256, 501)]
+
+
+@pytest.mark.timeout(60)
+def test_greedy_argmax_takes_the_faster_way_per_size_and_the_size_above_between_sizes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Two passes faster at 1 and 2 rows only (made-up times, as the H200 showed for 128,256 logits).
+    times = {(1, True): 12.0, (1, False): 26.0, (2, True): 13.0, (2, False): 26.0, (4, True): 20.0,
+             (4, False): 20.0, (16, True): 30.0, (16, False): 21.0}
+    choice = GreedyArgmax.measured([1, 2, 4, 16], lambda n, two: times[(n, two)])
+    assert choice.two_pass == (True, True, False, False)  # a tie keeps one pass
+    two_pass_rows: list[int] = []
+    real = torch.Tensor.reshape
+
+    def spy(self: torch.Tensor, *shape: Any) -> torch.Tensor:
+        two_pass_rows.append(shape[0])
+        return real(self, *shape)
+
+    monkeypatch.setattr(torch.Tensor, "reshape", spy)
+    gen = torch.Generator().manual_seed(0)
+    for rows in (1, 2, 3, 16, 40):
+        logits = torch.randint(-3, 4, (rows, 4096), generator=gen).float()
+        assert torch.equal(choice(logits), logits.argmax(dim=-1))
+    assert two_pass_rows == [1, 2]  # 3 rows take 4's choice, 40 the last size's
+    assert torch.equal(GreedyArgmax.one_pass()(torch.ones(5, 4096)), torch.zeros(5, dtype=torch.int64))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sizes", [[], [0, 1], [2, 1], [1, 1]])
+def test_greedy_argmax_refuses_sizes_that_are_not_ascending_positive_counts(sizes: list[int]) -> None:
+    with pytest.raises(ValueError, match="ascending positive"):
+        GreedyArgmax.measured(sizes, lambda n, two: 1.0)
