@@ -36,8 +36,8 @@ def decode_step_ms(engine: LLMEngine, output_len: int) -> tuple[float, float]:
         start = time.perf_counter()
         engine.step()
         walls.append(time.perf_counter() - start)
-    timings = engine.step_timings or []
-    decode = [(w, t.wait_s) for w, t in zip(walls, timings, strict=True) if t.decode_only][10:]
+    timings = engine.step_timings or []  # the turns that only land the last tokens have none
+    decode = [(w, t.wait_s) for w, t in zip(walls[: len(timings)], timings, strict=True) if t.decode_only][10:]
     return 1e3 * statistics.median(w for w, _ in decode), 1e3 * statistics.median(s for _, s in decode)
 
 
