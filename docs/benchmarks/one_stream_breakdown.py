@@ -13,14 +13,13 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from mini_vllm.bench.env import measure_gpu_peaks
+from mini_vllm.bench.env import gpu_time_us, measure_gpu_peaks
 from mini_vllm.engine import EngineArgs
 from mini_vllm.engine.llm_engine import LLMEngine
 from mini_vllm.engine.sampler import argmax_rows
@@ -41,19 +40,6 @@ def decode_step_ms(engine: LLMEngine, output_len: int) -> tuple[float, float]:
     return 1e3 * statistics.median(w for w, _ in decode), 1e3 * statistics.median(s for _, s in decode)
 
 
-def gpu_us(stream: torch.cuda.Stream, f: Callable[[], Any], reps: int = 50) -> float:
-    with torch.cuda.stream(stream):
-        f()
-        torch.cuda._sleep(20_000_000)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            f()
-        end.record()
-        end.synchronize()
-    return start.elapsed_time(end) * 1e3 / reps
-
-
 def main() -> None:
     model_name, out = sys.argv[1], sys.argv[2]
     device = torch.device("cuda")
@@ -72,7 +58,7 @@ def main() -> None:
         runner._g_lens[:1] = 1100
         runner._g_tables[0, :blocks] = torch.arange(blocks)
         runner._g_slots[:1] = -1  # reads 1,100 keys, writes nothing
-        report["graph_bs1_us"] = gpu_us(stream, graph.replay)
+        report["graph_bs1_us"] = gpu_time_us(graph.replay, 50, stream)
         zero = torch.zeros(1, dtype=torch.int64, device=device)
 
         def copies_before_replay() -> None:
@@ -80,12 +66,12 @@ def main() -> None:
                 target[:1].copy_(zero)
             torch.index_select(runner._tables, 0, zero, out=runner._g_tables[:1])
 
-        report["pre_replay_us"] = gpu_us(stream, copies_before_replay)
+        report["pre_replay_us"] = gpu_time_us(copies_before_replay, 50, stream)
         runner._g_slots.fill_(-1)
         runner._g_lens.zero_()
         logits = torch.randn(1, engine.model_config.vocab_size, device=device, dtype=torch.bfloat16)
-        report["argmax_one_pass_us"] = gpu_us(stream, partial(torch.argmax, logits, dim=-1))
-        report["argmax_two_pass_us"] = gpu_us(stream, partial(argmax_rows, logits))
+        report["argmax_one_pass_us"] = gpu_time_us(partial(torch.argmax, logits, dim=-1), 50, stream)
+        report["argmax_two_pass_us"] = gpu_time_us(partial(argmax_rows, logits), 50, stream)
         model = runner.model
         layer = model.layers[0]
         weights = {"qkv": layer.self_attn.qkv_proj.weight, "o": layer.self_attn.o_proj.weight,
@@ -94,7 +80,7 @@ def main() -> None:
         report["matmul_m1"] = {}
         for name, w in weights.items():
             x = torch.randn(1, w.shape[1], device=device, dtype=w.dtype)
-            linear, mv = gpu_us(stream, partial(F.linear, x, w)), gpu_us(stream, partial(torch.mv, w, x[0]))
+            linear, mv = gpu_time_us(partial(F.linear, x, w), 50, stream), gpu_time_us(partial(torch.mv, w, x[0]), 50, stream)
             nbytes = w.numel() * w.element_size()
             report["matmul_m1"][name] = {"shape": list(w.shape), "linear_us": linear, "mv_us": mv,
                                          "linear_TBps": nbytes / linear / 1e6, "mv_TBps": nbytes / mv / 1e6}

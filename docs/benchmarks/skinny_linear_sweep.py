@@ -16,6 +16,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from mini_vllm.bench.env import gpu_time_us
+
 
 @triton.jit(do_not_specialize=["M"])
 def _skinny_linear_kernel(x, w, y, M, N, stride_xm, stride_wn, stride_ym, K: tl.constexpr,
@@ -57,19 +59,6 @@ ROWS = (1, 4, 16)
 CONFIGS = [*itertools.product((16, 32), (128, 256, 512), (4,), (3, 5)), (16, 256, 8, 4), (32, 512, 8, 4)]
 
 
-def gpu_us(f, reps: int = 30) -> float:
-    f()
-    torch.cuda.synchronize()
-    torch.cuda._sleep(20_000_000)
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        f()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) * 1e3 / reps
-
-
 def main() -> None:
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
@@ -80,7 +69,7 @@ def main() -> None:
         for m in ROWS:
             x = torch.randn(m, k, device=dev, generator=g).to(torch.bfloat16)
             ref = F.linear(x.float(), w.float())
-            entry = {"cublas_us": gpu_us(partial(F.linear, x, w)), "configs": {}}
+            entry = {"cublas_us": gpu_time_us(partial(F.linear, x, w)), "configs": {}}
             for cfg in CONFIGS:
                 bn, bk, warps, stages = cfg
                 call = partial(skinny_linear_triton, x, w, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
@@ -88,7 +77,7 @@ def main() -> None:
                 err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
                 if err > 1e-2:
                     raise SystemExit(f"{name} m={m} {cfg}: relative error {err}")
-                t = gpu_us(call)
+                t = gpu_time_us(call)
                 entry["configs"]["/".join(map(str, cfg))] = t
                 totals[cfg] += t
             best = min(entry["configs"], key=entry["configs"].get)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from mini_vllm.bench.env import measure_gpu_peaks
+from mini_vllm.bench.env import gpu_time_us, measure_gpu_peaks
 
 
 @triton.jit
@@ -59,23 +58,10 @@ CONFIGS = [(32, 64, 128, 4, 4), (32, 128, 64, 4, 4), (64, 64, 128, 4, 4), (64, 1
            (128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (64, 32, 128, 4, 4), (32, 32, 256, 4, 3), (128, 32, 128, 4, 3)]
 
 
-def gpu_us(f: Callable[[], Any], reps: int = 30) -> float:
-    f()
-    torch.cuda.synchronize()
-    torch.cuda._sleep(20_000_000)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        f()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / reps
-
-
 def blas_us(library: str, x: torch.Tensor, w: torch.Tensor) -> float:
     torch.backends.cuda.preferred_blas_library(library)
     try:
-        return gpu_us(partial(F.linear, x, w))
+        return gpu_time_us(partial(F.linear, x, w))
     finally:
         torch.backends.cuda.preferred_blas_library("cublas")
 
@@ -101,7 +87,7 @@ def main() -> None:
                 err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
                 if err > 1e-2:
                     raise SystemExit(f"{name} m={m} {cfg}: relative error {err}")
-                entry["triton_us"]["/".join(map(str, cfg))] = gpu_us(partial(triton_gemm, x, w, y, cfg))
+                entry["triton_us"]["/".join(map(str, cfg))] = gpu_time_us(partial(triton_gemm, x, w, y, cfg))
             best = min(entry["triton_us"], key=entry["triton_us"].get)
             print(f"{name:20s} m={m:3d}  floor {floor_us:6.1f}  cuBLAS {entry['cublas_us']:6.1f}  "
                   f"cuBLASLt {entry['cublaslt_us']:6.1f}  Triton {entry['triton_us'][best]:6.1f} ({best})", flush=True)
