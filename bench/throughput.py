@@ -119,6 +119,7 @@ def add_bench_throughput(sub: Any) -> None:
     t.add_argument("--max-num-seqs", type=int, default=256, help="sequences in one batch")
     t.add_argument("--max-num-batched-tokens", type=int, default=8192, help="tokens computed in one step")
     t.add_argument("--max-model-len", type=int, default=2048, help="longest prompt + output in tokens")
+    t.add_argument("--block-size", type=int, default=16, help="tokens per KV block (a power of two <= 256)")
     t.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="fraction of GPU memory for weights, activations and KV")
     t.add_argument("--num-kv-blocks", type=int, default=None,
@@ -365,7 +366,7 @@ def server_argv(args: argparse.Namespace, load_format: str, num_requests: int, c
         sys.executable, "-m", "mini_vllm", "serve", "--host", "127.0.0.1", "--port", "0", "--model", args.model,
         "--load-format", load_format, "--max-num-seqs", str(args.max_num_seqs),
         "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--max-model-len", str(args.max_model_len),
-        "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--no-enable-prefix-caching",
+        "--block-size", str(args.block_size), "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--no-enable-prefix-caching",
         # Admit every request at once, whatever its connection: queueing is what is timed, not refusals
         # (split over the client processes, a connection may carry one more than its even share).
         "--max-pending-requests", str(num_requests + SERVER_WARMUP_REQUESTS), "--client-key", "off",
@@ -676,6 +677,9 @@ def check_args(args: argparse.Namespace) -> str | None:
     if args.max_model_len < total:  # the engine would stop them short of their output lengths
         return (f"--max-model-len {args.max_model_len} cannot hold these requests' prompt + output (up to {total} "
                 f"tokens): give at least {total}")
+    if args.block_size < 1 or args.block_size & (args.block_size - 1) or args.block_size > 256:
+        # Checked here too: the server path would find out only once its server starts.
+        return f"--block-size must be a power of two <= 256, got {args.block_size}"
     if not args.peer_timeout > 0:
         return f"--peer-timeout must be > 0 seconds, got {args.peer_timeout}"
     if args.trace and not torch.cuda.is_available():
@@ -763,7 +767,7 @@ def run_throughput(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         engine = load_engine("bench throughput", lambda: EngineArgs(
             model=None if args.model == "demo" else args.model, load_format=load_format,
-            max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+            max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, block_size=args.block_size,
             max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
             num_kv_blocks=args.num_kv_blocks, enforce_eager=args.enforce_eager, enable_prefix_caching=False,
             tensor_parallel_size=args.tensor_parallel_size,
@@ -856,6 +860,7 @@ def engine_summary(engine: LLMEngine, load_seconds: float) -> dict[str, Any]:
         "kv_bytes": runner.kv_cache.numel() * runner.kv_cache.element_size(),
         "max_num_seqs": engine.args.max_num_seqs,
         "max_num_batched_tokens": engine.args.max_num_batched_tokens,
+        "block_size": engine.args.block_size,
         "cuda_graphs": (
             {"batch_sizes": list(graphs.batch_sizes), "mixed_token_counts": list(graphs.mixed_token_counts),
              "capture_seconds": round(graphs.capture_seconds, 2), "pool_bytes": graphs.pool_bytes}

@@ -58,11 +58,12 @@ def test_one_offline_256_request_through_both_paths(
 def test_online_1000_is_chosen_by_name(tiny_model: Callable[..., Path], tmp_path: Path) -> None:
     path = tiny_model("LlamaForCausalLM", max_position_embeddings=2048)
     argv = ["bench", "throughput", "--model", str(path), "--workload", "ONLINE-1000", "--num-requests", "2",
-            "--path", "offline", "--output-dir", str(tmp_path)]
+            "--path", "offline", "--output-dir", str(tmp_path), "--block-size", "32"]
     assert cli.main(argv) == 0
     (out,) = tmp_path.glob("throughput-*.json")
     record = json.loads(out.read_text())
     assert record["workload"] == "ONLINE-1000[:2]" and "actors" not in record and "server" not in record
+    assert record["engine"]["block_size"] == 32 and record["engine"]["kv_tokens"] == 32 * record["engine"]["kv_blocks"]
     assert record["offline"]["output_tokens"] == sum(r.output_len for r in online_1000(300, 2))
     assert record["output_tokens_per_s"] == record["offline"]["output_tokens_per_s"]
 
@@ -193,6 +194,9 @@ def test_bad_flags_are_one_line_errors_before_loading(
         (["--num-requests", "257"], "--num-requests must be in 1..256"),
         (["--num-requests", "1", "--max-model-len", "900"], "--max-model-len 900 cannot hold these prompts (up to 964"),
         (["--num-requests", "1", "--peer-timeout", "0"], "--peer-timeout must be > 0"),
+        (["--num-requests", "1", "--block-size", "24"], "--block-size must be a power of two <= 256, got 24"),
+        (["--num-requests", "1", "--block-size", "0"], "--block-size must be a power of two <= 256, got 0"),
+        (["--num-requests", "1", "--block-size", "512"], "--block-size must be a power of two <= 256, got 512"),
         (["--num-requests", "1", "--trace", "t"], "--trace profiles GPU kernels and needs a CUDA GPU"),
         (["--num-requests", "1", "--tag", "a/b"], "--tag is part of a file name"),
         (["--num-requests", "1", "--output-dir", "a-file"], "--output-dir a-file is a file: give a folder"),

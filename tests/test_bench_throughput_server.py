@@ -69,11 +69,11 @@ def test_a_server_that_cannot_start_is_a_one_line_error(
 def test_the_server_path_passes_the_engine_flags() -> None:
     args = cli.build_parser().parse_args(
         ["bench", "throughput", "--model", "qwen3-0.6b", "--max-num-seqs", "64", "--num-kv-blocks", "900",
-         "--enforce-eager", "--gpu-memory-utilization", "0.5"])
+         "--enforce-eager", "--gpu-memory-utilization", "0.5", "--block-size", "32"])
     argv = bench_throughput.server_argv(args, "dummy", num_requests=1000, connections=256)
     flags = " ".join(argv[argv.index("serve") + 1:])
     assert flags == ("--host 127.0.0.1 --port 0 --model qwen3-0.6b --load-format dummy --max-num-seqs 64 "
-                     "--max-num-batched-tokens 8192 --max-model-len 2048 --gpu-memory-utilization 0.5 "
+                     "--max-num-batched-tokens 8192 --max-model-len 2048 --block-size 32 --gpu-memory-utilization 0.5 "
                      "--no-enable-prefix-caching --max-pending-requests 1016 --client-key off --max-requests-per-connection 16 "
                      "--shutdown-grace 1 --num-kv-blocks 900 --enforce-eager")
     args.serve_args = "--no-core-process --max-num-seqs 32"
