@@ -526,9 +526,9 @@ class CudaModelRunner(ModelRunner):
         if self.parallel is not None and not self.parallel.is_driver:
             self._last_sampled = self.parallel.broadcast(torch.empty(n_rows, dtype=torch.int64, device=self.device))
             return StepHandle(None, None)
-        if all(r.params.greedy and r.params.logprobs is None for r in inputs.sampling_rows) and not any(
-            r.blocked_token_ids or r.params.repetition_penalty != 1.0 or r.params.presence_penalty
-            or r.params.frequency_penalty for r in inputs.sampling_rows
+        if all(
+            r.params.greedy and r.params.logprobs is None and not r.blocked_token_ids and not r.params.uses_penalties
+            for r in inputs.sampling_rows
         ):
             result = SamplerOutput(self.greedy_argmax(logits), None, None, None)
         else:

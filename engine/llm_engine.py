@@ -33,7 +33,7 @@ from mini_vllm.engine.parallel import RankFailed, TensorParallel, check_tensor_p
 from mini_vllm.engine.prompts import PromptEncoder
 from mini_vllm.engine.sampling_params import SamplingParams
 from mini_vllm.engine.scheduler import Scheduler, SchedulerOutput
-from mini_vllm.engine.sequence import PLACEHOLDER, Request, SeqStatus, Sequence, uses_penalties
+from mini_vllm.engine.sequence import PLACEHOLDER, Request, SeqStatus, Sequence
 from mini_vllm.engine.step_loop import StepLoop, StepTiming
 
 if TYPE_CHECKING:
@@ -302,7 +302,7 @@ class LLMEngine:
                           detokenize=detokenize)
         seq = self._new_sequence(request, 0, list(prompt_token_ids))
         self.requests[request_id] = request
-        if uses_penalties(params):
+        if params.uses_penalties:
             self._penalized.add(request_id)
         self.scheduler.add(seq)
 

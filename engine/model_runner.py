@@ -112,7 +112,7 @@ def prepare_inputs(
         if out_pos < params.min_tokens:
             blocked = params.stop_token_ids + (() if params.ignore_eos else tuple(eos_ids))
         prompt = request.prompt_token_ids if params.repetition_penalty != 1.0 else None
-        penalized = params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0
+        penalized = params.uses_penalties
         output_ids = token_ids[seq.num_prompt_tokens : end] if penalized else []  # not the placeholder at end
         for k in range(num_samples):
             index = seq.index if num_samples == 1 else k

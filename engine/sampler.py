@@ -144,7 +144,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], generator: torch.Gener
     max_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if max_logprobs is not None else None
 
-    if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
+    if any(p.uses_penalties for p in params):
         logits = apply_penalties(logits, rows)
     if any(r.blocked_token_ids for r in rows):
         logits = logits.clone()

@@ -126,6 +126,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def uses_penalties(self) -> bool:
+        """Repetition, presence or frequency penalties: the sampler needs the real output tokens."""
+        return self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
+
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> SamplingParams:
         """Build from a JSON-like dict; an unknown field is an error, not silently dropped."""

@@ -17,11 +17,6 @@ from mini_vllm.engine.sampling_params import SamplingParams
 PLACEHOLDER = -1
 
 
-def uses_penalties(params: SamplingParams) -> bool:
-    """Repetition, presence or frequency penalties: the sampler needs the real output tokens."""
-    return params.repetition_penalty != 1.0 or bool(params.presence_penalty) or bool(params.frequency_penalty)
-
-
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -48,7 +43,7 @@ class Request:
     static_row: SamplingRow | None = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        per_step = self.params.seed is not None or uses_penalties(self.params)
+        per_step = self.params.seed is not None or self.params.uses_penalties
         self.static_row = None if per_step else SamplingRow(self.params, None, [], (), None)
 
     @property
