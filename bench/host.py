@@ -39,7 +39,7 @@ import torch
 
 from mini_vllm.bench.command import HelpFormatter, fail, interruptible, unwritable, write_text
 from mini_vllm.bench.env import cpu_name, versions
-from mini_vllm.engine.config import PRESETS, EngineArgs, ModelConfig
+from mini_vllm.engine.config import PRESETS, EngineArgs, ModelConfig, valid_block_size
 from mini_vllm.engine.errors import MiniVllmError
 from mini_vllm.engine.llm_engine import LLMEngine, generation_eos_ids
 from mini_vllm.engine.loader import resolve_model
@@ -146,9 +146,8 @@ def check_args(args: argparse.Namespace) -> str | None:
             return f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
     if args.warmup_iters < 0 or args.profile < 0:
         return f"--warmup-iters and --profile cannot be negative, got {args.warmup_iters} and {args.profile}"
-    bs = args.block_size
-    if bs < 1 or bs > 256 or bs & (bs - 1):
-        return f"--block-size must be a power of two in [1, 256], got {bs}"
+    if not valid_block_size(args.block_size):
+        return f"--block-size must be a power of two in [1, 256], got {args.block_size}"
     if args.max_num_batched_tokens < args.batch_size:
         return (f"--max-num-batched-tokens must be at least --batch-size ({args.batch_size}): a decode step carries "
                 f"one token per sequence, got {args.max_num_batched_tokens}")
@@ -158,7 +157,7 @@ def check_args(args: argparse.Namespace) -> str | None:
                 f"max_position_embeddings ({longest})")
     if args.num_kv_blocks is not None and args.num_kv_blocks < blocks_per_sequence(args):
         return (f"--num-kv-blocks must hold one whole sequence ({blocks_per_sequence(args)} blocks of "
-                f"{bs} tokens), got {args.num_kv_blocks}")
+                f"{args.block_size} tokens), got {args.num_kv_blocks}")
     return unwritable(Path(args.output), "--output") if args.output else None
 
 

@@ -44,7 +44,7 @@ from mini_vllm.bench.env import (
     step_kinds_since,
     versions,
 )
-from mini_vllm.engine.config import PRESETS, EngineArgs
+from mini_vllm.engine.config import PRESETS, EngineArgs, valid_block_size
 from mini_vllm.engine.llm_engine import LLMEngine
 from mini_vllm.engine.sampling_params import SamplingParams
 from mini_vllm.engine.step_loop import StepTiming
@@ -677,7 +677,7 @@ def check_args(args: argparse.Namespace) -> str | None:
     if args.max_model_len < total:  # the engine would stop them short of their output lengths
         return (f"--max-model-len {args.max_model_len} cannot hold these requests' prompt + output (up to {total} "
                 f"tokens): give at least {total}")
-    if args.block_size < 1 or args.block_size & (args.block_size - 1) or args.block_size > 256:
+    if not valid_block_size(args.block_size):
         # Checked here too: the server path would find out only once its server starts.
         return f"--block-size must be a power of two <= 256, got {args.block_size}"
     if not args.peer_timeout > 0:

@@ -31,6 +31,11 @@ def _positive_int(name: str, value: object, allow_none: bool = False) -> None:
         raise ConfigError(f"{name} must be an integer >= 1{' or None' if allow_none else ''}, got {value!r}")
 
 
+def valid_block_size(value: int) -> bool:
+    """A power of two from 1 to 256: the KV block sizes the engine takes (the flags' checks use it too)."""
+    return 1 <= value <= 256 and not value & (value - 1)
+
+
 @attrs.frozen
 class EngineArgs:
     """Everything that shapes one engine. Names follow vLLM so habits carry over.
@@ -72,7 +77,7 @@ class EngineArgs:
             raise ConfigError(f"dtype must be one of auto, {', '.join(DTYPES)}, got {self.dtype!r}")
         _positive_int("max_model_len", self.max_model_len, allow_none=True)
         _positive_int("block_size", self.block_size)
-        if self.block_size & (self.block_size - 1) or self.block_size > 256:
+        if not valid_block_size(self.block_size):
             raise ConfigError(f"block_size must be a power of two <= 256, got {self.block_size}")
         _positive_int("max_num_seqs", self.max_num_seqs)
         _positive_int("tensor_parallel_size", self.tensor_parallel_size)
