@@ -91,24 +91,6 @@ def measure_gpu_peaks(device: torch.device) -> tuple[float, float]:
     return bandwidth, flops
 
 
-def gpu_time_us(fn: Callable[[], object], reps: int = 30, stream: torch.cuda.Stream | None = None) -> float:
-    """Device time of one ``fn()`` in µs, the GPU's alone: the calls are queued behind a wait of
-    about 10 ms, so that their launches do not count (in a step they are queued while the GPU is
-    busy). One call first, to compile and warm up."""
-    import torch
-
-    with torch.cuda.stream(stream):  # None: the current stream
-        fn()
-        torch.cuda._sleep(20_000_000)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        end.synchronize()
-    return start.elapsed_time(end) * 1e3 / reps
-
-
 def measure_cpu_peaks() -> tuple[float, float]:
     """(copy bandwidth in bytes/s counting read + write, fp32 matmul FLOP/s): a quick probe, about
     half a second, for an estimate (the CPU runs in float32)."""

@@ -20,6 +20,8 @@ Sampled ids are copied back into pinned memory behind an event; only ``collect``
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from functools import partial
 
 import attrs
 import numpy as np
@@ -72,6 +74,25 @@ def mixed_graph_sizes(max_num_batched_tokens: int) -> list[int]:
     while sizes[-1] < top:
         sizes.append(sizes[-1] + (1 << (sizes[-1].bit_length() - 1)) // 4)
     return [*(n for n in sizes if n < top), top]
+
+
+def gpu_time_us(
+    fn: Callable[[], object], reps: int = 30, stream: torch.cuda.Stream | None = None, wait_cycles: int = 20_000_000
+) -> float:
+    """Device time of one ``fn()`` in µs, the GPU's alone: the calls are queued behind a wait
+    (``torch.cuda._sleep`` of ``wait_cycles``, about 10 ms by default), so that their launches do
+    not count, as in a step, where they are queued while the GPU is busy. One call first, to
+    compile and warm up; on ``stream`` (None: the current one)."""
+    with torch.cuda.stream(stream):
+        fn()
+        torch.cuda._sleep(wait_cycles)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+    return start.elapsed_time(end) * 1e3 / reps
 
 
 @attrs.frozen
@@ -285,25 +306,17 @@ class CudaModelRunner(ModelRunner):
         lm head's shape and dtype, on the compute stream (some 50 ms at start)."""
         sizes = graph_batch_sizes(self.max_num_seqs)
         dtype = self.model.embed_tokens.weight.dtype
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(self.compute_stream):
             logits = torch.randn((sizes[-1], self.model.config.vocab_size), dtype=dtype, device=self.device)
 
-            def time_us(rows: int, two_pass: bool) -> float:
-                x = logits[:rows]
-                argmax = argmax_rows if two_pass else (lambda t: t.argmax(dim=-1))
-                argmax(x)  # warm-up
-                # In a step the argmax is queued while the GPU still runs the forward pass, so its
-                # launches are hidden: time the GPU alone, queued behind a wait of about a ms.
-                torch.cuda._sleep(2_000_000)
-                start.record()
-                for _ in range(reps):
-                    argmax(x)
-                end.record()
-                end.synchronize()
-                return start.elapsed_time(end) * 1e3 / reps
+        def time_us(rows: int, two_pass: bool) -> float:
+            x = logits[:rows]
+            argmax = partial(argmax_rows, x) if two_pass else partial(torch.argmax, x, dim=-1)
+            # In a step the argmax is queued while the GPU still runs the forward pass, so its
+            # launches are hidden: the GPU alone, behind a wait of about a ms (enough for 10 calls).
+            return gpu_time_us(argmax, reps, self.compute_stream, wait_cycles=2_000_000)
 
-            return GreedyArgmax.measured(sizes, time_us)  # the logits go with this frame
+        return GreedyArgmax.measured(sizes, time_us)  # the logits go with this frame
 
     # ---- CUDA graphs ------------------------------------------------------------------------------
     def _graph_meta(self, bs: int) -> AttentionMetadata:

@@ -19,8 +19,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mini_vllm.bench.env import gpu_time_us, measure_gpu_peaks
+from mini_vllm.bench.env import measure_gpu_peaks
 from mini_vllm.engine import EngineArgs
+from mini_vllm.engine.cuda_runner import gpu_time_us
 from mini_vllm.engine.llm_engine import LLMEngine
 from mini_vllm.engine.sampler import argmax_rows
 from mini_vllm.engine.sampling_params import SamplingParams

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from mini_vllm.bench.env import gpu_time_us
+from mini_vllm.engine.cuda_runner import gpu_time_us
 
 
 @triton.jit(do_not_specialize=["M"])

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from mini_vllm.bench.env import gpu_time_us, measure_gpu_peaks
+from mini_vllm.bench.env import measure_gpu_peaks
+from mini_vllm.engine.cuda_runner import gpu_time_us
 
 
 @triton.jit
