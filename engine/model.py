@@ -56,6 +56,23 @@ class FusedQkvPrologue(Protocol):
     ) -> torch.Tensor: ...
 
 
+class SkinnyLinear(Protocol):
+    """A projection of a few rows with its neighbours fused in (the GPU runner installs
+    ``triton_skinny.skinny_linear_triton``): ``(y, x + residual)``; see that module."""
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        residual: torch.Tensor | None = None,
+        norm_weight: torch.Tensor | None = None,
+        eps: float = 0.0,
+        silu_intermediate: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -158,7 +175,23 @@ class Attention(nn.Module):
         attention_fn: AttentionFn,
         store_kv_fn: StoreKvFn,
     ) -> torch.Tensor:
-        qkv = self.qkv_proj(hidden)
+        out = self.attend(positions, self.qkv_proj(hidden), rotary, k_cache, v_cache, meta, attention_fn, store_kv_fn)
+        if self.tp is None:
+            return self.o_proj(out)
+        return self.tp.all_reduce(self.o_proj(out))
+
+    def attend(
+        self,
+        positions: torch.Tensor,
+        qkv: torch.Tensor,
+        rotary: RotaryEmbedding,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        attention_fn: AttentionFn,
+        store_kv_fn: StoreKvFn,
+    ) -> torch.Tensor:
+        """From the qkv projection's output to attention's, ``[T, heads * head_dim]`` (o_proj's input)."""
         if self.prologue is not None:
             q = self._fused_prologue(self.prologue, positions, qkv, rotary, k_cache, v_cache, meta.slot_mapping)
         else:
@@ -170,10 +203,7 @@ class Attention(nn.Module):
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = rotary(positions, q, k)
             store_kv_fn(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = attention_fn(q, k_cache, v_cache, meta, self.scale)
-        if self.tp is None:
-            return self.o_proj(out.reshape(-1, self.q_size))
-        return self.tp.all_reduce(self.o_proj(out.reshape(-1, self.q_size)))
+        return attention_fn(q, k_cache, v_cache, meta, self.scale).reshape(-1, self.q_size)
 
     def _fused_prologue(
         self,
@@ -283,6 +313,9 @@ class CausalLM(nn.Module):
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # Steps of at most skinny_rows tokens take skinny_forward (the GPU runner installs it).
+        self.skinny: SkinnyLinear | None = None
+        self.skinny_rows = 0
 
     def forward(
         self,
@@ -294,6 +327,8 @@ class CausalLM(nn.Module):
         store_kv_fn: StoreKvFn = store_kv_reference,
     ) -> torch.Tensor:
         """Hidden states ``[T, hidden]`` of the new tokens; ``kv_cache`` is ``[L, 2, blocks, ...]``."""
+        if self.skinny is not None and input_ids.shape[0] <= self.skinny_rows:
+            return self.skinny_forward(self.skinny, input_ids, positions, kv_cache, meta, attention_fn, store_kv_fn)
         hidden = self.embed_tokens(input_ids)
         residual: torch.Tensor | None = None
         for i, layer in enumerate(self.layers):
@@ -310,6 +345,45 @@ class CausalLM(nn.Module):
         if residual is None:
             return self.norm(hidden)
         return self.norm.add_forward(hidden, residual)[0]
+
+    def skinny_forward(
+        self,
+        linear: SkinnyLinear,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        attention_fn: AttentionFn,
+        store_kv_fn: StoreKvFn,
+    ) -> torch.Tensor:
+        """``forward`` for a few tokens: each projection one ``linear`` call that also does the norm
+        (and residual add) in front of it or the SiLU-multiply after it. Seven kernels a layer (with
+        the qkv prologue and a split decode) instead of twelve."""
+        hidden = self.embed_tokens(input_ids)
+        residual: torch.Tensor | None = None
+        for i, layer in enumerate(self.layers):
+            attn, mlp, norm = layer.self_attn, layer.mlp, layer.input_layernorm
+            qkv, total = linear(hidden, attn.qkv_proj.weight, attn.qkv_proj.bias, residual=residual,
+                                norm_weight=norm.weight, eps=norm.eps)
+            residual = hidden if total is None else total
+            out = attn.attend(positions, qkv, self.rotary, kv_cache[i, 0], kv_cache[i, 1], meta, attention_fn, store_kv_fn)
+            hidden = linear(out, attn.o_proj.weight)[0]
+            norm = layer.post_attention_layernorm
+            act, residual = linear(hidden, mlp.gate_up_proj.weight, residual=residual, norm_weight=norm.weight,
+                                   eps=norm.eps, silu_intermediate=mlp.intermediate)
+            if residual is None:
+                raise RuntimeError("the skinny linear returned no residual sum")
+            hidden = linear(act, mlp.down_proj.weight)[0]
+        if residual is None:
+            return self.norm(hidden)
+        return self.norm.add_forward(hidden, residual)[0]
+
+    def use_skinny_linear(self, linear: SkinnyLinear, max_rows: int) -> None:
+        """Send steps of at most ``max_rows`` tokens through ``skinny_forward`` with ``linear``
+        (one rank only: its o and down projections are not followed by the all-reduce)."""
+        if self.tp is not None:
+            raise ValueError("the skinny path serves one rank; tensor parallel models keep the full path")
+        self.skinny, self.skinny_rows = linear, max_rows
 
     def use_fused_kernels(
         self,
