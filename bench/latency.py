@@ -70,6 +70,8 @@ def add_bench_latency(sub: Any) -> None:
                    help="tokens one step may carry (default: the larger of --max-model-len and --batch-size); "
                         "a larger budget prefills the batch in fewer steps that are mixed with decodes")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--skinny-kernels", action="store_true",
+                   help="steps of at most 16 tokens through the fused few-row projections (engine/triton_skinny.py)")
     p.add_argument("--tensor-parallel-size", type=positive_int, default=1, metavar="N",
                    help="split the model over N GPUs (CPU processes over gloo without CUDA); the floor is then "
                         "one GPU's share of the bytes at its bandwidth, plus the all-reduces measured over the N GPUs")
@@ -319,6 +321,7 @@ def run_latency(args: argparse.Namespace) -> int:
         gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
         block_size=args.block_size, enforce_eager=args.enforce_eager, enable_prefix_caching=False,
         async_scheduling=False if args.no_async_scheduling else None, tensor_parallel_size=args.tensor_parallel_size,
+        skinny_kernels=args.skinny_kernels,
     ))
     if isinstance(engine, int):
         return engine
@@ -326,6 +329,7 @@ def run_latency(args: argparse.Namespace) -> int:
     record["async_scheduling"] = engine.async_scheduling
     record["max_num_batched_tokens"] = engine.args.max_num_batched_tokens
     record["cuda_graphs"] = cuda and not args.enforce_eager
+    record["skinny_kernels"] = bool(getattr(engine.runner, "skinny", False))
     rng = random.Random(3)  # fresh prompts every iteration: nothing to reuse even with a prefix cache
     kinds_before = step_kinds(engine)
     iters = []

@@ -126,6 +126,8 @@ def add_bench_throughput(sub: Any) -> None:
                    help="fix the KV cache size (default: sized by --gpu-memory-utilization on a GPU, "
                         "the engine's CPU budget on the CPU)")
     t.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    t.add_argument("--skinny-kernels", action="store_true",
+                   help="steps of at most 16 tokens through the fused few-row projections (engine/triton_skinny.py)")
     t.add_argument("--tensor-parallel-size", type=positive_int, default=1, metavar="N",
                    help="split the model over N GPUs (CPU processes over gloo without CUDA); the floor is then "
                         "N GPUs', each at the measured per-GPU peaks, plus the collectives measured over them")
@@ -377,6 +379,8 @@ def server_argv(args: argparse.Namespace, load_format: str, num_requests: int, c
         argv += ["--num-kv-blocks", str(args.num_kv_blocks)]
     if args.enforce_eager:
         argv.append("--enforce-eager")
+    if args.skinny_kernels:
+        argv.append("--skinny-kernels")
     if args.tensor_parallel_size != 1:
         argv += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
     return argv + shlex.split(args.serve_args)  # last: serve's argparse lets a later flag win
@@ -770,7 +774,7 @@ def run_throughput(args: argparse.Namespace) -> int:
             max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, block_size=args.block_size,
             max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
             num_kv_blocks=args.num_kv_blocks, enforce_eager=args.enforce_eager, enable_prefix_caching=False,
-            tensor_parallel_size=args.tensor_parallel_size,
+            tensor_parallel_size=args.tensor_parallel_size, skinny_kernels=args.skinny_kernels,
         ))
         if isinstance(engine, int):
             return engine
@@ -861,6 +865,8 @@ def engine_summary(engine: LLMEngine, load_seconds: float) -> dict[str, Any]:
         "max_num_seqs": engine.args.max_num_seqs,
         "max_num_batched_tokens": engine.args.max_num_batched_tokens,
         "block_size": engine.args.block_size,
+        # Whether steps of a few tokens took the fused few-row projections (asked for, and possible here).
+        "skinny_kernels": bool(getattr(runner, "skinny", False)),
         "cuda_graphs": (
             {"batch_sizes": list(graphs.batch_sizes), "mixed_token_counts": list(graphs.mixed_token_counts),
              "capture_seconds": round(graphs.capture_seconds, 2), "pool_bytes": graphs.pool_bytes}

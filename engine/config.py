@@ -71,6 +71,10 @@ class EngineArgs:
     skip_tokenizer_init: bool = False
     # Ranks the model is split over (vLLM's --tensor-parallel-size): one process and device each.
     tensor_parallel_size: int = 1
+    # GPU steps of at most triton_skinny.MAX_ROWS tokens through its fused few-row projections
+    # (norm, residual add and SiLU inside the weight reads) instead of cuBLAS and the separate
+    # kernels. Off by default until it is measured on the H200 (docs/gpu-execution.md).
+    skinny_kernels: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -92,7 +96,8 @@ class EngineArgs:
             raise ConfigError("preemption_mode must be recompute: swap (KV blocks to host memory) is not implemented yet")
         if self.preemption_mode != "recompute":
             raise ConfigError(f"preemption_mode must be recompute, got {self.preemption_mode!r}")
-        for flag in ("enable_prefix_caching", "enforce_eager", "enable_chunked_prefill", "skip_tokenizer_init"):
+        for flag in ("enable_prefix_caching", "enforce_eager", "enable_chunked_prefill", "skip_tokenizer_init",
+                     "skinny_kernels"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):

@@ -49,6 +49,9 @@ from mini_vllm.engine.triton_attention import (
 from mini_vllm.engine.triton_norm import rms_norm_triton, rotary_triton, silu_mul_triton
 from mini_vllm.engine.triton_qkv import SUPPORTED_DTYPES as PROLOGUE_DTYPES
 from mini_vllm.engine.triton_qkv import qkv_prologue_triton
+from mini_vllm.engine.triton_skinny import MAX_ROWS as SKINNY_MAX_ROWS
+from mini_vllm.engine.triton_skinny import SUPPORTED_DTYPES as SKINNY_DTYPES
+from mini_vllm.engine.triton_skinny import skinny_linear_triton
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -176,6 +179,7 @@ class CudaModelRunner(ModelRunner):
         max_model_len: int,
         block_size: int,
         enforce_eager: bool,
+        skinny_kernels: bool,
         parallel: TensorParallel | None = None,
     ) -> None:
         config = model.config  # with tensor parallelism this rank's: its heads and KV heads
@@ -193,6 +197,9 @@ class CudaModelRunner(ModelRunner):
         self.tokens_per_tile = prefill_tokens_per_tile(config.num_attention_heads, config.num_key_value_heads, block_m)
         prologue = qkv_prologue_triton if model.embed_tokens.weight.dtype in PROLOGUE_DTYPES else None
         model.use_fused_kernels(rms_norm_triton, rotary_triton, silu_mul_triton, qkv_prologue=prologue)
+        self.skinny = skinny_kernels and parallel is None and model.embed_tokens.weight.dtype in SKINNY_DTYPES
+        if self.skinny:  # steps of a few tokens: fused few-row projections (engine/triton_skinny.py)
+            model.use_skinny_linear(skinny_linear_triton, SKINNY_MAX_ROWS)
         rows = max(max_num_batched_tokens, max_num_seqs)
         self.max_num_batched_tokens = max_num_batched_tokens
         max_tiles = max_prefill_tiles(max_num_batched_tokens, max_num_seqs, self.tokens_per_tile)

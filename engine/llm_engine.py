@@ -104,7 +104,7 @@ def load_rank(args: EngineArgs, source: ModelSource, max_len: int, device: torch
         runner = CudaModelRunner(
             model, None, device, args.seed, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len,
-            block_size=args.block_size, enforce_eager=args.enforce_eager, parallel=tp,
+            block_size=args.block_size, enforce_eager=args.enforce_eager, skinny_kernels=args.skinny_kernels, parallel=tp,
         )
     else:
         runner = ModelRunner(model, None, device, args.seed, parallel=tp)

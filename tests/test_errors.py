@@ -54,6 +54,7 @@ def test_unknown_sampling_field_is_named() -> None:
         ({"num_kv_blocks": 0}, "num_kv_blocks"),
         ({"preemption_mode": "drop"}, "preemption_mode"),
         ({"preemption_mode": "swap"}, "preemption_mode"),
+        ({"skinny_kernels": "yes"}, "skinny_kernels"),
     ],
 )
 def test_bad_engine_args(fields: dict, name: str) -> None:

@@ -205,6 +205,8 @@ def add_engine_flags(parser: argparse.ArgumentParser, seed: bool = True) -> None
         action=argparse.BooleanOptionalAction)
     add("--async-scheduling", "the CPU schedules step N+1 while the GPU runs step N",
         {None: "on GPUs only"}, action=argparse.BooleanOptionalAction)
+    add("--skinny-kernels", "GPU steps of at most 16 tokens through the fused few-row projections "
+        "(engine/triton_skinny.py; off by default until measured)", action=argparse.BooleanOptionalAction)
 
 
 _ENGINE_FLAGS = (
@@ -224,6 +226,7 @@ _ENGINE_FLAGS = (
     "enable_chunked_prefill",
     "async_scheduling",
     "tensor_parallel_size",
+    "skinny_kernels",
 )
 
 
