@@ -1,0 +1,127 @@
+"""The fused few-row projections (engine/triton_skinny.py) against the separate kernels, on the
+GPU with dummy weights: ``python3 docs/benchmarks/skinny_ab.py MODEL OUT.json``.
+
+Three measurements, each with the skinny path off and on:
+1. each projection of one layer at 1, 4 and 16 rows: the separate kernels (fused RMSNorm with the
+   residual add, cuBLAS, fused SiLU-multiply) against one skinny call, and a few of its tiles;
+2. the decode graph replayed alone at batch 1, 2, 4, 8 and 16 at a 1,100-token context;
+3. the offline loop's decode step for one 1,024-token request (wall, median).
+Device times are the GPU's alone (launches queued behind a wait), µs.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+import time
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from one_stream_breakdown import decode_step_ms  # this folder's: run as a script, it is on sys.path
+
+from mini_vllm.engine import EngineArgs
+from mini_vllm.engine.cuda_runner import gpu_time_us
+from mini_vllm.engine.llm_engine import LLMEngine
+from mini_vllm.engine.triton_norm import rms_norm_triton, silu_mul_triton
+from mini_vllm.engine.triton_skinny import skinny_linear_triton, skinny_tiles
+
+TILES = [(16, 128, 3), (16, 256, 3), (32, 128, 3), (32, 256, 3), (32, 256, 4), (32, 512, 4), (64, 256, 3)]
+
+
+def norm_linear(x: torch.Tensor, res: torch.Tensor, nw: torch.Tensor, eps: float, w: torch.Tensor,
+                b: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(rms_norm_triton(x, nw, eps, res)[0], w, b)
+
+
+def norm_linear_silu(x: torch.Tensor, res: torch.Tensor, nw: torch.Tensor, eps: float, w: torch.Tensor,
+                     inter: int) -> torch.Tensor:
+    return silu_mul_triton(norm_linear(x, res, nw, eps, w, None), inter)
+
+
+def projections(engine: LLMEngine, rows: tuple[int, ...]) -> dict[str, Any]:
+    model = engine.runner.model
+    layer = model.layers[0]
+    attn, mlp, norm = layer.self_attn, layer.mlp, layer.input_layernorm
+    dev, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+    stream = engine.runner.compute_stream
+    hidden, inter = model.config.hidden_size, mlp.intermediate
+    out: dict[str, Any] = {}
+    for m in rows:
+        x = torch.randn(m, hidden, device=dev, dtype=dtype)
+        res = torch.randn(m, hidden, device=dev, dtype=dtype)
+        o_in = torch.randn(m, attn.q_size, device=dev, dtype=dtype)
+        act = torch.randn(m, inter, device=dev, dtype=dtype)
+        wq, bq, wo = attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight
+        wgu, wd = mlp.gate_up_proj.weight, mlp.down_proj.weight
+        separate = {
+            "norm+qkv": partial(norm_linear, x, res, norm.weight, norm.eps, wq, bq),
+            "o": partial(F.linear, o_in, wo),
+            "norm+gate_up+silu": partial(norm_linear_silu, x, res, norm.weight, norm.eps, wgu, inter),
+            "down": partial(F.linear, act, wd),
+        }
+        fused = {
+            "norm+qkv": (partial(skinny_linear_triton, x, wq, bq, residual=res, norm_weight=norm.weight, eps=norm.eps), wq.shape[0], hidden),
+            "o": (partial(skinny_linear_triton, o_in, wo), wo.shape[0], attn.q_size),
+            "norm+gate_up+silu": (partial(skinny_linear_triton, x, wgu, residual=res, norm_weight=norm.weight, eps=norm.eps,
+                                          silu_intermediate=inter), inter, hidden),
+            "down": (partial(skinny_linear_triton, act, wd), wd.shape[0], inter),
+        }
+        for name, call in separate.items():
+            fn, n, k = fused[name]
+            entry = {"separate_us": gpu_time_us(call, 50, stream), "fused_us": gpu_time_us(fn, 50, stream),
+                     "default_tiles": list(skinny_tiles(n, k)), "tiles_us": {}}
+            for t in TILES:
+                entry["tiles_us"]["/".join(map(str, t))] = gpu_time_us(partial(fn, tiles=t), 20, stream)
+            best = min(entry["tiles_us"], key=entry["tiles_us"].get)
+            print(f"m={m:2d} {name:18s} separate {entry['separate_us']:7.1f}  fused {entry['fused_us']:7.1f}"
+                  f"  (best tiles {best}: {entry['tiles_us'][best]:.1f})", flush=True)
+            out[f"{name} m={m}"] = entry
+    return out
+
+
+def graph_replays(engine: LLMEngine, sizes: tuple[int, ...]) -> dict[str, float]:
+    runner = engine.runner
+    out = {}
+    with torch.inference_mode():
+        blocks = 1100 // runner.block_size + 1
+        for bs in sizes:
+            graph, _ = runner.graphs[bs]
+            runner._g_lens[:bs] = 1100
+            runner._g_tables[:bs, :blocks] = torch.arange(blocks, device=runner._g_tables.device)
+            runner._g_slots[:bs] = -1  # reads 1,100 keys a row, writes nothing
+            out[str(bs)] = gpu_time_us(graph.replay, 30, runner.compute_stream)
+        runner._g_slots.fill_(-1)
+        runner._g_lens.zero_()
+    return out
+
+
+def main() -> None:
+    model_name, path = sys.argv[1], sys.argv[2]
+    report: dict[str, Any] = {"model": model_name, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    sizes = (1, 2, 4, 8, 16)
+    for skinny in (False, True, False, True):  # twice each, interleaved: the spread is part of the figure
+        engine = LLMEngine.from_engine_args(EngineArgs(model=model_name, load_format="dummy", max_model_len=2048,
+                                                       max_num_seqs=16, skinny_kernels=skinny))
+        run: dict[str, Any] = {"skinny": skinny}
+        if skinny and "projections" not in report:
+            report["projections"] = projections(engine, (1, 4, 16))
+        decode_step_ms(engine, 16)  # warm-up
+        run["engine_step_ms"], run["engine_wait_ms"] = decode_step_ms(engine, 256)
+        run["graph_us"] = graph_replays(engine, sizes)
+        print(f"skinny={skinny}: engine step {run['engine_step_ms']:.3f} ms; graph replay (µs) "
+              + "  ".join(f"bs{b} {t:.0f}" for b, t in run["graph_us"].items()), flush=True)
+        report.setdefault("runs", []).append(run)
+        engine.close()
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
