@@ -6,7 +6,10 @@ fed. This command runs the real host path of ``LLMEngine`` (the scheduler, the b
 ``prepare_inputs``, the step loop one step ahead as on a GPU, ``land_step``, the per-request
 deltas) on one batch, with the model runner replaced by ``NullRunner``: no model, no KV tensors,
 no forward pass; each launch "samples" made-up token ids at once. So every microsecond it
-reports is host work, and it runs the same on any machine. ``--profile N`` names the functions
+reports is host work, and it runs the same on any machine. ``--runner device`` keeps the engine's
+own runner instead (dummy weights on the default device): on a GPU the table then adds the
+runner's host work (filling buffers, enqueueing copies, the graph replay, the sampler's launches)
+and the time blocked on the GPU apart from it, and ``--profile`` names the runner's functions too. ``--profile N`` names the functions
 that cost it (cProfile, on an extra iteration, so that the profiler's overhead stays out of the
 table).
 
@@ -110,7 +113,11 @@ def add_bench_host(sub: Any) -> None:
     p = sub.add_parser("host", help="the engine's host work per step (schedule, prepare, land, deltas), no device",
                        formatter_class=HelpFormatter)
     p.add_argument("--model", choices=sorted(PRESETS), default="qwen3-0.6b",
-                   help="a preset: its vocabulary and EOS ids (no weights are made or loaded)")
+                   help="a preset: its vocabulary and EOS ids (no weights are made or loaded with the null runner)")
+    p.add_argument("--runner", choices=["null", "device"], default="null",
+                   help="null: no model, made-up tokens at once (host work alone, any machine); device: the "
+                        "engine's own runner with dummy weights on the default device (a GPU if there is one), "
+                        "its host work beside the time waiting for the device")
     p.add_argument("--batch-size", type=int, default=256, help="requests in the batch, all added at once")
     p.add_argument("--input-len", type=int, default=560, help="prompt tokens per request (random ids)")
     p.add_argument("--output-len", type=int, default=128, help="output tokens per request (EOS ignored)")
@@ -161,18 +168,24 @@ def check_args(args: argparse.Namespace) -> str | None:
     return unwritable(Path(args.output), "--output") if args.output else None
 
 
-def build_engine(args: argparse.Namespace) -> tuple[LLMEngine, NullRunner]:
-    """The engine exactly as ``from_engine_args`` builds it, except that no model is built and no
-    KV cache allocated: ``NullRunner`` stands where the device would be."""
+def build_engine(args: argparse.Namespace) -> tuple[LLMEngine, NullRunner | None]:
+    """The engine exactly as ``from_engine_args`` builds it, except (with the null runner) that no
+    model is built and no KV cache allocated: ``NullRunner`` stands where the device would be.
+    With ``--runner device`` it is ``from_engine_args`` itself, dummy weights, and None for the runner."""
+    num_blocks = args.num_kv_blocks or args.batch_size * blocks_per_sequence(args)
     engine_args = EngineArgs(
         model=args.model, load_format="dummy", max_model_len=args.input_len + args.output_len,
         block_size=args.block_size, max_num_seqs=args.batch_size, max_num_batched_tokens=args.max_num_batched_tokens,
-        enable_prefix_caching=args.enable_prefix_caching, async_scheduling=True, skip_tokenizer_init=True,
+        enable_prefix_caching=args.enable_prefix_caching, skip_tokenizer_init=True,
+        # The null runner is one step ahead as on a GPU; a real runner decides as it would in serving.
+        async_scheduling=True if args.runner == "null" else None,
+        num_kv_blocks=num_blocks if args.runner == "device" else None,
     )
+    if args.runner == "device":
+        return LLMEngine.from_engine_args(engine_args), None
     source = resolve_model(engine_args)
     eos_ids = generation_eos_ids(source.directory, source.config)
     runner = NullRunner(source.config.vocab_size, avoid=set(eos_ids))
-    num_blocks = args.num_kv_blocks or args.batch_size * blocks_per_sequence(args)
     max_model_len = args.input_len + args.output_len
     # NullRunner has the interface the engine drives without being a ModelRunner (it has no model).
     engine = LLMEngine(engine_args, source, runner, num_blocks, max_model_len, None, eos_ids)  # type: ignore[arg-type]
@@ -263,10 +276,12 @@ def summarize(steps: list[TimedStep], batch_size: int) -> dict[str, Any]:
             "steps": len(mine),
             "mean_seqs": round(statistics.fmean(s.timing.num_seqs for s in mine), 1),
             "schedule_prepare_us": _us([s.timing.schedule_s for s in mine]),
-            "launch_us": _us([s.timing.launch_s + s.timing.wait_s for s in mine]),
+            "launch_us": _us([s.timing.launch_s for s in mine]),
+            "wait_us": _us([s.timing.wait_s for s in mine]),
             "process_us": _us([s.timing.process_s for s in mine]),
             "total_us": _us([s.wall_s for s in mine]),
-            "per_seq_us": _us([s.wall_s / s.timing.num_seqs for s in mine]),
+            "host_us": _us([s.wall_s - s.timing.wait_s for s in mine]),
+            "per_seq_us": _us([(s.wall_s - s.timing.wait_s) / s.timing.num_seqs for s in mine]),
         }
     return out
 
@@ -353,7 +368,8 @@ def run_host(args: argparse.Namespace) -> int:
         "block_size": args.block_size, "max_num_batched_tokens": args.max_num_batched_tokens,
         "enable_prefix_caching": args.enable_prefix_caching, "num_kv_blocks": engine.block_manager.num_blocks,
         "num_iters": args.num_iters, "warmup_iters": args.warmup_iters, "freeze_gc": args.freeze_gc,
-        "runner": "NullRunner (no model, no forward pass; made-up tokens at once)",
+        "runner": (f"the engine's own ({type(engine.runner).__name__} on {engine.runner.device}, dummy weights)"
+                   if runner is None else "NullRunner (no model, no forward pass; made-up tokens at once)"),
         "async_scheduling": engine.async_scheduling,
         "machine": {"cpu": cpu_name(), "cpus": os.cpu_count(), "platform": platform.platform()},
         "versions": versions(),
@@ -372,7 +388,8 @@ def run_host(args: argparse.Namespace) -> int:
         if args.freeze_gc:
             gc.unfreeze()  # the process may go on (tests call the command in-process)
         engine.close()
-    record["null_runner_rows"] = runner.rows
+    if runner is not None:
+        record["null_runner_rows"] = runner.rows
     print_table(record)
     if args.output:
         failed = write_text("host", Path(args.output), json.dumps(record, indent=2) + "\n")
@@ -387,13 +404,17 @@ def print_table(record: dict[str, Any]) -> None:
           f"{record['output_len']} out, blocks of {record['block_size']}, "
           f"step budget {record['max_num_batched_tokens']}, "
           f"prefix caching {'on' if record['enable_prefix_caching'] else 'off'}; {record['machine']['cpu']}")
-    print("µs per step, p50 / mean (launch: the null runner's launch + collect; total: the engine.step() call)")
-    parts = ("schedule_prepare_us", "launch_us", "process_us", "total_us", "per_seq_us")
-    names = ("schedule+prepare", "launch", "process", "total", "per sequence")
-    print(f"{'step kind':<22}{'steps':>6}{'seqs':>6}" + "".join(f"{n:>18}" for n in names))
+    print(f"runner: {record['runner']}")
+    print("µs per step, p50 / mean (total: the engine.step() call; wait: blocked on the device's last step; "
+          "host: total less wait, and per sequence)")
+    parts = ("schedule_prepare_us", "launch_us", "wait_us", "process_us", "total_us", "host_us", "per_seq_us")
+    names = ("schedule+prepare", "launch", "wait", "process", "total", "host", "per sequence")
+    rows = {kind: [f"{s[k]['p50']:.{2 if k == 'per_seq_us' else 1}f} / {s[k]['mean']:.{2 if k == 'per_seq_us' else 1}f}"
+                   for k in parts] for kind, s in record["steps"].items()}
+    widths = [2 + max(len(n), *(len(cells[i]) for cells in rows.values())) for i, n in enumerate(names)]
+    print(f"{'step kind':<22}{'steps':>6}{'seqs':>6}" + "".join(n.rjust(w) for n, w in zip(names, widths, strict=True)))
     for kind, s in record["steps"].items():
-        cells = "".join(f"{s[k]['p50']:.{2 if k == 'per_seq_us' else 1}f} / "
-                        f"{s[k]['mean']:.{2 if k == 'per_seq_us' else 1}f}".rjust(18) for k in parts)
+        cells = "".join(c.rjust(w) for c, w in zip(rows[kind], widths, strict=True))
         print(f"{kind:<22}{s['steps']:>6}{s['mean_seqs']:>6.0f}{cells}")
     g = record["gc"]
     print(f"garbage collector during the measured steps: {g['collections']} collections (generation 0/1/2: "

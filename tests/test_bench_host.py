@@ -34,7 +34,7 @@ pytestmark = pytest.mark.timeout(60)
 
 TINY = ["--batch-size", "4", "--input-len", "20", "--output-len", "6", "--block-size", "4",
         "--max-num-batched-tokens", "16", "--num-iters", "1", "--warmup-iters", "0"]
-PART_FIELDS = ("schedule_prepare_us", "launch_us", "process_us", "total_us", "per_seq_us")
+PART_FIELDS = ("schedule_prepare_us", "launch_us", "wait_us", "process_us", "total_us", "host_us", "per_seq_us")
 
 
 def _args(*flags: str) -> argparse.Namespace:
@@ -83,7 +83,7 @@ def test_the_engine_is_built_without_a_model(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr("mini_vllm.engine.llm_engine.build_model", no_weights)
     monkeypatch.setattr("mini_vllm.engine.llm_engine.allocate_kv_cache", no_weights)
     engine, runner = build_engine(_args(*TINY))
-    assert engine.runner is runner and engine.async_scheduling  # one step ahead, as on a GPU
+    assert runner is not None and engine.runner is runner and engine.async_scheduling  # one step ahead, as on a GPU
     assert engine.tokenizer is None and engine.block_manager.num_blocks == 4 * 7  # 26 tokens: 7 blocks of 4
     engine.add_request("r", list(range(20)), SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
     tokens: list[int] = []
@@ -115,10 +115,11 @@ def test_steps_are_split_by_kind_with_p50_and_mean_per_part_and_per_sequence() -
     assert full["steps"] == 3 and full["mean_seqs"] == 4
     assert full["schedule_prepare_us"] == {"p50": 20.0, "mean": 20.0}
     assert full["process_us"] == {"p50": 20.0, "mean": 30.0}
-    assert full["launch_us"] == {"p50": 3.0, "mean": 3.0}  # the null runner's launch + collect
+    assert full["launch_us"] == {"p50": 1.0, "mean": 1.0} and full["wait_us"] == {"p50": 2.0, "mean": 2.0}
     assert full["total_us"] == {"p50": 60.0, "mean": pytest.approx(66.67)}
-    assert full["per_seq_us"] == {"p50": 15.0, "mean": pytest.approx(16.67)}
-    assert table[DECODE_PARTIAL]["per_seq_us"]["p50"] == 6.0
+    assert full["host_us"] == {"p50": 58.0, "mean": pytest.approx(64.67)}  # the call less its wait
+    assert full["per_seq_us"] == {"p50": 14.5, "mean": pytest.approx(16.17)}  # host time per sequence
+    assert table[DECODE_PARTIAL]["per_seq_us"]["p50"] == 5.0
     assert table[WITH_PREFILL]["total_us"]["p50"] == 150.0 and table[WITH_PREFILL]["mean_seqs"] == 3
     assert summarize([s for s in steps if s.timing.decode_only], 4).keys() == {DECODE_FULL, DECODE_PARTIAL}
 
@@ -226,3 +227,19 @@ def test_no_output_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.chdir(tmp_path)
     assert host.run_host(_args(*TINY)) == 0
     assert list(tmp_path.iterdir()) == [] and "decode, partial batch" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(180)
+def test_the_device_runner_runs_the_engine_s_own_runner(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--runner device``: dummy weights of the preset through the engine's own runner (here the
+    CPU's, which launches and computes a step at once: nothing to wait for, async scheduling off)."""
+    out = tmp_path / "host.json"
+    assert cli.main(["bench", "host", *TINY, "--runner", "device", "--profile", "3", "--output", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["runner"].startswith("the engine's own (ModelRunner on cpu") and "null_runner_rows" not in record
+    assert record["generation_tokens"] == 4 * 6 and record["async_scheduling"] is False
+    full = record["steps"][DECODE_PARTIAL]
+    assert full["host_us"]["p50"] <= full["total_us"]["p50"] and full["launch_us"]["p50"] > 0
+    assert any("model_runner" in f["function"] or "torch" in f["function"] or "~" in f["function"]
+               for f in record["profile"]["top_by_own_time"])
+    assert "runner: the engine's own" in capsys.readouterr().out
