@@ -220,6 +220,7 @@ def qkv_prologue_triton(
     q_norm: torch.Tensor | None = None,
     k_norm: torch.Tensor | None = None,
     eps: float | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """Normalize (with ``q_norm``/``k_norm`` weights, both or neither) and rotate q and k of the qkv
     projection's output, write k and v into the cache, in one launch; return q ``[T, heads, head_dim]``.
@@ -232,7 +233,8 @@ def qkv_prologue_triton(
     writes nothing to the cache (graph padding). q is rotated in place: the result is a view of
     qkv's q columns whose row stride is qkv's; qkv's k and v columns are left as they were.
     Equal bit for bit to ``rms_norm_triton`` on q and k (when weights are given), then
-    ``rotary_triton``, then ``store_kv_triton``.
+    ``rotary_triton``, then ``store_kv_triton``. ``num_warps`` overrides the warps per program
+    (sweeps; with the norm only the default keeps the bit-equality with ``rms_norm_triton``).
     """
     _check_inputs(qkv, positions, cos, sin, k_cache, v_cache, slot_mapping, num_heads)
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
@@ -273,6 +275,6 @@ def qkv_prologue_triton(
         IS_BF16=qkv.dtype == torch.bfloat16,
         # With the norm: rms_norm_triton's 4 warps, so that its sum is reduced the same way.
         # Without: elementwise only; 2 warps hold a head of 128 one element per thread.
-        num_warps=4 if has_norm else 2,
+        num_warps=num_warps if num_warps is not None else (4 if has_norm else 2),
     )
     return q
