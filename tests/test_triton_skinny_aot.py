@@ -1,0 +1,105 @@
+"""The skinny kernels compiled ahead of time for the H200 (sm_90) on this machine, no GPU needed:
+every variant the served models launch compiles through ptxas, and the fused ones keep their
+tiles in registers (no stack: a spill would send each thread's tiles through local memory).
+
+The compiles run in a child process without ``TRITON_INTERPRET`` (the test session sets it on a
+machine without CUDA, and interpreted kernels cannot be compiled)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+pytestmark = pytest.mark.skipif(not (BIN / "ptxas").exists() or not (BIN / "cuobjdump").exists(),
+                                reason="triton without its ptxas and cuobjdump")
+
+# name: (N, K, residual, norm, bias, silu); N is the intermediate size for SiLU
+VARIANTS = {
+    "llama3-8b qkv": (6144, 4096, True, True, False, False),
+    "llama3-8b qkv, layer 0": (6144, 4096, False, True, False, False),
+    "llama3-8b o": (4096, 4096, False, False, False, False),
+    "llama3-8b gate_up": (14336, 4096, True, True, False, True),
+    "llama3-8b down": (4096, 14336, False, False, False, False),
+    "qwen3-0.6b qkv": (4096, 1024, True, True, False, False),
+    "qwen3-0.6b o": (1024, 2048, False, False, False, False),
+    "qwen3-0.6b gate_up": (3072, 1024, True, True, False, True),
+    "qwen2 qkv with bias": (1152, 896, True, True, True, False),
+}
+
+
+def resources(row: bool, variant: tuple[int, int, bool, bool, bool, bool]) -> dict[str, int]:
+    """Compile one variant for sm_90 (in a process whose kernels are not interpreted) and read its
+    registers, stack and local memory per thread from the cubin."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from mini_vllm.engine.triton_skinny import (
+        MAX_ROWS,
+        _skinny_kernel,
+        _skinny_row_kernel,
+        skinny_row_tiles,
+        skinny_tiles,
+    )
+
+    n, k, res, norm, bias, silu = variant
+    signature: dict[str, str] = dict.fromkeys(("x", "residual", "res_out", "norm_w", "w", "bias", "y"), "*bf16")
+    constexprs: dict[str, Any] = {"N": n, "K": k, "HAS_RESIDUAL": res, "HAS_NORM": norm, "HAS_BIAS": bias,
+                                  "SILU": silu, "IS_BF16": True}
+    if row:
+        fn, (block_n, block_k, stages) = _skinny_row_kernel, skinny_row_tiles(n, k)
+        signature.update({"stride_w": "i32", "eps": "fp32"})
+    else:
+        fn, (block_n, block_k, stages) = _skinny_kernel, skinny_tiles(n, k, norm=norm, silu=silu)
+        signature.update(dict.fromkeys(("M", "stride_x", "stride_r", "stride_ro", "stride_w", "stride_y"), "i32"))
+        signature["eps"] = "fp32"
+        constexprs.update({"DOT_PRECISION": "tf32", "UPCAST_DOT": False, "BLOCK_M": MAX_ROWS})
+    constexprs.update({"BLOCK_N": block_n, "BLOCK_K": block_k})
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": stages})
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        dump = subprocess.run([str(BIN / "cuobjdump"), "--dump-resource-usage", str(cubin)],
+                              capture_output=True, text=True, check=True, timeout=60).stdout
+    line = next(line for line in dump.splitlines() if "REG:" in line)
+    return {key: int(value) for key, value in (f.split(":") for f in line.split() if ":" in f) if value.isdigit()}
+
+
+def compile_all() -> dict[str, dict[str, int]]:
+    return {f"{name} {'one-row' if row else 'dot'}": resources(row, v) for name, v in VARIANTS.items() for row in (True, False)}
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict[str, dict[str, int]]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="skinny-aot-")  # a compile, not a cache hit
+    code = f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); " \
+           "from test_triton_skinny_aot import compile_all; print(json.dumps(compile_all()))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=240)
+    if done.returncode:
+        pytest.fail(f"compiling the skinny kernels for sm_90 failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("row", [True, False], ids=["one-row", "dot"])
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_compiles_for_sm90_and_keeps_its_tiles_in_registers(
+    compiled: dict[str, dict[str, int]], row: bool, name: str
+) -> None:
+    used = compiled[f"{name} {'one-row' if row else 'dot'}"]
+    assert 0 < used["REG"] <= 255 and used["LOCAL"] == 0, used
+    norm = VARIANTS[name][3]
+    if norm or row:  # the variants whose tiles were chosen for it (the plain dot kernel's are the sweep's)
+        assert used["STACK"] == 0, used
