@@ -17,11 +17,10 @@ neighbours along:
   ``silu(gate) * up``, rounded as ``silu_mul_triton`` rounds it.
 - No split-K: every program walks the whole of K for its own columns, so nothing is left to reduce.
 
-Each program owns ``BLOCK_N`` output columns for all rows and reads each weight byte once. Two
-kernels: one row (a single stream's decode) is a matrix-vector product on the CUDA cores; two to
-``MAX_ROWS`` rows go through ``tl.dot`` on a 16-row tile. Accumulation is fp32; fp32 products are
-IEEE (not TF32), so fp32 stays an exactness path. The kernels also run under
-``TRITON_INTERPRET=1`` on CPU tensors, and tests/test_triton_skinny_aot.py compiles them for sm_90.
+Each program owns ``BLOCK_N`` output columns for all rows (at most ``MAX_ROWS``, padded to a
+16-row tile for ``tl.dot``) and reads each weight byte once. Accumulation is fp32; fp32 products
+are IEEE (not TF32), so fp32 stays an exactness path. The kernel also runs under
+``TRITON_INTERPRET=1`` on CPU tensors, and tests/test_triton_skinny_aot.py compiles it for sm_90.
 """
 
 from __future__ import annotations
@@ -112,92 +111,15 @@ def _skinny_kernel(
     tl.store(y + rows[:, None] * stride_y + cols[None, :], acc.to(ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
-def _skinny_row_kernel(
-    x,
-    residual,
-    res_out,
-    norm_w,
-    w,
-    bias,
-    y,
-    stride_w,
-    eps,
-    N: tl.constexpr,
-    K: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
-    HAS_NORM: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    SILU: tl.constexpr,
-    IS_BF16: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    # One row: a matrix-vector product on the CUDA cores, x a vector. The 16-row tile tl.dot needs
-    # would hold 15 rows of padding in registers, and with the norm's arithmetic on it the fused
-    # variants ran out of registers (255 and spills at sm_90, compiled ahead of time).
-    pid = tl.program_id(0)
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    ks = tl.arange(0, BLOCK_K)
-    w_rows = w + cols.to(tl.int64)[:, None] * stride_w
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced over K once, at the end
-    acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    sum_sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    ty = y.dtype.element_ty
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + ks
-        k_ok = k < K
-        a = tl.load(x + k, mask=k_ok, other=0.0)
-        if HAS_RESIDUAL:
-            r = tl.load(residual + k, mask=k_ok, other=0.0)
-            a = (a.to(tl.float32) + r.to(tl.float32)).to(ty)  # rounded like a + b
-            tl.store(res_out + k, a, mask=k_ok & (pid == 0))
-        a32 = a.to(tl.float32)
-        if HAS_NORM:
-            sum_sq += a32 * a32
-            nw = tl.load(norm_w + k, mask=k_ok, other=0.0)
-            a32 = (a32 * nw.to(tl.float32)).to(ty).to(tl.float32)
-        wm = col_ok[:, None] & k_ok[None, :]
-        b = tl.load(w_rows + k[None, :], mask=wm, other=0.0)
-        acc += b.to(tl.float32) * a32[None, :]
-        if SILU:
-            bu = tl.load(w_rows + N * stride_w + k[None, :], mask=wm, other=0.0)
-            acc_up += bu.to(tl.float32) * a32[None, :]
-    out = tl.sum(acc, axis=1)
-    out_up = tl.sum(acc_up, axis=1)
-    if HAS_NORM:
-        inv_rms = 1.0 / tl.sqrt(tl.sum(sum_sq, axis=0) / K + eps)
-        out = out * inv_rms
-        out_up = out_up * inv_rms
-    if HAS_BIAS:
-        out += tl.load(bias + cols, mask=col_ok, other=0.0).to(tl.float32)
-    if SILU:
-        g = round_to(out, ty, IS_BF16)
-        s = round_to(g / (1.0 + tl.exp(-g)), ty, IS_BF16)
-        out = s * round_to(out_up, ty, IS_BF16)
-    tl.store(y + cols, out.to(ty), mask=col_ok)
-
-
-def skinny_tiles(n: int, k: int, *, norm: bool = False, silu: bool = False) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, stages) of the tl.dot kernel for ``n`` output columns over ``k`` inputs:
-    narrow column tiles for narrow outputs (enough programs to cover the GPU), long K tiles for
-    long rows (from the H200 sweep of the plain kernel, skinny-linear-sweep-20261201.json). With
-    the norm the x tile goes through fp32 arithmetic in registers: K tiles of 128, which compiled
-    ahead of time for sm_90 without spills (256 spilled 160-592 bytes a thread)."""
-    if norm:
-        return (32 if silu and n > 2048 else 16), 128, 3
+def skinny_tiles(n: int, k: int, *, silu: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, stages) for ``n`` output columns over ``k`` inputs: narrow column tiles
+    for narrow outputs (enough programs to cover the GPU), long K tiles for long rows (from the H200
+    sweep of the plain kernel, docs/benchmarks/skinny-linear-sweep-20261201.json). SiLU's programs
+    stage two weight tiles, so their K tile stays at 256: at 512 the stages would need 298 KB of
+    shared memory, more than an SM has (tests/test_triton_skinny_aot.py)."""
     block_n = 16 if n <= 2048 else 32
-    block_k = 512 if n <= 4096 and k >= 4096 else (128 if k <= 1024 else 256)
+    block_k = 512 if n <= 4096 and k >= 4096 and not silu else (128 if k <= 1024 else 256)
     return block_n, block_k, 4 if block_k == 512 else 3
-
-
-def skinny_row_tiles(n: int, k: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, stages) of the one-row kernel: about 512 programs (four an SM of the
-    H200's 132, so that enough loads are in flight), and 4,096 weights a tile (64 bytes a thread of
-    4 warps each iteration; registers stay under 130 with SiLU's two tiles, compiled ahead of time)."""
-    block_n = 1 << max(1, min(4, (max(n // 512, 1)).bit_length() - 1))  # 2 to 16
-    return block_n, min(triton.next_power_of_2(k), 4096 // block_n), 3
 
 
 def skinny_linear_triton(
@@ -215,8 +137,7 @@ def skinny_linear_triton(
     ``[N, K]``; the second is None without ``residual``. In order: ``x + residual`` (rounded),
     RMSNorm by ``norm_weight`` with ``eps``, the product with ``weight.T``, ``bias``; with
     ``silu_intermediate`` (``weight`` = [gate; up], ``2 * silu_intermediate`` rows) ``y`` is
-    ``silu(gate) * up``, ``[M, silu_intermediate]``. One row takes the matrix-vector kernel, more
-    the 16-row tl.dot kernel; ``tiles`` overrides ``skinny_row_tiles`` / ``skinny_tiles`` (sweeps)."""
+    ``silu(gate) * up``, ``[M, silu_intermediate]``. ``tiles`` overrides ``skinny_tiles`` (sweeps)."""
     m, k = x.shape if x.dim() == 2 else (-1, -1)
     if m < 0 or weight.dim() != 2 or weight.shape[1] != k:
         raise ValueError(f"skinny_linear: x [M, K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
@@ -245,16 +166,7 @@ def skinny_linear_triton(
         return y, total
     flags = {"HAS_RESIDUAL": residual is not None, "HAS_NORM": norm_weight is not None, "HAS_BIAS": bias is not None,
              "SILU": silu_intermediate is not None, "IS_BF16": x.dtype == torch.bfloat16}
-    if m == 1:
-        block_n, block_k, stages = tiles if tiles is not None else skinny_row_tiles(n, k)
-        _skinny_row_kernel[(triton.cdiv(n, block_n),)](
-            x, residual if residual is not None else x, total if total is not None else y,
-            norm_weight if norm_weight is not None else x, weight, bias if bias is not None else x, y,
-            weight.stride(0), eps, N=n, K=k, **flags, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=stages,
-        )
-        return y, total
-    block_n, block_k, stages = tiles if tiles is not None else skinny_tiles(
-        n, k, norm=norm_weight is not None, silu=silu_intermediate is not None)
+    block_n, block_k, stages = tiles if tiles is not None else skinny_tiles(n, k, silu=silu_intermediate is not None)
     _skinny_kernel[(triton.cdiv(n, block_n),)](
         x, residual if residual is not None else x, total if total is not None else y,
         norm_weight if norm_weight is not None else x, weight, bias if bias is not None else x, y,

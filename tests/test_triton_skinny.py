@@ -19,12 +19,7 @@ from mini_vllm.engine.model import RMSNorm  # noqa: E402
 from mini_vllm.engine.triton_attention import paged_attention_triton, store_kv_triton  # noqa: E402
 from mini_vllm.engine.triton_norm import rms_norm_triton, rotary_triton, silu_mul_triton  # noqa: E402
 from mini_vllm.engine.triton_qkv import qkv_prologue_triton  # noqa: E402
-from mini_vllm.engine.triton_skinny import (  # noqa: E402
-    MAX_ROWS,
-    skinny_linear_triton,
-    skinny_row_tiles,
-    skinny_tiles,
-)
+from mini_vllm.engine.triton_skinny import MAX_ROWS, skinny_linear_triton, skinny_tiles  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     torch.cuda.is_available(), reason="interpreter test (CPU tensors); the GPU has tests/test_triton_skinny_gpu.py"
@@ -63,7 +58,6 @@ VARIANTS = {  # name: (bias, residual, norm, silu)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 # Rows 1 to MAX_ROWS; K not a multiple of the K tile (100, 72) nor of 16; N not a multiple of the column tile.
-# One row takes the matrix-vector kernel, more the tl.dot one.
 @pytest.mark.parametrize(("m", "n", "k"), [(1, 48, 64), (1, 200, 1100), (5, 200, 100), (MAX_ROWS, 40, 72), (3, 64, 1100)])
 def test_fused_equals_the_separate_operations(dtype: torch.dtype, variant: str, m: int, n: int, k: int) -> None:
     has_bias, has_res, has_norm, has_silu = VARIANTS[variant]
@@ -135,14 +129,9 @@ def test_tiles_cover_the_shapes_we_serve() -> None:
     assert skinny_tiles(1024, 2048) == (16, 256, 3)  # qwen3-0.6b o_proj
     assert skinny_tiles(4096, 14336) == (32, 512, 4)  # llama3-8b down_proj
     assert skinny_tiles(6144, 4096) == (32, 256, 3)  # llama3-8b qkv
-    assert skinny_tiles(4096, 1024) == (32, 128, 3)  # qwen3-0.6b down-like shape, no norm
-    assert skinny_tiles(6144, 4096, norm=True) == (16, 128, 3)  # llama3-8b qkv with its norm
-    assert skinny_tiles(14336, 4096, norm=True, silu=True) == (32, 128, 3)  # llama3-8b gate_up
-    # One row: about 512 programs of 4,096 weights a tile.
-    assert skinny_row_tiles(6144, 4096) == (8, 512, 3)  # llama3-8b qkv: 768 programs
-    assert skinny_row_tiles(14336, 4096) == (16, 256, 3)  # llama3-8b gate_up (two tiles a program)
-    assert skinny_row_tiles(1024, 2048) == (2, 2048, 3)  # qwen3-0.6b o_proj: 512 programs
-    assert skinny_row_tiles(48, 64) == (2, 64, 3)  # small: the tile shrinks to the row
+    assert skinny_tiles(4096, 1024) == (32, 128, 3)  # qwen3-0.6b qkv
+    assert skinny_tiles(14336, 4096, silu=True) == (32, 256, 3)  # llama3-8b gate_up
+    assert skinny_tiles(4096, 4096, silu=True) == (32, 256, 3)  # two tiles of 512 would not fit an SM
 
 
 @pytest.mark.timeout(240)
@@ -162,7 +151,7 @@ def test_model_skinny_path_equals_the_full_one(architecture: str) -> None:
          build_metadata([3, 3], [5, 3], tables[:2], [14, 15, 0, 4, 5, 6])),
         (torch.randint(0, cfg.vocab_size, (3,), generator=gen), torch.tensor([5, 3, 0]),
          build_metadata([1, 1, 1], [6, 4, 0], tables, [1, 7, -1])),
-        # One row (the matrix-vector kernel): sequence 0's next token, position 6 in block 0, slot 2.
+        # One row (a single stream's step): sequence 0's next token, position 6 in block 0, slot 2.
         (torch.randint(0, cfg.vocab_size, (1,), generator=gen), torch.tensor([6]),
          build_metadata([1], [7], tables[:1], [2])),
     ]

@@ -3,8 +3,7 @@ GPU with dummy weights: ``python3 docs/benchmarks/skinny_ab.py MODEL OUT.json``.
 
 Three measurements, each with the skinny path off and on:
 1. each projection of one layer at 1, 4 and 16 rows: the separate kernels (fused RMSNorm with the
-   residual add, cuBLAS, fused SiLU-multiply) against one skinny call, and a few of its tiles (one
-   row runs the matrix-vector kernel, more rows the tl.dot one);
+   residual add, cuBLAS, fused SiLU-multiply) against one skinny call, and a few of its tiles;
 2. the decode graph replayed alone at batch 1, 2, 4, 8 and 16 at a 1,100-token context;
 3. the offline loop's decode step for one 1,024-token request (wall, median).
 Device times are the GPU's alone (launches queued behind a wait), µs.
@@ -27,10 +26,9 @@ from mini_vllm.engine import EngineArgs
 from mini_vllm.engine.cuda_runner import gpu_time_us
 from mini_vllm.engine.llm_engine import LLMEngine
 from mini_vllm.engine.triton_norm import rms_norm_triton, silu_mul_triton
-from mini_vllm.engine.triton_skinny import skinny_linear_triton, skinny_row_tiles, skinny_tiles
+from mini_vllm.engine.triton_skinny import skinny_linear_triton, skinny_tiles
 
-# (BLOCK_N, BLOCK_K, stages): the one-row kernel's, then the tl.dot kernel's (BLOCK_N >= 16)
-ROW_TILES = [(2, 2048, 3), (4, 1024, 3), (8, 512, 3), (8, 256, 3), (16, 256, 3), (16, 512, 3), (32, 128, 3)]
+# (BLOCK_N, BLOCK_K, stages); SiLU's two tiles of 512 would not fit an SM's shared memory
 TILES = [(16, 128, 3), (16, 256, 3), (32, 128, 3), (32, 256, 3), (32, 256, 4), (32, 512, 4), (64, 256, 3)]
 
 
@@ -74,11 +72,10 @@ def projections(engine: LLMEngine, rows: tuple[int, ...]) -> dict[str, Any]:
         }
         for name, call in separate.items():
             fn, n, k = fused[name]
-            norm, silu = name.startswith("norm"), name.endswith("silu")
-            default = skinny_row_tiles(n, k) if m == 1 else skinny_tiles(n, k, norm=norm, silu=silu)
+            silu = name.endswith("silu")
             entry = {"separate_us": gpu_time_us(call, 50, stream), "fused_us": gpu_time_us(fn, 50, stream),
-                     "default_tiles": list(default), "tiles_us": {}}
-            for t in ROW_TILES if m == 1 else TILES:
+                     "default_tiles": list(skinny_tiles(n, k, silu=silu)), "tiles_us": {}}
+            for t in TILES if not silu else [t for t in TILES if t[1] < 512]:
                 entry["tiles_us"]["/".join(map(str, t))] = gpu_time_us(partial(fn, tiles=t), 20, stream)
             best = min(entry["tiles_us"], key=entry["tiles_us"].get)
             print(f"m={m:2d} {name:18s} separate {entry['separate_us']:7.1f}  fused {entry['fused_us']:7.1f}"
