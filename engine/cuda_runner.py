@@ -546,10 +546,7 @@ class CudaModelRunner(ModelRunner):
         if self.parallel is not None and not self.parallel.is_driver:
             self._last_sampled = self.parallel.broadcast(torch.empty(n_rows, dtype=torch.int64, device=self.device))
             return StepHandle(None, None)
-        if all(
-            r.params.greedy and r.params.logprobs is None and not r.blocked_token_ids and not r.params.uses_penalties
-            for r in inputs.sampling_rows
-        ):
+        if all(r.argmax_only for r in inputs.sampling_rows):
             result = SamplerOutput(self.greedy_argmax(logits), None, None, None)
         else:
             result = sample(logits.float(), inputs.sampling_rows, self.generator)

@@ -28,6 +28,14 @@ class SamplingRow:
     output_token_ids: list[int]
     blocked_token_ids: tuple[int, ...]  # masked this step (EOS/stop ids before min_tokens)
     seed: int | None  # per-row derived seed (request seed, sample index, position); None: unseeded
+    # The row's token is the logits' argmax and nothing else is asked of it (no logprobs, nothing
+    # masked, no penalties): decided once here, read by the GPU runner for every row of every step.
+    argmax_only: bool = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        p = self.params
+        only = p.greedy and p.logprobs is None and not self.blocked_token_ids and not p.uses_penalties
+        object.__setattr__(self, "argmax_only", only)
 
 
 @attrs.frozen

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import pickle
 from typing import Any
 
+import attrs
 import pytest
 import torch
 
@@ -170,3 +172,23 @@ def test_greedy_argmax_takes_the_faster_way_per_size_and_the_size_above_between_
 def test_greedy_argmax_refuses_sizes_that_are_not_ascending_positive_counts(sizes: list[int]) -> None:
     with pytest.raises(ValueError, match="ascending positive"):
         GreedyArgmax.measured(sizes, lambda n, two: 1.0)
+
+
+@pytest.mark.parametrize(
+    ("params", "blocked", "argmax_only"),
+    [
+        ({"temperature": 0}, (), True),
+        ({"temperature": 0.7}, (), False),
+        ({"temperature": 0, "logprobs": 1}, (), False),
+        ({"temperature": 0}, (2,), False),  # EOS masked before min_tokens
+        ({"temperature": 0, "repetition_penalty": 1.1}, (), False),
+        ({"temperature": 0, "presence_penalty": 0.5}, (), False),
+        ({"temperature": 0, "frequency_penalty": -0.5}, (), False),
+    ],
+)
+def test_a_row_knows_once_whether_its_argmax_is_all_it_needs(params: dict[str, Any], blocked: tuple[int, ...],
+                                                               argmax_only: bool) -> None:
+    row = SamplingRow(SamplingParams(**params), None, [], blocked, None)
+    assert row.argmax_only is argmax_only
+    assert pickle.loads(pickle.dumps(row)).argmax_only is argmax_only  # as it travels to tensor-parallel workers
+    assert attrs.evolve(row, blocked_token_ids=(7,)).argmax_only is False  # recomputed, not copied
