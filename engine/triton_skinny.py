@@ -85,7 +85,8 @@ def _skinny_kernel(
         if HAS_RESIDUAL:
             r = tl.load(residual + rows[:, None] * stride_r + k[None, :], mask=xm, other=0.0)
             a = (a.to(tl.float32) + r.to(tl.float32)).to(ty)  # rounded like a + b
-            tl.store(res_out + rows[:, None] * stride_ro + k[None, :], a, mask=xm & (pid == 0))
+            if pid == 0:  # one program writes the sum (a branch: newer interpreters refuse a scalar in the mask)
+                tl.store(res_out + rows[:, None] * stride_ro + k[None, :], a, mask=xm)
         if HAS_NORM:
             a32 = a.to(tl.float32)
             sum_sq += tl.sum(a32 * a32, axis=1)
@@ -114,11 +115,14 @@ def _skinny_kernel(
 def skinny_tiles(n: int, k: int, *, silu: bool = False) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, stages) for ``n`` output columns over ``k`` inputs: narrow column tiles
     for narrow outputs (enough programs to cover the GPU), long K tiles for long rows (from the H200
-    sweep of the plain kernel, docs/benchmarks/skinny-linear-sweep-20261201.json). SiLU's programs
-    stage two weight tiles, so their K tile stays at 256: at 512 the stages would need 298 KB of
-    shared memory, more than an SM has (tests/test_triton_skinny_aot.py)."""
+    sweep of the plain kernel, docs/benchmarks/skinny-linear-sweep-20261201.json, where gate_up's
+    best was 32 x 128 on both models). SiLU's programs stage two weight tiles: K tiles of 128, which
+    compile for sm_90 without spills under triton 3.6 and 3.9 (256 spilled under 3.9, and two tiles
+    of 512 would need 298 KB of shared memory; tests/test_triton_skinny_aot.py)."""
     block_n = 16 if n <= 2048 else 32
-    block_k = 512 if n <= 4096 and k >= 4096 and not silu else (128 if k <= 1024 else 256)
+    if silu:
+        return block_n, 128, 3
+    block_k = 512 if n <= 4096 and k >= 4096 else (128 if k <= 1024 else 256)
     return block_n, block_k, 4 if block_k == 512 else 3
 
 
