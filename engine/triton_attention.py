@@ -538,7 +538,7 @@ def prefill_attention_triton(
     schedule: PrefillSchedule | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
-    num_warps: int = 8,  # 4 warps spill registers at 64x64 tiles with head_dim 128 (sm_90)
+    num_warps: int = 8,  # the tile sweep's choice at 128 x 32; 4 warps spilled at 64 x 64, head_dim 128 (sm_90)
     num_stages: int = 2,  # as fast as 3 or 4 at 128 x 32 (H200), and fp32 tiles are twice the smem
 ) -> torch.Tensor:
     """Causal varlen paged attention of ``query`` ``[T, heads, head_dim]`` for any mixed batch.

@@ -32,7 +32,10 @@ import triton.language as tl
 from mini_vllm.engine.triton_attention import INTERPRETED, _mma
 from mini_vllm.engine.triton_norm import round_to
 
-MAX_ROWS = 16  # one tl.dot tile of rows; above it cuBLAS's tiles win (docs/gpu-execution.md)
+# One tl.dot tile of rows. Up to 16 rows the plain kernel read the weights as fast as cuBLAS
+# (skinny-linear-sweep-20261201.json); at 32 rows and more a plain Triton GEMM lost to it
+# (small-gemm-sweep-20261201.json).
+MAX_ROWS = 16
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)
 
 

@@ -1,5 +1,7 @@
 """Would a Triton kernel for a few rows (decode at small batches) read the projections' weights
-faster than cuBLAS? A tile sweep of such a kernel (kept here, not in the engine: it did not win)
+faster than cuBLAS? A tile sweep of such a kernel (kept here as it was measured: alone it did not
+win; engine/triton_skinny.py grew from it, with the norm and SiLU fused in, and
+docs/benchmarks/skinny_ab.py sweeps that one's tiles)
 against F.linear at 1, 4 and 16 rows, on llama3-8b's and qwen3-0.6b's projection shapes (random
 bf16 weights): ``python3 docs/benchmarks/skinny_linear_sweep.py OUT.json``. Times are the GPU's
 alone (launches queued behind a wait), µs per call."""
