@@ -139,12 +139,13 @@ def skinny_linear_triton(
     eps: float = 0.0,
     silu_intermediate: int | None = None,
     tiles: tuple[int, int, int] | None = None,
+    num_warps: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(y, x + residual)`` for ``x`` of at most ``MAX_ROWS`` rows ``[M, K]`` and ``weight``
     ``[N, K]``; the second is None without ``residual``. In order: ``x + residual`` (rounded),
     RMSNorm by ``norm_weight`` with ``eps``, the product with ``weight.T``, ``bias``; with
     ``silu_intermediate`` (``weight`` = [gate; up], ``2 * silu_intermediate`` rows) ``y`` is
-    ``silu(gate) * up``, ``[M, silu_intermediate]``. ``tiles`` overrides ``skinny_tiles`` (sweeps)."""
+    ``silu(gate) * up``, ``[M, silu_intermediate]``. ``tiles`` overrides ``skinny_tiles`` and ``num_warps`` the 4 warps a program (sweeps)."""
     m, k = x.shape if x.dim() == 2 else (-1, -1)
     if m < 0 or weight.dim() != 2 or weight.shape[1] != k:
         raise ValueError(f"skinny_linear: x [M, K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
@@ -180,6 +181,6 @@ def skinny_linear_triton(
         m, x.stride(0), residual.stride(0) if residual is not None else 0, total.stride(0) if total is not None else 0,
         weight.stride(0), y.stride(0), eps,
         N=n, K=k, **flags, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", UPCAST_DOT=INTERPRETED,
-        BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=stages,
+        BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=stages,
     )
     return y, total
