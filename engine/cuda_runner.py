@@ -198,7 +198,7 @@ class CudaModelRunner(ModelRunner):
         prologue = qkv_prologue_triton if model.embed_tokens.weight.dtype in PROLOGUE_DTYPES else None
         model.use_fused_kernels(rms_norm_triton, rotary_triton, silu_mul_triton, qkv_prologue=prologue)
         self.skinny = skinny_kernels and parallel is None and model.embed_tokens.weight.dtype in SKINNY_DTYPES
-        if self.skinny:  # steps of a few tokens: fused few-row projections (engine/triton_skinny.py)
+        if self.skinny:  # steps of a few tokens: o, gate_up+SiLU and down in engine/triton_skinny.py
             model.use_skinny_linear(skinny_linear_triton, SKINNY_MAX_ROWS)
         rows = max(max_num_batched_tokens, max_num_seqs)
         self.max_num_batched_tokens = max_num_batched_tokens

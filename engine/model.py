@@ -57,20 +57,12 @@ class FusedQkvPrologue(Protocol):
 
 
 class SkinnyLinear(Protocol):
-    """A projection of a few rows with its neighbours fused in (the GPU runner installs
-    ``triton_skinny.skinny_linear_triton``): ``(y, x + residual)``; see that module."""
+    """A projection of a few rows without cuBLAS's split-K reduction, with the SiLU-multiply after
+    gate_up (the GPU runner installs ``triton_skinny.skinny_linear_triton``); see that module."""
 
     def __call__(
-        self,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None = None,
-        *,
-        residual: torch.Tensor | None = None,
-        norm_weight: torch.Tensor | None = None,
-        eps: float = 0.0,
-        silu_intermediate: int | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+        self, x: torch.Tensor, weight: torch.Tensor, *, silu_intermediate: int | None = None
+    ) -> torch.Tensor: ...
 
 
 class RMSNorm(nn.Module):
@@ -163,6 +155,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.prologue: FusedQkvPrologue | None = None  # replaces the q/k norms, rotary and store_kv_fn
+        self.skinny: SkinnyLinear | None = None  # o_proj for steps of at most skinny_rows tokens
+        self.skinny_rows = 0
 
     def forward(
         self,
@@ -176,9 +170,11 @@ class Attention(nn.Module):
         store_kv_fn: StoreKvFn,
     ) -> torch.Tensor:
         out = self.attend(positions, self.qkv_proj(hidden), rotary, k_cache, v_cache, meta, attention_fn, store_kv_fn)
-        if self.tp is None:
-            return self.o_proj(out)
-        return self.tp.all_reduce(self.o_proj(out))
+        if self.skinny is not None and out.shape[0] <= self.skinny_rows:
+            out = self.skinny(out, self.o_proj.weight)
+        else:
+            out = self.o_proj(out)
+        return out if self.tp is None else self.tp.all_reduce(out)
 
     def attend(
         self,
@@ -234,9 +230,14 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.fused: FusedSiluMul | None = None  # the GPU runner installs a one-kernel version
+        self.skinny: SkinnyLinear | None = None  # both projections for steps of at most skinny_rows tokens
+        self.skinny_rows = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused is not None:
+        if self.skinny is not None and x.shape[0] <= self.skinny_rows:
+            act = self.skinny(x, self.gate_up_proj.weight, silu_intermediate=self.intermediate)
+            out = self.skinny(act, self.down_proj.weight)
+        elif self.fused is not None:
             out = self.down_proj(self.fused(self.gate_up_proj(x), self.intermediate))
         else:
             gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
@@ -313,9 +314,6 @@ class CausalLM(nn.Module):
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        # Steps of at most skinny_rows tokens take skinny_forward (the GPU runner installs it).
-        self.skinny: SkinnyLinear | None = None
-        self.skinny_rows = 0
 
     def forward(
         self,
@@ -327,8 +325,6 @@ class CausalLM(nn.Module):
         store_kv_fn: StoreKvFn = store_kv_reference,
     ) -> torch.Tensor:
         """Hidden states ``[T, hidden]`` of the new tokens; ``kv_cache`` is ``[L, 2, blocks, ...]``."""
-        if self.skinny is not None and input_ids.shape[0] <= self.skinny_rows:
-            return self.skinny_forward(self.skinny, input_ids, positions, kv_cache, meta, attention_fn, store_kv_fn)
         hidden = self.embed_tokens(input_ids)
         residual: torch.Tensor | None = None
         for i, layer in enumerate(self.layers):
@@ -346,44 +342,12 @@ class CausalLM(nn.Module):
             return self.norm(hidden)
         return self.norm.add_forward(hidden, residual)[0]
 
-    def skinny_forward(
-        self,
-        linear: SkinnyLinear,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        attention_fn: AttentionFn,
-        store_kv_fn: StoreKvFn,
-    ) -> torch.Tensor:
-        """``forward`` for a few tokens: each projection one ``linear`` call that also does the norm
-        (and residual add) in front of it or the SiLU-multiply after it. Seven kernels a layer (with
-        the qkv prologue and a split decode) instead of twelve."""
-        hidden = self.embed_tokens(input_ids)
-        residual: torch.Tensor | None = None
-        for i, layer in enumerate(self.layers):
-            attn, mlp, norm = layer.self_attn, layer.mlp, layer.input_layernorm
-            qkv, total = linear(hidden, attn.qkv_proj.weight, attn.qkv_proj.bias, residual=residual,
-                                norm_weight=norm.weight, eps=norm.eps)
-            residual = hidden if total is None else total
-            out = attn.attend(positions, qkv, self.rotary, kv_cache[i, 0], kv_cache[i, 1], meta, attention_fn, store_kv_fn)
-            hidden = linear(out, attn.o_proj.weight)[0]
-            norm = layer.post_attention_layernorm
-            act, residual = linear(hidden, mlp.gate_up_proj.weight, residual=residual, norm_weight=norm.weight,
-                                   eps=norm.eps, silu_intermediate=mlp.intermediate)
-            if residual is None:
-                raise RuntimeError("the skinny linear returned no residual sum")
-            hidden = linear(act, mlp.down_proj.weight)[0]
-        if residual is None:
-            return self.norm(hidden)
-        return self.norm.add_forward(hidden, residual)[0]
-
     def use_skinny_linear(self, linear: SkinnyLinear, max_rows: int) -> None:
-        """Send steps of at most ``max_rows`` tokens through ``skinny_forward`` with ``linear``
-        (one rank only: its o and down projections are not followed by the all-reduce)."""
-        if self.tp is not None:
-            raise ValueError("the skinny path serves one rank; tensor parallel models keep the full path")
-        self.skinny, self.skinny_rows = linear, max_rows
+        """Steps of at most ``max_rows`` tokens take ``linear`` for o_proj, gate_up (with the
+        SiLU-multiply) and down_proj; ``max_rows`` 0 takes it out again."""
+        for module in self.modules():
+            if isinstance(module, Attention | MLP):
+                module.skinny, module.skinny_rows = (linear, max_rows) if max_rows > 0 else (None, 0)
 
     def use_fused_kernels(
         self,

@@ -1,9 +1,10 @@
-"""The fused few-row projections (engine/triton_skinny.py) against the separate kernels, on the
-GPU with dummy weights: ``python3 docs/benchmarks/skinny_ab.py MODEL OUT.json``.
+"""The few-row projections (engine/triton_skinny.py) against the separate kernels, on the GPU
+with dummy weights: ``python3 docs/benchmarks/skinny_ab.py MODEL OUT.json`` (with this folder on
+PYTHONPATH where ``python -P`` is in force, as docs/benchmarks/device_env.sh sets it).
 
 Three measurements, each with the skinny path off and on:
-1. each projection of one layer at 1, 4 and 16 rows: the separate kernels (fused RMSNorm with the
-   residual add, cuBLAS, fused SiLU-multiply) against one skinny call, and a few of its tiles;
+1. o, gate_up and down of one layer at 1, 4 and 16 rows: cuBLAS (with the fused SiLU-multiply
+   after gate_up) against one skinny call, and a few of its tiles;
 2. the decode graph replayed alone at batch 1, 2, 4, 8 and 16 at a 1,100-token context;
 3. the offline loop's decode step for one 1,024-token request (wall, median).
 Device times are the GPU's alone (launches queued behind a wait), µs.
@@ -25,60 +26,49 @@ from one_stream_breakdown import decode_step_ms  # this folder's: run as a scrip
 from mini_vllm.engine import EngineArgs
 from mini_vllm.engine.cuda_runner import gpu_time_us
 from mini_vllm.engine.llm_engine import LLMEngine
-from mini_vllm.engine.triton_norm import rms_norm_triton, silu_mul_triton
+from mini_vllm.engine.triton_norm import silu_mul_triton
 from mini_vllm.engine.triton_skinny import skinny_linear_triton, skinny_tiles
 
 # (BLOCK_N, BLOCK_K, stages); SiLU's two tiles of 512 would not fit an SM's shared memory
 TILES = [(16, 128, 3), (16, 256, 3), (32, 128, 3), (32, 256, 3), (32, 256, 4), (32, 512, 4), (64, 256, 3)]
 
 
-def norm_linear(x: torch.Tensor, res: torch.Tensor, nw: torch.Tensor, eps: float, w: torch.Tensor,
-                b: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(rms_norm_triton(x, nw, eps, res)[0], w, b)
-
-
-def norm_linear_silu(x: torch.Tensor, res: torch.Tensor, nw: torch.Tensor, eps: float, w: torch.Tensor,
-                     inter: int) -> torch.Tensor:
-    return silu_mul_triton(norm_linear(x, res, nw, eps, w, None), inter)
+def linear_silu(x: torch.Tensor, w: torch.Tensor, inter: int) -> torch.Tensor:
+    return silu_mul_triton(F.linear(x, w), inter)
 
 
 def projections(engine: LLMEngine, rows: tuple[int, ...]) -> dict[str, Any]:
     model = engine.runner.model
     layer = model.layers[0]
-    attn, mlp, norm = layer.self_attn, layer.mlp, layer.input_layernorm
+    attn, mlp = layer.self_attn, layer.mlp
     dev, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
     stream = engine.runner.compute_stream
     hidden, inter = model.config.hidden_size, mlp.intermediate
     out: dict[str, Any] = {}
     for m in rows:
         x = torch.randn(m, hidden, device=dev, dtype=dtype)
-        res = torch.randn(m, hidden, device=dev, dtype=dtype)
         o_in = torch.randn(m, attn.q_size, device=dev, dtype=dtype)
         act = torch.randn(m, inter, device=dev, dtype=dtype)
-        wq, bq, wo = attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight
-        wgu, wd = mlp.gate_up_proj.weight, mlp.down_proj.weight
+        wo, wgu, wd = attn.o_proj.weight, mlp.gate_up_proj.weight, mlp.down_proj.weight
         separate = {
-            "norm+qkv": partial(norm_linear, x, res, norm.weight, norm.eps, wq, bq),
             "o": partial(F.linear, o_in, wo),
-            "norm+gate_up+silu": partial(norm_linear_silu, x, res, norm.weight, norm.eps, wgu, inter),
+            "gate_up+silu": partial(linear_silu, x, wgu, inter),
             "down": partial(F.linear, act, wd),
         }
-        fused = {
-            "norm+qkv": (partial(skinny_linear_triton, x, wq, bq, residual=res, norm_weight=norm.weight, eps=norm.eps), wq.shape[0], hidden),
+        skinny = {
             "o": (partial(skinny_linear_triton, o_in, wo), wo.shape[0], attn.q_size),
-            "norm+gate_up+silu": (partial(skinny_linear_triton, x, wgu, residual=res, norm_weight=norm.weight, eps=norm.eps,
-                                          silu_intermediate=inter), inter, hidden),
+            "gate_up+silu": (partial(skinny_linear_triton, x, wgu, silu_intermediate=inter), inter, hidden),
             "down": (partial(skinny_linear_triton, act, wd), wd.shape[0], inter),
         }
         for name, call in separate.items():
-            fn, n, k = fused[name]
+            fn, n, k = skinny[name]
             silu = name.endswith("silu")
-            entry = {"separate_us": gpu_time_us(call, 50, stream), "fused_us": gpu_time_us(fn, 50, stream),
+            entry = {"separate_us": gpu_time_us(call, 50, stream), "skinny_us": gpu_time_us(fn, 50, stream),
                      "default_tiles": list(skinny_tiles(n, k, silu=silu)), "tiles_us": {}}
             for t in TILES if not silu else [t for t in TILES if t[1] < 512]:
                 entry["tiles_us"]["/".join(map(str, t))] = gpu_time_us(partial(fn, tiles=t), 20, stream)
             best = min(entry["tiles_us"], key=entry["tiles_us"].get)
-            print(f"m={m:2d} {name:18s} separate {entry['separate_us']:7.1f}  fused {entry['fused_us']:7.1f}"
+            print(f"m={m:2d} {name:14s} separate {entry['separate_us']:7.1f}  skinny {entry['skinny_us']:7.1f}"
                   f"  (best tiles {best}: {entry['tiles_us'][best]:.1f})", flush=True)
             out[f"{name} m={m}"] = entry
     return out
