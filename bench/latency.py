@@ -70,8 +70,9 @@ def add_bench_latency(sub: Any) -> None:
                    help="tokens one step may carry (default: the larger of --max-model-len and --batch-size); "
                         "a larger budget prefills the batch in fewer steps that are mixed with decodes")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    p.add_argument("--skinny-kernels", action="store_true",
-                   help="steps of at most 16 tokens through the fused few-row projections (engine/triton_skinny.py)")
+    p.add_argument("--skinny-kernels", action=argparse.BooleanOptionalAction, default=True,
+                   help="steps of at most 16 tokens through the few-row kernel for o_proj, gate_up and down_proj "
+                        "(engine/triton_skinny.py; --no-skinny-kernels: cuBLAS)")
     p.add_argument("--tensor-parallel-size", type=positive_int, default=1, metavar="N",
                    help="split the model over N GPUs (CPU processes over gloo without CUDA); the floor is then "
                         "one GPU's share of the bytes at its bandwidth, plus the all-reduces measured over the N GPUs")

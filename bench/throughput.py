@@ -126,8 +126,9 @@ def add_bench_throughput(sub: Any) -> None:
                    help="fix the KV cache size (default: sized by --gpu-memory-utilization on a GPU, "
                         "the engine's CPU budget on the CPU)")
     t.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    t.add_argument("--skinny-kernels", action="store_true",
-                   help="steps of at most 16 tokens through the fused few-row projections (engine/triton_skinny.py)")
+    t.add_argument("--skinny-kernels", action=argparse.BooleanOptionalAction, default=True,
+                   help="steps of at most 16 tokens through the few-row kernel for o_proj, gate_up and down_proj "
+                        "(engine/triton_skinny.py; --no-skinny-kernels: cuBLAS)")
     t.add_argument("--tensor-parallel-size", type=positive_int, default=1, metavar="N",
                    help="split the model over N GPUs (CPU processes over gloo without CUDA); the floor is then "
                         "N GPUs', each at the measured per-GPU peaks, plus the collectives measured over them")
@@ -379,8 +380,7 @@ def server_argv(args: argparse.Namespace, load_format: str, num_requests: int, c
         argv += ["--num-kv-blocks", str(args.num_kv_blocks)]
     if args.enforce_eager:
         argv.append("--enforce-eager")
-    if args.skinny_kernels:
-        argv.append("--skinny-kernels")
+    argv.append("--skinny-kernels" if args.skinny_kernels else "--no-skinny-kernels")
     if args.tensor_parallel_size != 1:
         argv += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
     return argv + shlex.split(args.serve_args)  # last: serve's argparse lets a later flag win

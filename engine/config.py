@@ -71,10 +71,10 @@ class EngineArgs:
     skip_tokenizer_init: bool = False
     # Ranks the model is split over (vLLM's --tensor-parallel-size): one process and device each.
     tensor_parallel_size: int = 1
-    # GPU steps of at most triton_skinny.MAX_ROWS tokens through its fused few-row projections
-    # (norm, residual add and SiLU inside the weight reads) instead of cuBLAS and the separate
-    # kernels. Off by default until it is measured on the H200 (docs/gpu-execution.md).
-    skinny_kernels: bool = False
+    # GPU steps of at most triton_skinny.MAX_ROWS tokens take its few-row kernel for o_proj,
+    # gate_up (with the SiLU-multiply) and down_proj instead of cuBLAS's split-K and the separate
+    # SiLU kernel: about 4 % off a llama3-8b decode graph at 1-16 rows (docs/gpu-execution.md).
+    skinny_kernels: bool = True
 
     def __attrs_post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:

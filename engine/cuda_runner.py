@@ -292,15 +292,18 @@ class CudaModelRunner(ModelRunner):
     def warm_up_eager(self) -> None:
         """Run an eager prefill step now (and with graphs off, a decode step) through the same
         buffers as real steps, so that no request waits for Triton to compile a kernel (it
-        specializes on the buffers' alignment too). Slots -1 write nothing; what the steps read
-        from block 0 is discarded. One sequence each, so any max_num_seqs fits."""
+        specializes on the buffers' alignment too); with the skinny kernels also a step too
+        large for them. Slots -1 write nothing; what the steps read from block 0 is discarded.
+        One sequence each, so any max_num_seqs fits."""
         greedy = SamplingRow(SamplingParams(temperature=0, max_tokens=1), None, [], (), None)
         tokens = min(3, self._sets[0].tokens)
         lengths = ([tokens] if tokens > 1 else []) + ([1] if self.enforce_eager or tokens == 1 else [])
+        if self.skinny and min(self._sets[0].tokens, self.max_blocks * self.block_size) > SKINNY_MAX_ROWS:
+            lengths.append(SKINNY_MAX_ROWS + 1)  # the steps above took the skinny kernels: one that does not
         for n in lengths:
             inputs = StepInputs(
                 input_ids=[0] * n, positions=list(range(n)), slot_mapping=[-1] * n, query_lens=[n], seq_lens=[n],
-                block_tables=[[0]], sample_indices=[n - 1], sampling_rows=[greedy], copies=(),
+                block_tables=[[0] * -(-n // self.block_size)], sample_indices=[n - 1], sampling_rows=[greedy], copies=(),
                 placeholder_rows=[], placeholder_src=[], sample_seq_ids=[0],
             )
             self.collect(self.launch(inputs))

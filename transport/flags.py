@@ -205,8 +205,9 @@ def add_engine_flags(parser: argparse.ArgumentParser, seed: bool = True) -> None
         action=argparse.BooleanOptionalAction)
     add("--async-scheduling", "the CPU schedules step N+1 while the GPU runs step N",
         {None: "on GPUs only"}, action=argparse.BooleanOptionalAction)
-    add("--skinny-kernels", "GPU steps of at most 16 tokens through the fused few-row projections "
-        "(engine/triton_skinny.py; off by default until measured)", action=argparse.BooleanOptionalAction)
+    add("--skinny-kernels", "GPU steps of at most 16 tokens through the few-row kernel for o_proj, gate_up "
+        "and down_proj (engine/triton_skinny.py; on by default, --no-skinny-kernels for cuBLAS)",
+        action=argparse.BooleanOptionalAction)
 
 
 _ENGINE_FLAGS = (
