@@ -72,9 +72,17 @@ def rms_norm_triton(
             n, eps,
             HAS_RESIDUAL=residual is not None,
             BLOCK=triton.next_power_of_2(n),
-            num_warps=4 if n <= 2048 else 8,
+            num_warps=norm_warps(n),
         )
     return out.view(x.shape), (res_out.view(x.shape) if residual is not None else None)
+
+
+def norm_warps(n: int) -> int:
+    """Warps a program of ``rms_norm_triton`` takes for rows of ``n``: the order its sum is reduced
+    in, which ``qkv_prologue_triton`` shares for the q/k norms to stay bit-equal. Two for rows of a
+    head (at most 256): the prologue ran twice as fast at 2 as at 4 on the H200 at 2,048-8,190 tokens
+    (docs/benchmarks/prologue-warps-sweep-20261201.json)."""
+    return 2 if n <= 256 else 4 if n <= 2048 else 8
 
 
 @triton.jit

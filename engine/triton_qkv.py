@@ -11,8 +11,8 @@ buffer's q columns; a program of a kv head normalizes and rotates that key and w
 matching value head into the token's cache slot (none for slot < 0, graph padding). Per head, not
 per token as ``rotary_triton`` is, for two reasons: a decode step of one token still spreads over
 ``heads + kv_heads`` programs instead of one, and the q/k norm's sum of squares is then reduced
-exactly as ``rms_norm_triton`` reduces it (one head in a 1-D tile of the same lanes, 4 warps, the
-same mask and runtime column count), which a [heads, lanes] tile would not: the reduction order
+exactly as ``rms_norm_triton`` reduces it (one head in a 1-D tile of the same lanes and warps,
+``norm_warps``, the same mask and runtime column count), which a [heads, lanes] tile would not: the reduction order
 follows the tile's layout, and a different order moves a bf16 rounding now and then.
 
 Every other operation is elementwise and written exactly as in ``rms_norm_triton`` (normalize in
@@ -33,7 +33,7 @@ from mini_vllm.engine.attention import GPU_MAX_HEAD_DIM
 
 # The rotary kernel's own rounding (integer round-to-nearest-even for bf16), shared rather than
 # copied: bit-equality with rotary_triton holds by construction.
-from mini_vllm.engine.triton_norm import round_to
+from mini_vllm.engine.triton_norm import norm_warps, round_to
 
 # Not float16: compiled for the H200, its rotary rounding (a plain fp16 round trip, which the
 # compiler may fold) left about a tenth of q one rounding away from rotary_triton's in the GPU
@@ -273,8 +273,8 @@ def qkv_prologue_triton(
         BLOCK_SIZE=k_cache.shape[1],
         HAS_NORM=has_norm,
         IS_BF16=qkv.dtype == torch.bfloat16,
-        # With the norm: rms_norm_triton's 4 warps, so that its sum is reduced the same way.
-        # Without: elementwise only; 2 warps hold a head of 128 one element per thread.
-        num_warps=num_warps if num_warps is not None else (4 if has_norm else 2),
+        # rms_norm_triton's warps for a head's row (2), so that the q/k norms' sums are reduced
+        # the same way; 2 warps also hold a head of 128 one element per thread.
+        num_warps=num_warps if num_warps is not None else norm_warps(head_dim),
     )
     return q
