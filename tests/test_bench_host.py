@@ -219,7 +219,8 @@ def test_a_small_kv_pool_preempts_and_still_generates_everything(tmp_path: Path)
     record = json.loads(out.read_text())
     assert record["preemptions"] > 0 and record["generation_tokens"] == 4 * 6
     assert record["num_kv_blocks"] == 12 and record["enable_prefix_caching"] is False and record["freeze_gc"] is True
-    assert gc.get_freeze_count() == 0  # the process goes on with its collector as it was
+    assert record["gc_threshold"][0] == 20_000  # as the engine core process sets it
+    assert gc.get_freeze_count() == 0 and gc.get_threshold()[0] != 20_000  # the process goes on with its collector as it was
 
 
 def test_no_output_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
