@@ -73,6 +73,8 @@ def add_bench_latency(sub: Any) -> None:
     p.add_argument("--skinny-kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="steps of at most 16 tokens through the few-row kernel for o_proj, gate_up and down_proj "
                         "(engine/triton_skinny.py; --no-skinny-kernels: cuBLAS)")
+    p.add_argument("--programmatic-dependent-launch", action="store_true",
+                   help="our GPU kernels launched so that each may start while the one before it ends (sm_90+)")
     p.add_argument("--tensor-parallel-size", type=positive_int, default=1, metavar="N",
                    help="split the model over N GPUs (CPU processes over gloo without CUDA); the floor is then "
                         "one GPU's share of the bytes at its bandwidth, plus the all-reduces measured over the N GPUs")
@@ -322,7 +324,7 @@ def run_latency(args: argparse.Namespace) -> int:
         gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
         block_size=args.block_size, enforce_eager=args.enforce_eager, enable_prefix_caching=False,
         async_scheduling=False if args.no_async_scheduling else None, tensor_parallel_size=args.tensor_parallel_size,
-        skinny_kernels=args.skinny_kernels,
+        skinny_kernels=args.skinny_kernels, programmatic_dependent_launch=args.programmatic_dependent_launch,
     ))
     if isinstance(engine, int):
         return engine
@@ -331,6 +333,7 @@ def run_latency(args: argparse.Namespace) -> int:
     record["max_num_batched_tokens"] = engine.args.max_num_batched_tokens
     record["cuda_graphs"] = cuda and not args.enforce_eager
     record["skinny_kernels"] = bool(getattr(engine.runner, "skinny", False))
+    record["programmatic_dependent_launch"] = bool(getattr(engine.runner, "dependent_launch", False))
     rng = random.Random(3)  # fresh prompts every iteration: nothing to reuse even with a prefix cache
     kinds_before = step_kinds(engine)
     iters = []

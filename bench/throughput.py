@@ -129,6 +129,8 @@ def add_bench_throughput(sub: Any) -> None:
     t.add_argument("--skinny-kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="steps of at most 16 tokens through the few-row kernel for o_proj, gate_up and down_proj "
                         "(engine/triton_skinny.py; --no-skinny-kernels: cuBLAS)")
+    t.add_argument("--programmatic-dependent-launch", action="store_true",
+                   help="our GPU kernels launched so that each may start while the one before it ends (sm_90+)")
     t.add_argument("--tensor-parallel-size", type=positive_int, default=1, metavar="N",
                    help="split the model over N GPUs (CPU processes over gloo without CUDA); the floor is then "
                         "N GPUs', each at the measured per-GPU peaks, plus the collectives measured over them")
@@ -381,6 +383,8 @@ def server_argv(args: argparse.Namespace, load_format: str, num_requests: int, c
     if args.enforce_eager:
         argv.append("--enforce-eager")
     argv.append("--skinny-kernels" if args.skinny_kernels else "--no-skinny-kernels")
+    if args.programmatic_dependent_launch:
+        argv.append("--programmatic-dependent-launch")
     if args.tensor_parallel_size != 1:
         argv += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
     return argv + shlex.split(args.serve_args)  # last: serve's argparse lets a later flag win
@@ -775,6 +779,7 @@ def run_throughput(args: argparse.Namespace) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
             num_kv_blocks=args.num_kv_blocks, enforce_eager=args.enforce_eager, enable_prefix_caching=False,
             tensor_parallel_size=args.tensor_parallel_size, skinny_kernels=args.skinny_kernels,
+            programmatic_dependent_launch=args.programmatic_dependent_launch,
         ))
         if isinstance(engine, int):
             return engine
@@ -865,8 +870,9 @@ def engine_summary(engine: LLMEngine, load_seconds: float) -> dict[str, Any]:
         "max_num_seqs": engine.args.max_num_seqs,
         "max_num_batched_tokens": engine.args.max_num_batched_tokens,
         "block_size": engine.args.block_size,
-        # Whether steps of a few tokens took the fused few-row projections (asked for, and possible here).
+        # Whether steps of a few tokens took the few-row kernel (asked for, and possible here).
         "skinny_kernels": bool(getattr(runner, "skinny", False)),
+        "programmatic_dependent_launch": bool(getattr(runner, "dependent_launch", False)),
         "cuda_graphs": (
             {"batch_sizes": list(graphs.batch_sizes), "mixed_token_counts": list(graphs.mixed_token_counts),
              "capture_seconds": round(graphs.capture_seconds, 2), "pool_bytes": graphs.pool_bytes}

@@ -75,6 +75,11 @@ class EngineArgs:
     # gate_up (with the SiLU-multiply) and down_proj instead of cuBLAS's split-K and the separate
     # SiLU kernel: about 4 % off a llama3-8b decode graph at 1-16 rows (docs/gpu-execution.md).
     skinny_kernels: bool = True
+    # GPU kernels of ours launched with programmatic dependent launch (sm_90+): each may start
+    # while the one before it ends and waits for it in its first instruction, which takes the gap
+    # between two kernels out of the graph (triton_norm.dependent_launch). Off by default until it
+    # is measured on the H200.
+    programmatic_dependent_launch: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -97,7 +102,7 @@ class EngineArgs:
         if self.preemption_mode != "recompute":
             raise ConfigError(f"preemption_mode must be recompute, got {self.preemption_mode!r}")
         for flag in ("enable_prefix_caching", "enforce_eager", "enable_chunked_prefill", "skip_tokenizer_init",
-                     "skinny_kernels"):
+                     "skinny_kernels", "programmatic_dependent_launch"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):

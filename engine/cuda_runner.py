@@ -29,6 +29,7 @@ import torch
 
 from mini_vllm.engine.attention import AttentionMetadata
 from mini_vllm.engine.block_table_rows import BlockTableRows
+from mini_vllm.engine.errors import ConfigError
 from mini_vllm.engine.model import CausalLM
 from mini_vllm.engine.model_runner import ModelOutput, ModelRunner, StepHandle, StepInputs
 from mini_vllm.engine.parallel import TensorParallel
@@ -141,20 +142,22 @@ class _TritonAttention:
     method of the runner: the runner holding ``self._attention`` would reference itself, and such
     a cycle keeps the weights, KV cache and graphs alive until the cyclic GC happens to run."""
 
-    def __init__(self, max_model_len: int, num_kv_heads: int, num_sms: int) -> None:
+    def __init__(self, max_model_len: int, num_kv_heads: int, num_sms: int, *, pdl: bool) -> None:
         # Up to one 64-key tile per partition: a small batch has too few (sequence, kv head)
         # programs to fill the GPU otherwise (docs/gpu-execution.md, batch 1).
         self.num_splits = num_splits_for(max_model_len, tokens_per_split=64, max_splits=64)
         self.num_kv_heads = num_kv_heads
         self.num_sms = num_sms
         self.schedule: PrefillSchedule | None = None  # the current eager step's prefill tile map
+        self.pdl = pdl  # the decode kernels launched with programmatic dependent launch
 
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, scale: float
     ) -> torch.Tensor:
         if meta.max_query_len == 1 and q.shape[0] == meta.seq_lens.shape[0]:
             return decode_attention_triton(
-                q, k, v, meta.seq_lens, meta.block_tables, scale, self.decode_splits(q.shape[0]), num_warps=4
+                q, k, v, meta.seq_lens, meta.block_tables, scale, self.decode_splits(q.shape[0]), num_warps=4,
+                pdl=self.pdl,
             )
         return prefill_attention_triton(q, k, v, meta, scale, schedule=self.schedule)
 
@@ -180,11 +183,17 @@ class CudaModelRunner(ModelRunner):
         block_size: int,
         enforce_eager: bool,
         skinny_kernels: bool,
+        dependent_launch: bool = False,
         parallel: TensorParallel | None = None,
     ) -> None:
         config = model.config  # with tensor parallelism this rank's: its heads and KV heads
+        if dependent_launch and torch.cuda.get_device_capability(device) < (9, 0):
+            raise ConfigError(f"programmatic_dependent_launch needs compute capability 9.0 or newer; "
+                              f"{torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}")
+        self.dependent_launch = dependent_launch
         self._attention = _TritonAttention(
-            max_model_len, config.num_key_value_heads, torch.cuda.get_device_properties(device).multi_processor_count
+            max_model_len, config.num_key_value_heads, torch.cuda.get_device_properties(device).multi_processor_count,
+            pdl=dependent_launch,
         )
         super().__init__(
             model, kv_cache, device, seed, attention_fn=self._attention, store_kv_fn=store_kv_triton, parallel=parallel
@@ -195,11 +204,15 @@ class CudaModelRunner(ModelRunner):
         self.max_blocks = -(-max_model_len // block_size)
         block_m = tile_sizes(config.head_dim, model.embed_tokens.weight.dtype)[0]
         self.tokens_per_tile = prefill_tokens_per_tile(config.num_attention_heads, config.num_key_value_heads, block_m)
-        prologue = qkv_prologue_triton if model.embed_tokens.weight.dtype in PROLOGUE_DTYPES else None
-        model.use_fused_kernels(rms_norm_triton, rotary_triton, silu_mul_triton, qkv_prologue=prologue)
+        # With dependent launch, our kernels in the step take pdl=True (rotary and store_kv, which the
+        # prologue replaces for bf16 and fp32, and the prefill kernel keep plain launches).
+        pdl: dict[str, bool] = {"pdl": True} if dependent_launch else {}
+        prologue = partial(qkv_prologue_triton, **pdl) if model.embed_tokens.weight.dtype in PROLOGUE_DTYPES else None
+        model.use_fused_kernels(partial(rms_norm_triton, **pdl), rotary_triton, partial(silu_mul_triton, **pdl),
+                                qkv_prologue=prologue)
         self.skinny = skinny_kernels and parallel is None and model.embed_tokens.weight.dtype in SKINNY_DTYPES
         if self.skinny:  # steps of a few tokens: o, gate_up+SiLU and down in engine/triton_skinny.py
-            model.use_skinny_linear(skinny_linear_triton, SKINNY_MAX_ROWS)
+            model.use_skinny_linear(partial(skinny_linear_triton, **pdl), SKINNY_MAX_ROWS)
         rows = max(max_num_batched_tokens, max_num_seqs)
         self.max_num_batched_tokens = max_num_batched_tokens
         max_tiles = max_prefill_tiles(max_num_batched_tokens, max_num_seqs, self.tokens_per_tile)

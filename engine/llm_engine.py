@@ -104,8 +104,12 @@ def load_rank(args: EngineArgs, source: ModelSource, max_len: int, device: torch
         runner = CudaModelRunner(
             model, None, device, args.seed, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len,
-            block_size=args.block_size, enforce_eager=args.enforce_eager, skinny_kernels=args.skinny_kernels, parallel=tp,
+            block_size=args.block_size, enforce_eager=args.enforce_eager, skinny_kernels=args.skinny_kernels,
+            dependent_launch=args.programmatic_dependent_launch, parallel=tp,
         )
+    elif args.programmatic_dependent_launch:
+        raise ConfigError(f"programmatic_dependent_launch needs a CUDA GPU of compute capability 9.0 or newer, "
+                          f"and this engine runs on {device}")
     else:
         runner = ModelRunner(model, None, device, args.seed, parallel=tp)
     if args.num_kv_blocks is not None:

@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from mini_vllm.engine.attention import GPU_MAX_HEAD_DIM, AttentionMetadata
+from mini_vllm.engine.triton_norm import dependent_launch, dependent_launch_entry
 
 LOG2E = 1.4426950408889634
 DEFAULT_NUM_SPLITS = 8
@@ -249,7 +250,9 @@ def _decode_split_kernel(
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DIRECT: tl.constexpr,  # one partition: write the output itself, no partials and no merge
+    USE_PDL: tl.constexpr,
 ):
+    dependent_launch_entry(USE_PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -323,7 +326,9 @@ def _decode_reduce_kernel(
     BLOCK_S: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two (tl.arange)
+    USE_PDL: tl.constexpr,
 ):
+    dependent_launch_entry(USE_PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     splits = tl.arange(0, BLOCK_S)
@@ -613,8 +618,10 @@ def decode_attention_triton(
     block_n: int | None = None,
     num_warps: int = 8,
     num_stages: int = 3,  # Triton's own default on CUDA; a knob for sweeps (docs/benchmarks/)
+    pdl: bool = False,
 ) -> torch.Tensor:
-    """Flash-decoding: one query per sequence (``query`` ``[B, heads, head_dim]``).
+    """Flash-decoding: one query per sequence (``query`` ``[B, heads, head_dim]``); ``pdl``: both
+    kernels launched as ``triton_norm.dependent_launch`` says.
 
     Sequence ``b`` attends to its first ``seq_lens[b]`` cached tokens (its own new K/V must be
     stored already). Nothing here reads ``seq_lens`` on the host and every shape depends only on
@@ -679,6 +686,7 @@ def decode_attention_triton(
         DIRECT=direct,
         num_warps=num_warps,  # 8 by default: 4 warps spill at BLOCK_N=64, head_dim 128 (sm_90)
         num_stages=num_stages,
+        **dependent_launch(pdl),
     )
     if direct:
         return out
@@ -694,6 +702,7 @@ def decode_attention_triton(
         HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim),
         num_warps=4,
+        **dependent_launch(pdl),
     )
     return out
 

@@ -33,7 +33,7 @@ from mini_vllm.engine.attention import GPU_MAX_HEAD_DIM
 
 # The rotary kernel's own rounding (integer round-to-nearest-even for bf16), shared rather than
 # copied: bit-equality with rotary_triton holds by construction.
-from mini_vllm.engine.triton_norm import norm_warps, round_to
+from mini_vllm.engine.triton_norm import dependent_launch, dependent_launch_entry, norm_warps, round_to
 
 # Not float16: compiled for the H200, its rotary rounding (a plain fp16 round trip, which the
 # compiler may fold) left about a tenth of q one rounding away from rotary_triton's in the GPU
@@ -72,7 +72,9 @@ def _qkv_prologue_kernel(
     BLOCK_SIZE: tl.constexpr,
     HAS_NORM: tl.constexpr,
     IS_BF16: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    dependent_launch_entry(USE_PDL)
     tok = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)  # 0..NUM_HEADS-1: query heads; then the kv heads
     row = qkv + tok * stride_t + head * stride_h
@@ -221,6 +223,7 @@ def qkv_prologue_triton(
     k_norm: torch.Tensor | None = None,
     eps: float | None = None,
     num_warps: int | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """Normalize (with ``q_norm``/``k_norm`` weights, both or neither) and rotate q and k of the qkv
     projection's output, write k and v into the cache, in one launch; return q ``[T, heads, head_dim]``.
@@ -234,7 +237,8 @@ def qkv_prologue_triton(
     qkv's q columns whose row stride is qkv's; qkv's k and v columns are left as they were.
     Equal bit for bit to ``rms_norm_triton`` on q and k (when weights are given), then
     ``rotary_triton``, then ``store_kv_triton``. ``num_warps`` overrides the warps per program
-    (sweeps; with the norm only the default keeps the bit-equality with ``rms_norm_triton``).
+    (sweeps; with the norm only the default keeps the bit-equality with ``rms_norm_triton``);
+    ``pdl``: launched as ``triton_norm.dependent_launch`` says.
     """
     _check_inputs(qkv, positions, cos, sin, k_cache, v_cache, slot_mapping, num_heads)
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
@@ -276,5 +280,6 @@ def qkv_prologue_triton(
         # rms_norm_triton's warps for a head's row (2), so that the q/k norms' sums are reduced
         # the same way; 2 warps also hold a head of 128 one element per thread.
         num_warps=num_warps if num_warps is not None else norm_warps(head_dim),
+        **dependent_launch(pdl),
     )
     return q

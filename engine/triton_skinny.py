@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from mini_vllm.engine.triton_attention import INTERPRETED, _mma
-from mini_vllm.engine.triton_norm import round_to
+from mini_vllm.engine.triton_norm import dependent_launch, dependent_launch_entry, round_to
 
 # One tl.dot tile of rows. Up to 16 rows the plain kernel read the weights as fast as cuBLAS
 # (skinny-linear-sweep-20261201.json); at 32 rows and more a plain Triton GEMM lost to it
@@ -56,7 +56,9 @@ def _skinny_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    dependent_launch_entry(USE_PDL)
     pid = tl.program_id(0)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
@@ -109,11 +111,12 @@ def skinny_linear_triton(
     silu_intermediate: int | None = None,
     tiles: tuple[int, int, int] | None = None,
     num_warps: int = 4,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """``x @ weight.T`` for ``x`` of at most ``MAX_ROWS`` rows ``[M, K]`` and ``weight`` ``[N, K]``;
     with ``silu_intermediate`` (``weight`` = [gate; up], ``2 * silu_intermediate`` rows) it is
     ``silu(gate) * up``, ``[M, silu_intermediate]``. ``tiles`` overrides ``skinny_tiles`` and
-    ``num_warps`` the 4 warps a program (sweeps)."""
+    ``num_warps`` the 4 warps a program (sweeps); ``pdl``: see ``triton_norm.dependent_launch``."""
     m, k = x.shape if x.dim() == 2 else (-1, -1)
     if m < 0 or weight.dim() != 2 or weight.shape[1] != k:
         raise ValueError(f"skinny_linear: x [M, K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
@@ -138,5 +141,6 @@ def skinny_linear_triton(
         N=n, K=k, SILU=silu, IS_BF16=x.dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", UPCAST_DOT=INTERPRETED,
         BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=stages,
+        **dependent_launch(pdl),
     )
     return y

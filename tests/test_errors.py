@@ -55,6 +55,7 @@ def test_unknown_sampling_field_is_named() -> None:
         ({"preemption_mode": "drop"}, "preemption_mode"),
         ({"preemption_mode": "swap"}, "preemption_mode"),
         ({"skinny_kernels": "yes"}, "skinny_kernels"),
+        ({"programmatic_dependent_launch": 1}, "programmatic_dependent_launch"),
     ],
 )
 def test_bad_engine_args(fields: dict, name: str) -> None:
@@ -93,6 +94,12 @@ def test_bad_prompt_leaves_no_half_batch(demo_llm: LLM) -> None:
 def test_sampling_params_count_must_match(demo_llm: LLM) -> None:
     with pytest.raises(InvalidRequest, match="2 sampling_params for 3 prompts"):
         demo_llm.generate(["a", "b", "c"], [SamplingParams(), SamplingParams()])
+
+
+def test_dependent_launch_needs_a_recent_gpu(demo_model_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="programmatic_dependent_launch needs a CUDA GPU of compute capability "
+                                          "9.0 or newer, and this engine runs on cpu"):
+        LLM(num_kv_blocks=32, max_model_len=64, device="cpu", programmatic_dependent_launch=True)
 
 
 def test_max_model_len_larger_than_cache(demo_model_dir: Path) -> None:

@@ -58,18 +58,23 @@ def check_agrees(model: torch.nn.Module, prompt: list[int], ours: list[int], max
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("skinny", [False, True], ids=["cublas", "skinny"])
-def test_greedy_matches_transformers_on_gpu(arch: str, dtype: str, skinny: bool, tiny_model: Callable[..., Path]) -> None:
+@pytest.mark.parametrize(("skinny", "pdl"), [(False, False), (True, False), (True, True)],
+                         ids=["cublas", "skinny", "skinny-dependent-launch"])
+def test_greedy_matches_transformers_on_gpu(
+    arch: str, dtype: str, skinny: bool, pdl: bool, tiny_model: Callable[..., Path]
+) -> None:
     path = tiny_model(arch)
     ps = prompts()
-    # max_num_seqs 16: with skinny every decode graph and the 1- to 16-token steps take the fused projections.
-    llm = LLM(str(path), dtype=dtype, num_kv_blocks=256, max_num_seqs=16, skinny_kernels=skinny)
+    # max_num_seqs 16: with skinny every decode graph and the 1- to 16-token steps take the few-row kernel.
+    llm = LLM(str(path), dtype=dtype, num_kv_blocks=256, max_num_seqs=16, skinny_kernels=skinny,
+              programmatic_dependent_launch=pdl)
+    assert llm.engine.runner.dependent_launch is pdl
     outs = llm.generate(ps, SamplingParams(temperature=0, max_tokens=24, logprobs=5))
     model = hf_model(path, getattr(torch, dtype))
     verdicts = [check_agrees(model, p, o.outputs[0].token_ids, 24) for p, o in zip(ps, outs, strict=True)]
     if dtype == "float32":
         assert verdicts.count("equal") >= len(verdicts) - 1, verdicts
-    print(arch, dtype, "skinny" if skinny else "cublas", verdicts)
+    print(arch, dtype, "skinny" if skinny else "cublas", "dependent launch" if pdl else "", verdicts)
 
 
 @pytest.mark.timeout(600)
@@ -80,19 +85,22 @@ def test_graphs_chunking_and_preemption_stay_exact(tiny_model: Callable[..., Pat
     want = [o.outputs[0].token_ids for o in eager.generate(ps, SamplingParams(temperature=0, max_tokens=40))]
     del eager
     tight = LLM(str(path), dtype="float32", num_kv_blocks=60, max_model_len=400, max_num_batched_tokens=64,
-                enable_prefix_caching=True)
+                enable_prefix_caching=True, skinny_kernels=False)
     got = [o.outputs[0].token_ids for o in tight.generate(ps, SamplingParams(temperature=0, max_tokens=40))]
     assert tight.engine.statistics().num_preemptions > 0
     assert got == want
     assert tight.engine.block_manager.statistics().used_blocks == 0
     del tight
-    # The same with the fused few-row projections in every step of at most 16 tokens (fp32: exact).
-    tight = LLM(str(path), dtype="float32", num_kv_blocks=60, max_model_len=400, max_num_batched_tokens=64,
-                enable_prefix_caching=True, skinny_kernels=True)
-    got = [o.outputs[0].token_ids for o in tight.generate(ps, SamplingParams(temperature=0, max_tokens=40))]
-    assert tight.engine.runner.skinny and tight.engine.statistics().num_preemptions > 0
-    assert got == want
-    del tight
+    # The same with the few-row kernel in every step of at most 16 tokens (fp32: exact), then also
+    # with our kernels launched so that each may start before the one before it ends.
+    for pdl in (False, True):
+        tight = LLM(str(path), dtype="float32", num_kv_blocks=60, max_model_len=400, max_num_batched_tokens=64,
+                    enable_prefix_caching=True, skinny_kernels=True, programmatic_dependent_launch=pdl)
+        got = [o.outputs[0].token_ids for o in tight.generate(ps, SamplingParams(temperature=0, max_tokens=40))]
+        assert tight.engine.runner.skinny and tight.engine.statistics().num_preemptions > 0
+        assert tight.engine.runner.dependent_launch is pdl
+        assert got == want
+        del tight
     # The serving study's knobs: whole prompts in prefill-only steps, and no scheduling ahead.
     plain = LLM(str(path), dtype="float32", num_kv_blocks=512, max_model_len=512, max_num_batched_tokens=512,
                 enable_chunked_prefill=False, async_scheduling=False)
@@ -127,12 +135,15 @@ def _compiled_variants() -> dict[str, int]:
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize(
-    ("enforce_eager", "max_num_seqs", "max_num_batched_tokens", "skinny"),
-    [(False, 16, 64, False), (True, 16, 64, False), (False, 1, 2, False), (False, 16, 64, True), (True, 16, 64, True)],
-    ids=["graphs", "eager", "one-seq-two-tokens", "graphs-skinny", "eager-skinny"],
+    ("enforce_eager", "max_num_seqs", "max_num_batched_tokens", "skinny", "pdl"),
+    [(False, 16, 64, False, False), (True, 16, 64, False, False), (False, 1, 2, False, False),
+     (False, 16, 64, True, False), (True, 16, 64, True, False), (False, 16, 64, True, True), (True, 16, 64, True, True)],
+    ids=["graphs", "eager", "one-seq-two-tokens", "graphs-skinny", "eager-skinny", "graphs-skinny-dependent-launch",
+         "eager-skinny-dependent-launch"],
 )
 def test_no_kernel_compiles_after_start(
-    enforce_eager: bool, max_num_seqs: int, max_num_batched_tokens: int, skinny: bool, tiny_model: Callable[..., Path]
+    enforce_eager: bool, max_num_seqs: int, max_num_batched_tokens: int, skinny: bool, pdl: bool,
+    tiny_model: Callable[..., Path],
 ) -> None:
     """Start-up compiles every Triton kernel variant a step can need: a compile mid-serving
     stalls every request in flight for a second or more."""
@@ -140,7 +151,8 @@ def test_no_kernel_compiles_after_start(
         kernel.device_caches.clear()  # type: ignore[attr-defined]  # what earlier tests compiled does not count
     path = tiny_model("LlamaForCausalLM")
     llm = LLM(str(path), dtype="bfloat16", num_kv_blocks=512, max_num_seqs=max_num_seqs,
-              max_num_batched_tokens=max_num_batched_tokens, enforce_eager=enforce_eager, skinny_kernels=skinny)
+              max_num_batched_tokens=max_num_batched_tokens, enforce_eager=enforce_eager, skinny_kernels=skinny,
+              programmatic_dependent_launch=pdl)
     before = _compiled_variants()
     rng = random.Random(5)
     # Block tables of every width from 1 to 20 (1 and 16 are the widths Triton likes to specialize),

@@ -208,6 +208,8 @@ def add_engine_flags(parser: argparse.ArgumentParser, seed: bool = True) -> None
     add("--skinny-kernels", "GPU steps of at most 16 tokens through the few-row kernel for o_proj, gate_up "
         "and down_proj (engine/triton_skinny.py; on by default, --no-skinny-kernels for cuBLAS)",
         action=argparse.BooleanOptionalAction)
+    add("--programmatic-dependent-launch", "our GPU kernels may start while the one before them ends (sm_90+; "
+        "off by default until measured)", action=argparse.BooleanOptionalAction)
 
 
 _ENGINE_FLAGS = (
@@ -228,6 +230,7 @@ _ENGINE_FLAGS = (
     "async_scheduling",
     "tensor_parallel_size",
     "skinny_kernels",
+    "programmatic_dependent_launch",
 )
 
 

@@ -7,6 +7,7 @@
 #
 # PART: floor   one stream of llama3-8b: TPOT, and TTFT of a 1024-token prompt
 #       floor-cublas  the same with --no-skinny-kernels (cuBLAS for every projection)
+#       floor-pdl  the same with --programmatic-dependent-launch
 #       llama   ONLINE-1000 sweep of llama3-8b
 #       qwen    ONLINE-1000 sweep of qwen3-0.6b
 #       knobs   qwen3-0.6b, each knob varied alone from the defaults (ONLINE-1000[:KNOB_PROMPTS])
@@ -70,10 +71,12 @@ bench() {  # LABEL OUTFILE [bench flags...]
 
 for part in "$@"; do
   case $part in
-  floor|floor-cublas)
-    # 1024-token prompts of random ids, one at a time (floor-cublas: with --no-skinny-kernels).
+  floor|floor-cublas|floor-pdl)
+    # 1024-token prompts of random ids, one at a time (floor-cublas: with --no-skinny-kernels,
+    # floor-pdl: with --programmatic-dependent-launch).
     flags=(); file="serve-floor-$LLAMA"
     [ "$part" = floor-cublas ] && flags=(--no-skinny-kernels) && file="serve-floor-cublas-$LLAMA"
+    [ "$part" = floor-pdl ] && flags=(--programmatic-dependent-launch) && file="serve-floor-pdl-$LLAMA"
     $PY - "$OUT/floor-prompts.jsonl" $FLOOR_N $FLOOR_OUT $FLOOR_VOCAB <<'EOF'
 import json, random, sys
 path, n, out, vocab = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -83,7 +86,7 @@ with open(path, "w") as f:
         f.write(json.dumps({"prompt_token_ids": [rng.randrange(vocab) for _ in range(1024)], "max_tokens": out}) + "\n")
 EOF
     start_server llama-$part $LLAMA "${flags[@]}" || exit 1
-    bench "$LLAMA one stream${flags:+ (cuBLAS)}" "$file" --dataset "$OUT/floor-prompts.jsonl" --max-concurrency 1 --connections 1
+    bench "$LLAMA one stream${flags:+ (${flags[0]})}" "$file" --dataset "$OUT/floor-prompts.jsonl" --max-concurrency 1 --connections 1
     stop_server
     ;;
   llama)
