@@ -99,16 +99,26 @@ def derive_seed(seed: int, sample_index: int, position: int) -> int:
     return hash((seed, sample_index, position)) & ((1 << 63) - 1)
 
 
+def to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor of per-row values on ``device`` without waiting for it. A plain copy from
+    pageable memory to a GPU blocks until the stream has run everything queued before it (here the
+    step's whole forward pass), so the CPU could not prepare the next step meanwhile; from pinned
+    memory the copy is queued in stream order and the CPU goes on."""
+    if device.type != "cuda":
+        return values
+    return values.pin_memory().to(device, non_blocking=True)
+
+
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Repetition (prompt+output, divide positive / multiply negative), presence and frequency
     (output counts) penalties, as vLLM and OpenAI define them."""
     _n, vocab = logits.shape
     device = logits.device
-    rep = torch.tensor([r.params.repetition_penalty for r in rows], dtype=logits.dtype, device=device)
-    pres = torch.tensor([r.params.presence_penalty for r in rows], dtype=logits.dtype, device=device)
-    freq = torch.tensor([r.params.frequency_penalty for r in rows], dtype=logits.dtype, device=device)
+    table = to_device(torch.tensor([[r.params.repetition_penalty, r.params.presence_penalty,
+                                     r.params.frequency_penalty] for r in rows], dtype=logits.dtype), device)
+    rep, pres, freq = table[:, 0], table[:, 1], table[:, 2]
     counts = _token_counts([r.output_token_ids for r in rows], vocab, device)
-    if bool((rep != 1.0).any()):
+    if any(r.params.repetition_penalty != 1.0 for r in rows):  # decided on the host: no wait for the device
         seen = counts > 0
         prompt_rows = [r.prompt_token_ids or [] if r.params.repetition_penalty != 1.0 else [] for r in rows]
         seen |= _token_counts(prompt_rows, vocab, device) > 0
@@ -127,7 +137,7 @@ def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device
         for i, t in enumerate(token_lists):
             if t:
                 ids[i, : len(t)] = torch.tensor(t, dtype=torch.int64)
-        counts.scatter_add_(1, ids.to(device), torch.ones(ids.shape, device=device))
+        counts.scatter_add_(1, to_device(ids, device), torch.ones(ids.shape, device=device))
     return counts[:, :vocab]
 
 
@@ -145,7 +155,10 @@ def support_mask(probs_sorted: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow], generator: torch.Generator | None) -> SamplerOutput:
-    """One token per row of ``logits`` (float32 ``[N, vocab]``)."""
+    """One token per row of ``logits`` (float32 ``[N, vocab]``). On a GPU nothing here waits for
+    the device: the GPU runner calls it as it launches a step, and the CPU must be free to prepare
+    the next one while this one runs. So every branch is decided from the rows' parameters on the
+    host, never from a device tensor, and per-row values travel from pinned memory."""
     _n, vocab = logits.shape
     device = logits.device
     params = [r.params for r in rows]
@@ -154,25 +167,25 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], generator: torch.Gener
 
     if any(p.uses_penalties for p in params):
         logits = apply_penalties(logits, rows)
-    if any(r.blocked_token_ids for r in rows):
-        logits = logits.clone()
-        for i, r in enumerate(rows):  # a handful of ids per row, never the vocabulary
-            if r.blocked_token_ids:
-                logits[i, list(r.blocked_token_ids)] = float("-inf")
+    blocked = [(i, t) for i, r in enumerate(rows) for t in r.blocked_token_ids]  # a handful of ids a row
+    if blocked:
+        where = to_device(torch.tensor(blocked, dtype=torch.int64), device)
+        logits = logits.index_put((where[:, 0], where[:, 1]), logits.new_full((), float("-inf")))
 
-    greedy = torch.tensor([p.greedy for p in params], device=device)
     chosen = logits.argmax(dim=-1)
-    if not bool(greedy.all()):
-        temp = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
+    if not all(p.greedy for p in params):
+        # One table, one copy: greedy, temperature, top-k (the vocabulary for none), top-p, min-p.
+        table = to_device(torch.tensor([[float(p.greedy), 1.0 if p.greedy else p.temperature,
+                                         p.top_k if p.top_k > 0 else vocab, p.top_p, p.min_p] for p in params],
+                                       dtype=torch.float32), device)
+        greedy, temp, top_k, top_p, min_p = table[:, 0] > 0, table[:, 1], table[:, 2].long(), table[:, 3], table[:, 4]
         probs = torch.softmax(logits / temp.unsqueeze(1), dim=-1)
-        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
-        top_p = torch.tensor([p.top_p for p in params], device=device, dtype=probs.dtype)
-        if bool((top_k < vocab).any() or (top_p < 1).any()):
+        top_p, min_p = top_p.to(probs.dtype), min_p.to(probs.dtype)
+        if any(0 < p.top_k < vocab or p.top_p < 1 for p in params):
             sorted_probs, order = probs.sort(dim=-1, descending=True)
             cut = support_mask(sorted_probs, top_k, top_p)
             probs = probs.masked_fill(torch.zeros_like(cut).scatter_(1, order, cut), 0.0)
-        min_p = torch.tensor([p.min_p for p in params], device=device, dtype=probs.dtype)
-        if bool((min_p > 0).any()):
+        if any(p.min_p > 0 for p in params):
             probs = probs.masked_fill(probs < min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True), 0.0)
         noise = torch.empty_like(probs).exponential_(generator=generator)
         for i, r in enumerate(rows):  # one generator call per seeded row, vectorized over the vocabulary

@@ -192,3 +192,34 @@ def test_a_row_knows_once_whether_its_argmax_is_all_it_needs(params: dict[str, A
     assert row.argmax_only is argmax_only
     assert pickle.loads(pickle.dumps(row)).argmax_only is argmax_only  # as it travels to tensor-parallel workers
     assert attrs.evolve(row, blocked_token_ids=(7,)).argmax_only is False  # recomputed, not copied
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_sampling_on_the_gpu_never_waits_for_it() -> None:
+    """The GPU runner samples as it launches a step: a wait for the device there (a branch on a
+    device tensor, a copy from pageable memory) would keep the CPU from preparing the next step
+    while this one runs. torch's sync debug mode turns any such wait into an error."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn(6, 1000, device="cuda", generator=gen)
+    rows = [
+        row(SamplingParams(temperature=0)),
+        row(SamplingParams(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05)),
+        row(SamplingParams(temperature=1.0, seed=3), seed=11),
+        row(SamplingParams(temperature=0, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.2),
+            output=[5, 5, 7], prompt=[1, 2]),
+        row(SamplingParams(temperature=0, logprobs=3), blocked=(int(logits[4].argmax()),)),
+        row(SamplingParams(temperature=0.5, top_k=1)),
+    ]
+    draws = torch.Generator(device="cuda").manual_seed(1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = sample(logits, rows, draws)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    tokens = out.token_ids.tolist()
+    assert tokens[0] == int(logits[0].argmax()) and tokens[5] == int(logits[5].argmax())  # top_k 1: the argmax
+    assert tokens[4] != int(logits[4].argmax())  # masked
+    assert out.top_ids is not None and out.top_ids.shape == (6, 3)
