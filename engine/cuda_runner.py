@@ -206,13 +206,13 @@ class CudaModelRunner(ModelRunner):
         self.tokens_per_tile = prefill_tokens_per_tile(config.num_attention_heads, config.num_key_value_heads, block_m)
         # With dependent launch, our kernels in the step take pdl=True (rotary and store_kv, which the
         # prologue replaces for bf16 and fp32, and the prefill kernel keep plain launches).
-        pdl: dict[str, bool] = {"pdl": True} if dependent_launch else {}
-        prologue = partial(qkv_prologue_triton, **pdl) if model.embed_tokens.weight.dtype in PROLOGUE_DTYPES else None
-        model.use_fused_kernels(partial(rms_norm_triton, **pdl), rotary_triton, partial(silu_mul_triton, **pdl),
-                                qkv_prologue=prologue)
-        self.skinny = skinny_kernels and parallel is None and model.embed_tokens.weight.dtype in SKINNY_DTYPES
+        dtype = model.embed_tokens.weight.dtype
+        prologue = partial(qkv_prologue_triton, pdl=dependent_launch) if dtype in PROLOGUE_DTYPES else None
+        model.use_fused_kernels(partial(rms_norm_triton, pdl=dependent_launch), rotary_triton,
+                                partial(silu_mul_triton, pdl=dependent_launch), qkv_prologue=prologue)
+        self.skinny = skinny_kernels and parallel is None and dtype in SKINNY_DTYPES
         if self.skinny:  # steps of a few tokens: o, gate_up+SiLU and down in engine/triton_skinny.py
-            model.use_skinny_linear(partial(skinny_linear_triton, **pdl), SKINNY_MAX_ROWS)
+            model.use_skinny_linear(partial(skinny_linear_triton, pdl=dependent_launch), SKINNY_MAX_ROWS)
         rows = max(max_num_batched_tokens, max_num_seqs)
         self.max_num_batched_tokens = max_num_batched_tokens
         max_tiles = max_prefill_tiles(max_num_batched_tokens, max_num_seqs, self.tokens_per_tile)

@@ -169,25 +169,7 @@ class Attention(nn.Module):
         attention_fn: AttentionFn,
         store_kv_fn: StoreKvFn,
     ) -> torch.Tensor:
-        out = self.attend(positions, self.qkv_proj(hidden), rotary, k_cache, v_cache, meta, attention_fn, store_kv_fn)
-        if self.skinny is not None and out.shape[0] <= self.skinny_rows:
-            out = self.skinny(out, self.o_proj.weight)
-        else:
-            out = self.o_proj(out)
-        return out if self.tp is None else self.tp.all_reduce(out)
-
-    def attend(
-        self,
-        positions: torch.Tensor,
-        qkv: torch.Tensor,
-        rotary: RotaryEmbedding,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        attention_fn: AttentionFn,
-        store_kv_fn: StoreKvFn,
-    ) -> torch.Tensor:
-        """From the qkv projection's output to attention's, ``[T, heads * head_dim]`` (o_proj's input)."""
+        qkv = self.qkv_proj(hidden)
         if self.prologue is not None:
             q = self._fused_prologue(self.prologue, positions, qkv, rotary, k_cache, v_cache, meta.slot_mapping)
         else:
@@ -199,7 +181,12 @@ class Attention(nn.Module):
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = rotary(positions, q, k)
             store_kv_fn(k, v, k_cache, v_cache, meta.slot_mapping)
-        return attention_fn(q, k_cache, v_cache, meta, self.scale).reshape(-1, self.q_size)
+        out = attention_fn(q, k_cache, v_cache, meta, self.scale).reshape(-1, self.q_size)
+        if self.skinny is not None and out.shape[0] <= self.skinny_rows:
+            out = self.skinny(out, self.o_proj.weight)
+        else:
+            out = self.o_proj(out)
+        return out if self.tp is None else self.tp.all_reduce(out)
 
     def _fused_prologue(
         self,
