@@ -2,25 +2,19 @@
 compiled ahead of time for the H200 (sm_90) on this machine, no GPU needed: with ``USE_PDL`` its
 PTX holds the wait for the kernel before it, ahead of its first global load or store, and the
 signal to the next one (``griddepcontrol``), and its launch is marked for it; without, neither. (The skinny kernel's variants are in
-tests/test_triton_skinny_aot.py.) Compiled in a child process without ``TRITON_INTERPRET``, as
-there."""
+tests/test_triton_skinny_aot.py.) Compiled in a child process, as there (tests/sm90_compile.py)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 triton = pytest.importorskip("triton")
 
-BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-pytestmark = pytest.mark.skipif(not (BIN / "ptxas").exists(), reason="triton without its ptxas")
+from sm90_compile import compile_in_child, triton_bin  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not (triton_bin() / "ptxas").exists(), reason="triton without its ptxas")
 
 # qwen3-0.6b's shapes: hidden 1024, 16 heads and 8 KV heads of 128, intermediate 3072, blocks of 16.
 # kernel: (module, pointer arguments and their types, constexprs, num_warps); the other
@@ -77,14 +71,7 @@ def compile_all() -> dict[str, dict[str, int]]:
 
 @pytest.fixture(scope="module")
 def compiled() -> dict[str, dict[str, int]]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="pdl-aot-")  # a compile, not a cache hit
-    code = f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); " \
-           "from test_dependent_launch_aot import compile_all; print(json.dumps(compile_all()))"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=240)
-    if done.returncode:
-        pytest.fail(f"compiling the kernels for sm_90 failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.splitlines()[-1])
+    return compile_in_child("test_dependent_launch_aot", "the dependent-launch kernels")
 
 
 @pytest.mark.timeout(300)

@@ -1,17 +1,11 @@
 """The skinny kernel compiled ahead of time for the H200 (sm_90) on this machine, no GPU needed:
 every variant the served models launch compiles through ptxas, its pipeline stages fit an SM's
 shared memory (else the launch fails), and its tiles stay in registers (no stack: a spill would
-send each thread's tiles through local memory).
-
-The compiles run in a child process without ``TRITON_INTERPRET`` (the test session sets it on a
-machine without CUDA, and interpreted kernels cannot be compiled)."""
+send each thread's tiles through local memory). Compiled in a child process (tests/sm90_compile.py)."""
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,7 +14,9 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+from sm90_compile import compile_in_child, triton_bin  # noqa: E402
+
+BIN = triton_bin()
 pytestmark = pytest.mark.skipif(not (BIN / "ptxas").exists() or not (BIN / "cuobjdump").exists(),
                                 reason="triton without its ptxas and cuobjdump")
 
@@ -87,14 +83,7 @@ def compile_all() -> dict[str, dict[str, int]]:
 
 @pytest.fixture(scope="module")
 def compiled() -> dict[str, dict[str, int]]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="skinny-aot-")  # a compile, not a cache hit
-    code = f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); " \
-           "from test_triton_skinny_aot import compile_all; print(json.dumps(compile_all()))"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=240)
-    if done.returncode:
-        pytest.fail(f"compiling the skinny kernels for sm_90 failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.splitlines()[-1])
+    return compile_in_child("test_triton_skinny_aot", "the skinny kernels")
 
 
 @pytest.mark.timeout(300)
