@@ -9,10 +9,12 @@ F.linear and torch.mv. Device times are the GPU's alone: the launches are queued
 
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -39,6 +41,48 @@ def decode_step_ms(engine: LLMEngine, output_len: int) -> tuple[float, float]:
     timings = engine.step_timings or []  # the turns that only land the last tokens have none
     decode = [(w, t.wait_s) for w, t in zip(walls[: len(timings)], timings, strict=True) if t.decode_only][10:]
     return 1e3 * statistics.median(w for w, _ in decode), 1e3 * statistics.median(s for _, s in decode)
+
+
+def graph_replays(engine: LLMEngine, sizes: tuple[int, ...], context: int, *, distinct_blocks: bool,
+                  reps: int) -> dict[str, float]:
+    """Each decode graph of ``sizes`` replayed alone, every row a ``context``-token context, µs of the
+    GPU alone. ``distinct_blocks``: each row its own blocks, as distinct sequences have (the same
+    blocks for every row are read from the L2 cache at large batches)."""
+    runner = engine.runner
+    blocks = context // runner.block_size + 1
+    out = {}
+    with torch.inference_mode():
+        for bs in sizes:
+            graph, _ = runner.graphs[bs]
+            runner._g_lens[:bs] = context
+            n = bs * blocks if distinct_blocks else blocks
+            runner._g_tables[:bs, :blocks] = torch.arange(n, device=runner._g_tables.device).view(-1, blocks)
+            runner._g_slots[:bs] = -1  # reads, writes nothing
+            out[str(bs)] = gpu_time_us(graph.replay, reps, runner.compute_stream)
+        runner._g_slots.fill_(-1)
+        runner._g_lens.zero_()
+    return out
+
+
+def ab_runs(field: str, engine_args: Callable[[bool], EngineArgs], measure: Callable[[LLMEngine, bool], dict[str, Any]],
+            ) -> list[dict[str, Any]]:
+    """An engine with ``field`` off, on, off, on (interleaved: the spread is part of the figure), each
+    timed on one stream's offline step and then by ``measure``; each engine is closed before the next."""
+    runs = []
+    for on in (False, True, False, True):
+        engine = LLMEngine.from_engine_args(engine_args(on))
+        run: dict[str, Any] = {field: on}
+        decode_step_ms(engine, 16)  # warm-up
+        run["engine_step_ms"], run["engine_wait_ms"] = decode_step_ms(engine, 256)
+        run.update(measure(engine, on))
+        print(f"{field}={on}: one-stream step {run['engine_step_ms']:.3f} ms; graph replay (µs) "
+              + "  ".join(f"bs{b} {t:.0f}" for b, t in run["graph_us"].items()), flush=True)
+        runs.append(run)
+        engine.close()
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+    return runs
 
 
 def main() -> None:

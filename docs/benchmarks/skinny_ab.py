@@ -12,7 +12,6 @@ Device times are the GPU's alone (launches queued behind a wait), µs.
 
 from __future__ import annotations
 
-import gc
 import json
 import sys
 import time
@@ -21,7 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from one_stream_breakdown import decode_step_ms  # this folder's: run as a script, it is on sys.path
+from one_stream_breakdown import ab_runs, graph_replays  # this folder's: run as a script, it is on sys.path
 
 from mini_vllm.engine import EngineArgs
 from mini_vllm.engine.cuda_runner import gpu_time_us
@@ -74,43 +73,18 @@ def projections(engine: LLMEngine, rows: tuple[int, ...]) -> dict[str, Any]:
     return out
 
 
-def graph_replays(engine: LLMEngine, sizes: tuple[int, ...]) -> dict[str, float]:
-    runner = engine.runner
-    out = {}
-    with torch.inference_mode():
-        blocks = 1100 // runner.block_size + 1
-        for bs in sizes:
-            graph, _ = runner.graphs[bs]
-            runner._g_lens[:bs] = 1100
-            runner._g_tables[:bs, :blocks] = torch.arange(blocks, device=runner._g_tables.device)
-            runner._g_slots[:bs] = -1  # reads 1,100 keys a row, writes nothing
-            out[str(bs)] = gpu_time_us(graph.replay, 30, runner.compute_stream)
-        runner._g_slots.fill_(-1)
-        runner._g_lens.zero_()
-    return out
-
-
 def main() -> None:
     model_name, path = sys.argv[1], sys.argv[2]
     report: dict[str, Any] = {"model": model_name, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    sizes = (1, 2, 4, 8, 16)
-    for skinny in (False, True, False, True):  # twice each, interleaved: the spread is part of the figure
-        engine = LLMEngine.from_engine_args(EngineArgs(model=model_name, load_format="dummy", max_model_len=2048,
-                                                       max_num_seqs=16, skinny_kernels=skinny))
-        run: dict[str, Any] = {"skinny": skinny}
+    args = partial(EngineArgs, model=model_name, load_format="dummy", max_model_len=2048, max_num_seqs=16)
+
+    def measure(engine: LLMEngine, skinny: bool) -> dict[str, Any]:
         if skinny and "projections" not in report:
             report["projections"] = projections(engine, (1, 4, 16))
-        decode_step_ms(engine, 16)  # warm-up
-        run["engine_step_ms"], run["engine_wait_ms"] = decode_step_ms(engine, 256)
-        run["graph_us"] = graph_replays(engine, sizes)
-        print(f"skinny={skinny}: engine step {run['engine_step_ms']:.3f} ms; graph replay (µs) "
-              + "  ".join(f"bs{b} {t:.0f}" for b, t in run["graph_us"].items()), flush=True)
-        report.setdefault("runs", []).append(run)
-        engine.close()
-        del engine
-        gc.collect()
-        torch.cuda.empty_cache()
+        return {"graph_us": graph_replays(engine, (1, 2, 4, 8, 16), 1100, distinct_blocks=False, reps=30)}
+
+    report["runs"] = ab_runs("skinny", lambda on: args(skinny_kernels=on), measure)
     with open(path, "w") as f:
         json.dump(report, f, indent=1)
 
