@@ -73,8 +73,9 @@ def add_bench_latency(sub: Any) -> None:
     p.add_argument("--skinny-kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="steps of at most 16 tokens through the few-row kernel for o_proj, gate_up and down_proj "
                         "(engine/triton_skinny.py; --no-skinny-kernels: cuBLAS)")
-    p.add_argument("--programmatic-dependent-launch", action="store_true",
-                   help="our GPU kernels launched so that each may start while the one before it ends (sm_90+)")
+    p.add_argument("--programmatic-dependent-launch", action=argparse.BooleanOptionalAction, default=None,
+                   help="in steps of at most 64 tokens our GPU kernels may start while the one before them ends "
+                        "(default: on for one GPU of compute capability 9.0+)")
     p.add_argument("--tensor-parallel-size", type=positive_int, default=1, metavar="N",
                    help="split the model over N GPUs (CPU processes over gloo without CUDA); the floor is then "
                         "one GPU's share of the bytes at its bandwidth, plus the all-reduces measured over the N GPUs")

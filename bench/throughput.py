@@ -129,8 +129,9 @@ def add_bench_throughput(sub: Any) -> None:
     t.add_argument("--skinny-kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="steps of at most 16 tokens through the few-row kernel for o_proj, gate_up and down_proj "
                         "(engine/triton_skinny.py; --no-skinny-kernels: cuBLAS)")
-    t.add_argument("--programmatic-dependent-launch", action="store_true",
-                   help="our GPU kernels launched so that each may start while the one before it ends (sm_90+)")
+    t.add_argument("--programmatic-dependent-launch", action=argparse.BooleanOptionalAction, default=None,
+                   help="in steps of at most 64 tokens our GPU kernels may start while the one before them ends "
+                        "(default: on for one GPU of compute capability 9.0+)")
     t.add_argument("--tensor-parallel-size", type=positive_int, default=1, metavar="N",
                    help="split the model over N GPUs (CPU processes over gloo without CUDA); the floor is then "
                         "N GPUs', each at the measured per-GPU peaks, plus the collectives measured over them")
@@ -383,8 +384,9 @@ def server_argv(args: argparse.Namespace, load_format: str, num_requests: int, c
     if args.enforce_eager:
         argv.append("--enforce-eager")
     argv.append("--skinny-kernels" if args.skinny_kernels else "--no-skinny-kernels")
-    if args.programmatic_dependent_launch:
-        argv.append("--programmatic-dependent-launch")
+    if args.programmatic_dependent_launch is not None:
+        argv.append("--programmatic-dependent-launch" if args.programmatic_dependent_launch
+                    else "--no-programmatic-dependent-launch")
     if args.tensor_parallel_size != 1:
         argv += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
     return argv + shlex.split(args.serve_args)  # last: serve's argparse lets a later flag win

@@ -77,9 +77,10 @@ class EngineArgs:
     skinny_kernels: bool = True
     # GPU kernels of ours launched with programmatic dependent launch (sm_90+): each may start
     # while the one before it ends and waits for it in its first instruction, which takes the gap
-    # between two kernels out of the graph (triton_norm.dependent_launch). Off by default until it
-    # is measured on the H200.
-    programmatic_dependent_launch: bool = False
+    # between two kernels out of the graph (triton_norm.dependent_launch), at steps of at most
+    # cuda_runner.DEPENDENT_LAUNCH_MAX_ROWS tokens (it costs a little at 256). None: on where it
+    # was measured (one GPU of compute capability 9.0+ a model), True: wherever asked or an error.
+    programmatic_dependent_launch: bool | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -102,11 +103,12 @@ class EngineArgs:
         if self.preemption_mode != "recompute":
             raise ConfigError(f"preemption_mode must be recompute, got {self.preemption_mode!r}")
         for flag in ("enable_prefix_caching", "enforce_eager", "enable_chunked_prefill", "skip_tokenizer_init",
-                     "skinny_kernels", "programmatic_dependent_launch"):
+                     "skinny_kernels"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
-        if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
-            raise ConfigError(f"async_scheduling must be true, false or None (auto), got {self.async_scheduling!r}")
+        for flag in ("async_scheduling", "programmatic_dependent_launch"):
+            if getattr(self, flag) is not None and not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"{flag} must be true, false or None (auto), got {getattr(self, flag)!r}")
         if not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -19,9 +19,11 @@ Sampled ids are copied back into pinned memory behind an event; only ``collect``
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import attrs
 import numpy as np
@@ -53,6 +55,11 @@ from mini_vllm.engine.triton_qkv import qkv_prologue_triton
 from mini_vllm.engine.triton_skinny import MAX_ROWS as SKINNY_MAX_ROWS
 from mini_vllm.engine.triton_skinny import SUPPORTED_DTYPES as SKINNY_DTYPES
 from mini_vllm.engine.triton_skinny import skinny_linear_triton
+
+# Programmatic dependent launch pays at a few rows and costs at many: on the H200 it took 7 % off
+# qwen3-0.6b's decode graph at one row and 3 % off llama3-8b's, left 16-64 rows within 2 %, and
+# added 1-1.5 % at 256 (docs/gpu-execution.md). So steps of at most this many tokens take it.
+DEPENDENT_LAUNCH_MAX_ROWS = 64
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -136,20 +143,33 @@ class _Buffers:
         self.consumed.record()
 
 
+class _DependentUpTo:
+    """``fn(x, ...)`` with ``pdl`` true where ``x`` has at most ``max_rows`` rows (``max_rows`` 0:
+    never). Every kernel it wraps takes a row per token of the step first, so all of a step's
+    covered kernels launch the same way."""
+
+    def __init__(self, fn: Callable[..., Any], max_rows: int) -> None:
+        self.fn = fn
+        self.max_rows = max_rows
+
+    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(x, *args, pdl=x.shape[0] <= self.max_rows, **kwargs)
+
+
 class _TritonAttention:
     """The attention callable the model calls on the GPU, with the state it reads (the SM count,
     the split ladder, the eager step's prefill tile map). Its own object rather than a bound
     method of the runner: the runner holding ``self._attention`` would reference itself, and such
     a cycle keeps the weights, KV cache and graphs alive until the cyclic GC happens to run."""
 
-    def __init__(self, max_model_len: int, num_kv_heads: int, num_sms: int, *, pdl: bool) -> None:
+    def __init__(self, max_model_len: int, num_kv_heads: int, num_sms: int, *, pdl_max_rows: int) -> None:
         # Up to one 64-key tile per partition: a small batch has too few (sequence, kv head)
         # programs to fill the GPU otherwise (docs/gpu-execution.md, batch 1).
         self.num_splits = num_splits_for(max_model_len, tokens_per_split=64, max_splits=64)
         self.num_kv_heads = num_kv_heads
         self.num_sms = num_sms
         self.schedule: PrefillSchedule | None = None  # the current eager step's prefill tile map
-        self.pdl = pdl  # the decode kernels launched with programmatic dependent launch
+        self.pdl_max_rows = pdl_max_rows  # decode batches this small launch with programmatic dependent launch
 
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, scale: float
@@ -157,7 +177,7 @@ class _TritonAttention:
         if meta.max_query_len == 1 and q.shape[0] == meta.seq_lens.shape[0]:
             return decode_attention_triton(
                 q, k, v, meta.seq_lens, meta.block_tables, scale, self.decode_splits(q.shape[0]), num_warps=4,
-                pdl=self.pdl,
+                pdl=q.shape[0] <= self.pdl_max_rows,
             )
         return prefill_attention_triton(q, k, v, meta, scale, schedule=self.schedule)
 
@@ -183,17 +203,20 @@ class CudaModelRunner(ModelRunner):
         block_size: int,
         enforce_eager: bool,
         skinny_kernels: bool,
-        dependent_launch: bool = False,
+        dependent_launch: bool | None = None,
         parallel: TensorParallel | None = None,
     ) -> None:
         config = model.config  # with tensor parallelism this rank's: its heads and KV heads
-        if dependent_launch and torch.cuda.get_device_capability(device) < (9, 0):
+        sm90 = torch.cuda.get_device_capability(device) >= (9, 0)
+        if dependent_launch and not sm90:
             raise ConfigError(f"programmatic_dependent_launch needs compute capability 9.0 or newer; "
                               f"{torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}")
-        self.dependent_launch = dependent_launch
+        # None: on where it was measured, one sm_90+ GPU a model (tensor-parallel ranks have not run it).
+        self.dependent_launch = sm90 and parallel is None if dependent_launch is None else dependent_launch
+        self.dependent_launch_max_rows = DEPENDENT_LAUNCH_MAX_ROWS if self.dependent_launch else 0
         self._attention = _TritonAttention(
             max_model_len, config.num_key_value_heads, torch.cuda.get_device_properties(device).multi_processor_count,
-            pdl=dependent_launch,
+            pdl_max_rows=self.dependent_launch_max_rows,
         )
         super().__init__(
             model, kv_cache, device, seed, attention_fn=self._attention, store_kv_fn=store_kv_triton, parallel=parallel
@@ -204,15 +227,16 @@ class CudaModelRunner(ModelRunner):
         self.max_blocks = -(-max_model_len // block_size)
         block_m = tile_sizes(config.head_dim, model.embed_tokens.weight.dtype)[0]
         self.tokens_per_tile = prefill_tokens_per_tile(config.num_attention_heads, config.num_key_value_heads, block_m)
-        # With dependent launch, our kernels in the step take pdl=True (rotary and store_kv, which the
-        # prologue replaces for bf16 and fp32, and the prefill kernel keep plain launches).
+        # With dependent launch, our kernels in a small step take pdl=True (rotary and store_kv, which
+        # the prologue replaces for bf16 and fp32, and the prefill kernel keep plain launches).
         dtype = model.embed_tokens.weight.dtype
-        prologue = partial(qkv_prologue_triton, pdl=dependent_launch) if dtype in PROLOGUE_DTYPES else None
-        model.use_fused_kernels(partial(rms_norm_triton, pdl=dependent_launch), rotary_triton,
-                                partial(silu_mul_triton, pdl=dependent_launch), qkv_prologue=prologue)
+        pdl_rows = self.dependent_launch_max_rows
+        prologue = _DependentUpTo(qkv_prologue_triton, pdl_rows) if dtype in PROLOGUE_DTYPES else None
+        model.use_fused_kernels(_DependentUpTo(rms_norm_triton, pdl_rows), rotary_triton,
+                                _DependentUpTo(silu_mul_triton, pdl_rows), qkv_prologue=prologue)
         self.skinny = skinny_kernels and parallel is None and dtype in SKINNY_DTYPES
         if self.skinny:  # steps of a few tokens: o, gate_up+SiLU and down in engine/triton_skinny.py
-            model.use_skinny_linear(partial(skinny_linear_triton, pdl=dependent_launch), SKINNY_MAX_ROWS)
+            model.use_skinny_linear(_DependentUpTo(skinny_linear_triton, pdl_rows), SKINNY_MAX_ROWS)
         rows = max(max_num_batched_tokens, max_num_seqs)
         self.max_num_batched_tokens = max_num_batched_tokens
         max_tiles = max_prefill_tiles(max_num_batched_tokens, max_num_seqs, self.tokens_per_tile)
@@ -303,21 +327,30 @@ class CudaModelRunner(ModelRunner):
         torch.cuda.empty_cache()
 
     def warm_up_eager(self) -> None:
-        """Run an eager prefill step now (and with graphs off, a decode step) through the same
-        buffers as real steps, so that no request waits for Triton to compile a kernel (it
-        specializes on the buffers' alignment too); with the skinny kernels also a step too
-        large for them. Slots -1 write nothing; what the steps read from block 0 is discarded.
-        One sequence each, so any max_num_seqs fits."""
+        """Run eager steps now through the same buffers as real steps, so that no request waits
+        for Triton to compile a kernel (it specializes on the buffers' alignment too): a prefill
+        (and with graphs off, a decode); with the skinny kernels a step too large for them; with
+        dependent launch a step too large for it (and with graphs off a decode batch too large).
+        Slots -1 write nothing; what the steps read from block 0 is discarded."""
         greedy = SamplingRow(SamplingParams(temperature=0, max_tokens=1), None, [], (), None)
-        tokens = min(3, self._sets[0].tokens)
-        lengths = ([tokens] if tokens > 1 else []) + ([1] if self.enforce_eager or tokens == 1 else [])
-        if self.skinny and min(self._sets[0].tokens, self.max_blocks * self.block_size) > SKINNY_MAX_ROWS:
-            lengths.append(SKINNY_MAX_ROWS + 1)  # the steps above took the skinny kernels: one that does not
-        for n in lengths:
+        longest = min(self._sets[0].tokens, self.max_blocks * self.block_size)  # one sequence's step
+        tokens = min(3, longest)
+        steps = ([[tokens]] if tokens > 1 else []) + ([[1]] if self.enforce_eager or tokens == 1 else [])
+        for rows in (SKINNY_MAX_ROWS if self.skinny else 0, self.dependent_launch_max_rows):
+            if rows and longest > rows:
+                steps.append([rows + 1])  # the steps above took the kernels for few rows: one that does not
+        rows = self.dependent_launch_max_rows
+        if rows and self.enforce_eager and min(self.max_num_seqs, self._sets[0].tokens) > rows:
+            steps.append([1] * (rows + 1))  # a decode batch past dependent launch (graphs cover them otherwise)
+        for query_lens in steps:
+            n = sum(query_lens)
             inputs = StepInputs(
-                input_ids=[0] * n, positions=list(range(n)), slot_mapping=[-1] * n, query_lens=[n], seq_lens=[n],
-                block_tables=[[0] * -(-n // self.block_size)], sample_indices=[n - 1], sampling_rows=[greedy], copies=(),
-                placeholder_rows=[], placeholder_src=[], sample_seq_ids=[0],
+                input_ids=[0] * n, positions=[p for q in query_lens for p in range(q)], slot_mapping=[-1] * n,
+                query_lens=query_lens, seq_lens=query_lens,
+                block_tables=[[0] * -(-q // self.block_size) for q in query_lens],
+                sample_indices=[end - 1 for end in itertools.accumulate(query_lens)],
+                sampling_rows=[greedy] * len(query_lens), copies=(),
+                placeholder_rows=[], placeholder_src=[], sample_seq_ids=list(range(len(query_lens))),
             )
             self.collect(self.launch(inputs))
         self._last_sampled = None

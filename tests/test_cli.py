@@ -72,8 +72,10 @@ def test_serve_defaults_and_engine_flags_with_vllm_spellings() -> None:
     assert first.gpu_memory_utilization == 0.5 and first.enable_prefix_caching is False and first.dtype == "bfloat16"
     assert (first.load_format, first.num_kv_blocks, first.seed) == ("dummy", 100, 7)
     assert first.skinny_kernels is False and EngineArgs().skinny_kernels is True  # on unless turned off
-    assert first.programmatic_dependent_launch is True and EngineArgs().programmatic_dependent_launch is False
+    assert first.programmatic_dependent_launch is True and EngineArgs().programmatic_dependent_launch is None  # auto
     assert flags.engine_args_from(args, args.model[1]).model == "/y"
+    off = parser.parse_args(["serve", "--no-programmatic-dependent-launch"])
+    assert flags.engine_args_from(off, None).programmatic_dependent_launch is False
 
 
 def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:

@@ -58,17 +58,20 @@ def check_agrees(model: torch.nn.Module, prompt: list[int], ours: list[int], max
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize(("skinny", "pdl"), [(False, False), (True, False), (True, True)],
-                         ids=["cublas", "skinny", "skinny-dependent-launch"])
+@pytest.mark.parametrize(("skinny", "pdl"), [(False, False), (True, False), (True, None)],
+                         ids=["cublas", "skinny", "defaults"])
 def test_greedy_matches_transformers_on_gpu(
-    arch: str, dtype: str, skinny: bool, pdl: bool, tiny_model: Callable[..., Path]
+    arch: str, dtype: str, skinny: bool, pdl: bool | None, tiny_model: Callable[..., Path]
 ) -> None:
     path = tiny_model(arch)
     ps = prompts()
-    # max_num_seqs 16: with skinny every decode graph and the 1- to 16-token steps take the few-row kernel.
+    # max_num_seqs 16: with skinny every decode graph and the 1- to 16-token steps take the few-row
+    # kernel; by default (pdl None, an sm_90 GPU) steps of up to 64 tokens launch dependent, the
+    # prompts' longer ones plainly.
     llm = LLM(str(path), dtype=dtype, num_kv_blocks=256, max_num_seqs=16, skinny_kernels=skinny,
               programmatic_dependent_launch=pdl)
-    assert llm.engine.runner.dependent_launch is pdl
+    sm90 = torch.cuda.get_device_capability() >= (9, 0)
+    assert llm.engine.runner.dependent_launch is (sm90 if pdl is None else pdl)
     outs = llm.generate(ps, SamplingParams(temperature=0, max_tokens=24, logprobs=5))
     model = hf_model(path, getattr(torch, dtype))
     verdicts = [check_agrees(model, p, o.outputs[0].token_ids, 24) for p, o in zip(ps, outs, strict=True)]
@@ -137,7 +140,7 @@ def _compiled_variants() -> dict[str, int]:
 @pytest.mark.parametrize(
     ("enforce_eager", "max_num_seqs", "max_num_batched_tokens", "skinny", "pdl"),
     [(False, 16, 64, False, False), (True, 16, 64, False, False), (False, 1, 2, False, False),
-     (False, 16, 64, True, False), (True, 16, 64, True, False), (False, 16, 64, True, True), (True, 16, 64, True, True)],
+     (False, 16, 64, True, False), (True, 16, 64, True, False), (False, 80, 128, True, True), (True, 80, 128, True, True)],
     ids=["graphs", "eager", "one-seq-two-tokens", "graphs-skinny", "eager-skinny", "graphs-skinny-dependent-launch",
          "eager-skinny-dependent-launch"],
 )
@@ -158,7 +161,9 @@ def test_no_kernel_compiles_after_start(
     # Block tables of every width from 1 to 20 (1 and 16 are the widths Triton likes to specialize),
     # chunked prefills next to decodes, decode batches of every size, and a sampled request.
     ps = [[rng.randrange(3, 259) for _ in range(n)] for n in (1, 2, 15, 16, 17, 31, 32, 33, 100, 250, 256, 300)]
-    llm.generate(ps, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    # With dependent launch, steps on both sides of its 64 tokens (decode batches too, at 80 sequences).
+    many = [[rng.randrange(3, 259) for _ in range(3)] for _ in range(max_num_seqs - len(ps))]
+    llm.generate(ps + many, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
     llm.generate(ps[:3], SamplingParams(temperature=0.8, top_p=0.9, max_tokens=5, seed=1, ignore_eos=True))
     after = _compiled_variants()
     assert after == before, {name: (before.get(name), n) for name, n in after.items() if before.get(name) != n}

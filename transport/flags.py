@@ -208,8 +208,9 @@ def add_engine_flags(parser: argparse.ArgumentParser, seed: bool = True) -> None
     add("--skinny-kernels", "GPU steps of at most 16 tokens through the few-row kernel for o_proj, gate_up "
         "and down_proj (engine/triton_skinny.py; on by default, --no-skinny-kernels for cuBLAS)",
         action=argparse.BooleanOptionalAction)
-    add("--programmatic-dependent-launch", "our GPU kernels may start while the one before them ends (sm_90+; "
-        "off by default until measured)", action=argparse.BooleanOptionalAction)
+    add("--programmatic-dependent-launch", "in steps of at most 64 tokens our GPU kernels may start while the one "
+        "before them ends", {None: "on for one GPU of compute capability 9.0+ a model"},
+        action=argparse.BooleanOptionalAction)
 
 
 _ENGINE_FLAGS = (

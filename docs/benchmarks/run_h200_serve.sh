@@ -7,7 +7,7 @@
 #
 # PART: floor   one stream of llama3-8b: TPOT, and TTFT of a 1024-token prompt
 #       floor-cublas  the same with --no-skinny-kernels (cuBLAS for every projection)
-#       floor-pdl  the same with --programmatic-dependent-launch
+#       floor-no-pdl  the same with --no-programmatic-dependent-launch
 #       llama   ONLINE-1000 sweep of llama3-8b
 #       qwen    ONLINE-1000 sweep of qwen3-0.6b
 #       knobs   qwen3-0.6b, each knob varied alone from the defaults (ONLINE-1000[:KNOB_PROMPTS])
@@ -71,12 +71,12 @@ bench() {  # LABEL OUTFILE [bench flags...]
 
 for part in "$@"; do
   case $part in
-  floor|floor-cublas|floor-pdl)
+  floor|floor-cublas|floor-no-pdl)
     # 1024-token prompts of random ids, one at a time (floor-cublas: with --no-skinny-kernels,
-    # floor-pdl: with --programmatic-dependent-launch).
+    # floor-no-pdl: with --no-programmatic-dependent-launch).
     flags=(); file="serve-floor-$LLAMA"
     [ "$part" = floor-cublas ] && flags=(--no-skinny-kernels) && file="serve-floor-cublas-$LLAMA"
-    [ "$part" = floor-pdl ] && flags=(--programmatic-dependent-launch) && file="serve-floor-pdl-$LLAMA"
+    [ "$part" = floor-no-pdl ] && flags=(--no-programmatic-dependent-launch) && file="serve-floor-no-pdl-$LLAMA"
     $PY - "$OUT/floor-prompts.jsonl" $FLOOR_N $FLOOR_OUT $FLOOR_VOCAB <<'EOF'
 import json, random, sys
 path, n, out, vocab = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
