@@ -41,6 +41,7 @@ from mini_vllm.engine.triton_attention import (
     PrefillSchedule,
     build_prefill_schedule,
     decode_attention_triton,
+    decode_variant,
     max_prefill_tiles,
     num_splits_for,
     prefill_attention_triton,
@@ -330,7 +331,8 @@ class CudaModelRunner(ModelRunner):
         """Run eager steps now through the same buffers as real steps, so that no request waits
         for Triton to compile a kernel (it specializes on the buffers' alignment too): a prefill
         (and with graphs off, a decode); with the skinny kernels a step too large for them; with
-        dependent launch a step too large for it (and with graphs off a decode batch too large).
+        dependent launch a step too large for it; with graphs off a decode batch of each kernel
+        variant the batch sizes give (dependent launch or not, split count).
         Slots -1 write nothing; what the steps read from block 0 is discarded."""
         greedy = SamplingRow(SamplingParams(temperature=0, max_tokens=1), None, [], (), None)
         longest = min(self._sets[0].tokens, self.max_blocks * self.block_size)  # one sequence's step
@@ -339,9 +341,12 @@ class CudaModelRunner(ModelRunner):
         for rows in (SKINNY_MAX_ROWS if self.skinny else 0, self.dependent_launch_max_rows):
             if rows and longest > rows:
                 steps.append([rows + 1])  # the steps above took the kernels for few rows: one that does not
-        rows = self.dependent_launch_max_rows
-        if rows and self.enforce_eager and min(self.max_num_seqs, self._sets[0].tokens) > rows:
-            steps.append([1] * (rows + 1))  # a decode batch past dependent launch (graphs cover them otherwise)
+        if self.enforce_eager:  # a decode batch of every variant the sizes give (graphs capture them otherwise)
+            variants = {self._decode_variant(1)}
+            for batch in range(2, min(self.max_num_seqs, self._sets[0].tokens) + 1):
+                if self._decode_variant(batch) not in variants:
+                    variants.add(self._decode_variant(batch))
+                    steps.append([1] * batch)
         for query_lens in steps:
             n = sum(query_lens)
             inputs = StepInputs(
@@ -355,6 +360,10 @@ class CudaModelRunner(ModelRunner):
             self.collect(self.launch(inputs))
         self._last_sampled = None
         self.step_kinds = dict.fromkeys(self.step_kinds, 0)  # warm-up steps are not served steps
+
+    def _decode_variant(self, batch: int) -> tuple[bool, bool, int]:
+        """What the kernels of an eager decode step of ``batch`` sequences compile for."""
+        return (batch <= self.dependent_launch_max_rows, *decode_variant(self._attention.decode_splits(batch)))
 
     @torch.inference_mode()
     def measure_greedy_argmax(self, reps: int = 10) -> GreedyArgmax:

@@ -698,13 +698,20 @@ def decode_attention_triton(
         out.stride(0),
         out.stride(1),
         NUM_HEADS=num_heads,
-        BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+        BLOCK_S=decode_variant(num_splits)[1],
         HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim),
         num_warps=4,
         **dependent_launch(pdl),
     )
     return out
+
+
+def decode_variant(num_splits: int) -> tuple[bool, int]:
+    """What a decode call's compiled kernels depend on besides the model's shapes and the launch:
+    whether the split kernel writes the output itself (one partition) and the merge's split tile.
+    Each distinct value is another compile (the eager warm-up runs one batch of each)."""
+    return num_splits == 1, max(2, triton.next_power_of_2(num_splits))
 
 
 def num_splits_for(max_model_len: int, tokens_per_split: int = 512, max_splits: int = 32) -> int:
