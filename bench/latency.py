@@ -335,6 +335,7 @@ def run_latency(args: argparse.Namespace) -> int:
     record["cuda_graphs"] = cuda and not args.enforce_eager
     record["skinny_kernels"] = bool(getattr(engine.runner, "skinny", False))
     record["programmatic_dependent_launch"] = bool(getattr(engine.runner, "dependent_launch", False))
+    record["dependent_launch_max_rows"] = int(getattr(engine.runner, "dependent_launch_max_rows", 0))
     rng = random.Random(3)  # fresh prompts every iteration: nothing to reuse even with a prefix cache
     kinds_before = step_kinds(engine)
     iters = []

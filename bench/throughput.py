@@ -875,6 +875,7 @@ def engine_summary(engine: LLMEngine, load_seconds: float) -> dict[str, Any]:
         # Whether steps of a few tokens took the few-row kernel (asked for, and possible here).
         "skinny_kernels": bool(getattr(runner, "skinny", False)),
         "programmatic_dependent_launch": bool(getattr(runner, "dependent_launch", False)),
+        "dependent_launch_max_rows": int(getattr(runner, "dependent_launch_max_rows", 0)),  # steps it covers
         "cuda_graphs": (
             {"batch_sizes": list(graphs.batch_sizes), "mixed_token_counts": list(graphs.mixed_token_counts),
              "capture_seconds": round(graphs.capture_seconds, 2), "pool_bytes": graphs.pool_bytes}

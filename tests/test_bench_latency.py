@@ -288,6 +288,7 @@ def _check_record(record: dict[str, Any], batch: int) -> None:
     step = record["step_ms"]
     assert set(step) == {"p50", "p99", "max"} and 0 < step["p50"] <= step["p99"] <= step["max"]
     assert record["cuda_graphs"] is False and record["async_scheduling"] is False
+    assert record["programmatic_dependent_launch"] is False and record["dependent_launch_max_rows"] == 0  # CPU
     assert record["max_num_batched_tokens"] == max(2048, batch)  # the default budget
     # One prompt of 32 tokens in one step, then 7 decode-only steps (the last lands nothing new).
     decode, mixed = record["decode_only_step_ms"], record["mixed_step_ms"]
