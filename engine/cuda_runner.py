@@ -213,7 +213,7 @@ class CudaModelRunner(ModelRunner):
             raise ConfigError(f"programmatic_dependent_launch needs compute capability 9.0 or newer; "
                               f"{torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}")
         # None: on where it was measured, one sm_90+ GPU a model (tensor-parallel ranks have not run it).
-        self.dependent_launch = sm90 and parallel is None if dependent_launch is None else dependent_launch
+        self.dependent_launch = (sm90 and parallel is None) if dependent_launch is None else dependent_launch
         self.dependent_launch_max_rows = DEPENDENT_LAUNCH_MAX_ROWS if self.dependent_launch else 0
         self._attention = _TritonAttention(
             max_model_len, config.num_key_value_heads, torch.cuda.get_device_properties(device).multi_processor_count,
@@ -342,10 +342,11 @@ class CudaModelRunner(ModelRunner):
             if rows and longest > rows:
                 steps.append([rows + 1])  # the steps above took the kernels for few rows: one that does not
         if self.enforce_eager:  # a decode batch of every variant the sizes give (graphs capture them otherwise)
-            variants = {self._decode_variant(1)}
+            variants = {self._decode_variant(1)}  # the decode step of one sequence above
             for batch in range(2, min(self.max_num_seqs, self._sets[0].tokens) + 1):
-                if self._decode_variant(batch) not in variants:
-                    variants.add(self._decode_variant(batch))
+                variant = self._decode_variant(batch)
+                if variant not in variants:
+                    variants.add(variant)
                     steps.append([1] * batch)
         for query_lens in steps:
             n = sum(query_lens)
