@@ -183,10 +183,13 @@ class _TritonAttention:
         return prefill_attention_triton(q, k, v, meta, scale, schedule=self.schedule)
 
     def decode_splits(self, batch: int) -> int:
-        """Split the context only as much as needed to give every SM a few programs: at 256
-        sequences one partition is fastest (measured: docs/gpu-execution.md), at batch 1 the
-        context is cut into up to ``num_splits`` pieces. Fixed per batch size, so graphs keep it."""
-        want = -(-4 * self.num_sms // (batch * self.num_kv_heads))
+        """Split the contexts until every SM has about eight (sequence, kv head, partition)
+        programs: from 132 sequences up (on an H200, 8 kv heads) one partition is fastest, at
+        batch 1 the context is cut into up to ``num_splits`` pieces. Eight rather than four: when
+        the contexts differ in length, the longest ones hold up the step's end, and at 66-131
+        sequences two partitions gained 4-11 % over one (docs/benchmarks/decode-partition-*.json).
+        Fixed per batch size, so graphs keep it."""
+        want = -(-8 * self.num_sms // (batch * self.num_kv_heads))
         return max(1, min(self.num_splits, want))
 
 

@@ -13,11 +13,9 @@ functions are the ground truth these kernels are tested against). Three kernels:
   the last key the tile's latest query may see. Decode rows (q_len 1) are just short tiles.
 * ``decode_attention_triton``: one query per sequence, so a single program per (sequence, kv
   head) would leave most of the GPU idle on long contexts. The context is split into
-  up to ``num_splits`` partitions, grid ``(batch, kv heads, num_splits)``, each writing a
-  normalized partial output and its log-sum-exp; a second kernel, grid ``(batch, heads)``, merges
-  them. One partition length serves the whole batch (cut from the longest context, no shorter
-  than the mean unless the batch is small), so short contexts stay whole and are written without
-  a merge. Partition bounds are computed in the kernel from the ``seq_lens`` tensor, so the grid and
+  ``num_splits`` partitions, grid ``(batch, kv heads, num_splits)``, each writing a normalized
+  partial output and its log-sum-exp; a second kernel, grid ``(batch, heads)``, merges them.
+  Partition bounds are computed in the kernel from the ``seq_lens`` tensor, so the grid and
   scratch shapes depend only on batch size, heads, head_dim and ``num_splits``: the call is
   CUDA-graph capturable. Empty partitions (and padded rows with ``seq_len == 0``) are handled.
 
@@ -219,31 +217,7 @@ def _prefill_kernel(
     )
 
 
-@triton.jit
-def _partition_len(seq_lens, num_splits, target_programs, NUM_KV_HEADS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keys per partition for the whole batch (the grid's first dimension is the batch), from the
-    lengths on the device: no partition longer than the longest context / ``num_splits``, and none
-    shorter than the mean live context unless the batch is too small for ``target_programs``
-    (sequence, kv head, partition) programs; a multiple of BLOCK_N. The split and merge kernels
-    compute the same value, so they agree on which sequences were cut and into how many pieces."""
-    batch = tl.num_programs(0)
-    offs = tl.arange(0, 256)
-    sums = tl.zeros([256], tl.int64)
-    longest = tl.zeros([256], tl.int32)
-    live = tl.zeros([256], tl.int32)
-    for start in range(0, batch, 256):
-        lens = tl.load(seq_lens + start + offs, mask=start + offs < batch, other=0)
-        sums += lens.to(tl.int64)
-        longest = tl.maximum(longest, lens)
-        live += (lens > 0).to(tl.int32)
-    total = tl.sum(sums, 0)
-    mean = tl.cdiv(total, tl.maximum(tl.sum(live, 0), 1).to(tl.int64))
-    fill = tl.cdiv(total * NUM_KV_HEADS, target_programs)
-    split_len = tl.maximum(tl.cdiv(tl.max(longest, 0), num_splits).to(tl.int64), tl.minimum(mean, fill))
-    return tl.maximum(tl.cdiv(split_len, BLOCK_N) * BLOCK_N, BLOCK_N).to(tl.int32)
-
-
-@triton.jit(do_not_specialize=["num_splits", "target_programs", "stride_bt"])
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _decode_split_kernel(
     query,
     k_cache,
@@ -255,7 +229,6 @@ def _decode_split_kernel(
     block_tables,
     scale_log2,
     num_splits,
-    target_programs,
     stride_qb,
     stride_qh,
     stride_ob,
@@ -268,7 +241,6 @@ def _decode_split_kernel(
     stride_vc_head,
     stride_bt,
     NUM_HEADS: tl.constexpr,
-    NUM_KV_HEADS: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -285,12 +257,8 @@ def _decode_split_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens + seq)
-    # Partition [lo, hi) from the runtime lengths (never a host value). One length for the whole
-    # batch, so a long context is cut finer than a short one and no program holds up the rest.
-    if DIRECT:
-        split_len = seq_len
-    else:
-        split_len = _partition_len(seq_lens, num_splits, target_programs, NUM_KV_HEADS, BLOCK_N)
+    # Partition [lo, hi) from the runtime length (never a host value), rounded to BLOCK_N.
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     lo = split * split_len
     hi = tl.minimum(lo + split_len, seq_len)
 
@@ -302,7 +270,7 @@ def _decode_split_kernel(
     dims = tl.arange(0, BLOCK_D)
     q = tl.load(
         query + seq * stride_qb + head[:, None] * stride_qh + dims[None, :],
-        mask=_lanes(g < tl.where(lo < hi, GROUP, 0), HEAD_DIM, BLOCK_D),
+        mask=_lanes(g_ok, HEAD_DIM, BLOCK_D),
         other=0.0,
     )
 
@@ -333,38 +301,28 @@ def _decode_split_kernel(
     # Normalized partial output + base-2 log-sum-exp; an empty partition gives (0, -inf).
     has_keys = l_i > 0.0
     acc = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    # A sequence of one partition (or none: a padded row) is written by its first program: what
-    # the merge would compute from a single partition (its weight is exactly 1), rounded the same
-    # way, two scratch round trips fewer. Programs past a sequence's end store nothing.
-    dst = out + seq * stride_ob + head[:, None] * stride_oh + dims[None, :]
     if DIRECT:
+        # What the merge would compute from a single partition (its weight is exactly 1), rounded
+        # the same way: the same bits, one launch and two scratch round trips fewer.
+        dst = out + seq * stride_ob + head[:, None] * stride_oh + dims[None, :]
         tl.store(dst, acc.to(out.dtype.element_ty), mask=_lanes(g_ok, HEAD_DIM, BLOCK_D))
     else:
-        # (Scalar tests enter the masks as row bounds: Triton's interpreter mistypes bool & scalar.)
-        direct_rows = g < tl.where((seq_len <= split_len) & (split == 0), GROUP, 0)
-        tl.store(dst, acc.to(out.dtype.element_ty), mask=_lanes(direct_rows, HEAD_DIM, BLOCK_D))
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-        # Scratch layout: part_lse [B, H, S], part_out [B, H, S, HEAD_DIM], contiguous; only the
-        # partitions of a cut sequence, which the merge alone reads.
-        part = g < tl.where((lo < seq_len) & (seq_len > split_len), GROUP, 0)
+        # Scratch layout: part_lse [B, H, S], part_out [B, H, S, HEAD_DIM], contiguous.
         row = (seq * NUM_HEADS + head).to(tl.int64) * num_splits + split
-        tl.store(part_lse + row, lse, mask=part)
-        tl.store(part_out + row[:, None] * HEAD_DIM + dims[None, :], acc, mask=_lanes(part, HEAD_DIM, BLOCK_D))
+        tl.store(part_lse + row, lse, mask=g_ok)
+        tl.store(part_out + row[:, None] * HEAD_DIM + dims[None, :], acc, mask=_lanes(g_ok, HEAD_DIM, BLOCK_D))
 
 
-@triton.jit(do_not_specialize=["num_splits", "target_programs"])
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(
     part_out,
     part_lse,
     out,
-    seq_lens,
     num_splits,
-    target_programs,
     stride_ob,
     stride_oh,
     NUM_HEADS: tl.constexpr,
-    NUM_KV_HEADS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two (tl.arange)
@@ -373,12 +331,8 @@ def _decode_reduce_kernel(
     dependent_launch_entry(USE_PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
-    # The partitions the split kernel cut this sequence into; with one (or none) it wrote the
-    # output itself and there is nothing to read or write here.
-    seq_len = tl.load(seq_lens + seq)
-    parts = tl.cdiv(seq_len, _partition_len(seq_lens, num_splits, target_programs, NUM_KV_HEADS, BLOCK_N))
     splits = tl.arange(0, BLOCK_S)
-    split_ok = splits < tl.where(parts > 1, parts, 0)
+    split_ok = splits < num_splits
     dims = tl.arange(0, BLOCK_D)
     row = (seq * NUM_HEADS + head).to(tl.int64) * num_splits + splits
     lse = tl.load(part_lse + row, mask=split_ok, other=float("-inf"))
@@ -386,13 +340,18 @@ def _decode_reduce_kernel(
         part_out + row[:, None] * HEAD_DIM + dims[None, :], mask=_lanes(split_ok, HEAD_DIM, BLOCK_D), other=0.0
     )
 
-    # Weight each partition by exp(lse - max); unread ones weigh 0.
+    # Weight each partition by exp(lse - max); empty ones weigh 0. A row with no keys at all
+    # (a padded slot with seq_len 0) comes out as zeros rather than NaN.
     m = tl.max(lse, 0)
     m_ref = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp2(lse - m_ref)
     total = tl.sum(w, 0)
     res = tl.sum(w[:, None] * o, 0) / tl.where(total > 0.0, total, 1.0)
-    tl.store(out + seq * stride_ob + head * stride_oh + dims, res.to(out.dtype.element_ty), mask=dims < tl.where(parts > 1, HEAD_DIM, 0))
+    dst = out + seq * stride_ob + head * stride_oh + dims
+    if BLOCK_D == HEAD_DIM:
+        tl.store(dst, res.to(out.dtype.element_ty))
+    else:
+        tl.store(dst, res.to(out.dtype.element_ty), mask=dims < HEAD_DIM)
 
 
 # --------------------------------------------------------------------------- host side
@@ -660,17 +619,9 @@ def decode_attention_triton(
     num_warps: int = 8,
     num_stages: int = 3,  # Triton's own default on CUDA; a knob for sweeps (docs/benchmarks/)
     pdl: bool = False,
-    target_programs: int | None = None,
 ) -> torch.Tensor:
     """Flash-decoding: one query per sequence (``query`` ``[B, heads, head_dim]``); ``pdl``: both
     kernels launched as ``triton_norm.dependent_launch`` says.
-
-    ``num_splits`` is the most partitions a context is cut into. The partition length is one for
-    the batch, set on the device from its lengths: at least the longest context / ``num_splits``,
-    and at least the mean context unless the batch has fewer (sequence, kv head) pairs than
-    ``target_programs`` (default: the grid, ``B * kv heads * num_splits``, so partitions are cut
-    from the longest context alone). Short contexts then stay whole, written without a merge,
-    while the long ones are cut to their length: mixed lengths keep every SM busy to the end.
 
     Sequence ``b`` attends to its first ``seq_lens[b]`` cached tokens (its own new K/V must be
     stored already). Nothing here reads ``seq_lens`` on the host and every shape depends only on
@@ -683,10 +634,6 @@ def decode_attention_triton(
     num_kv_heads = k_cache.shape[2]
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    if target_programs is None:
-        target_programs = batch * num_kv_heads * num_splits
-    if target_programs < 1:
-        raise ValueError(f"target_programs must be >= 1, got {target_programs}")
     if seq_lens.shape[0] != batch or block_tables.shape[0] != batch:
         raise ValueError(
             f"decode needs one query per sequence: query has {batch} rows, seq_lens "
@@ -716,7 +663,6 @@ def decode_attention_triton(
         block_tables,
         scale * LOG2E,
         num_splits,
-        target_programs,
         query.stride(0),
         query.stride(1),
         out.stride(0),
@@ -729,7 +675,6 @@ def decode_attention_triton(
         v_cache.stride(2),
         block_tables.stride(0),
         NUM_HEADS=num_heads,
-        NUM_KV_HEADS=num_kv_heads,
         GROUP=group,
         BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n,
@@ -749,14 +694,10 @@ def decode_attention_triton(
         part_out,
         part_lse,
         out,
-        seq_lens,
         num_splits,
-        target_programs,
         out.stride(0),
         out.stride(1),
         NUM_HEADS=num_heads,
-        NUM_KV_HEADS=num_kv_heads,
-        BLOCK_N=block_n,
         BLOCK_S=decode_variant(num_splits)[1],
         HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim),

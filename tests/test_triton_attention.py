@@ -300,26 +300,6 @@ def test_decode_matches_reference(dtype: torch.dtype, num_splits: int, block_n: 
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("target_programs", [1, 20, None, 10**6])
-def test_decode_partition_length_follows_the_batch(target_programs: int | None) -> None:
-    # One partition length for the batch, in tiles of 16 keys: target 1 keeps every context up to
-    # the live rows' mean (39 -> 48 keys) whole and cuts 70 and 130 only; 20 programs for 2 kv heads
-    # give the fill bound (544 / 20 -> 32 keys); the grid's default and a huge target cut by the
-    # longest alone (130 / 16 -> 16 keys). Each way the merge must skip whole rows, zero the padded one.
-    seq_lens = [1, 5, 16, 17, 33, 70, 130]
-    case = Case([1] * len(seq_lens), seq_lens, num_heads=4, num_kv_heads=2, dtype=torch.float32, seed=9)
-    query = torch.cat([case.query, torch.randn(1, 4, 64)])
-    lens = torch.tensor([*seq_lens, 0], dtype=torch.int32)
-    tables = torch.cat([case.meta.block_tables, torch.zeros(1, case.meta.block_tables.shape[1], dtype=torch.int32)])
-    out = ta.decode_attention_triton(
-        query, case.k_cache, case.v_cache, lens, tables, case.scale, 16, poisoned(query),
-        block_n=16, target_programs=target_programs,
-    )
-    assert_close(out[:-1], case.reference())
-    assert torch.equal(out[-1:], torch.zeros_like(out[-1:]))
-
-
-@pytest.mark.timeout(120)
 @pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 4), (8, 1), (6, 2)])
 def test_decode_head_groups(num_heads: int, num_kv_heads: int) -> None:
     seq_lens = [3, 40, 64]
@@ -624,10 +604,6 @@ def test_bad_head_layout_is_rejected() -> None:
         ta.decode_attention_triton(torch.zeros(1, 4, 64), cache, cache, meta.seq_lens, meta.block_tables, 1.0, 0)
     with pytest.raises(ValueError, match="one query per sequence"):
         ta.decode_attention_triton(torch.zeros(2, 4, 64), cache, cache, meta.seq_lens, meta.block_tables, 1.0, 2)
-    with pytest.raises(ValueError, match="target_programs"):
-        ta.decode_attention_triton(
-            torch.zeros(1, 4, 64), cache, cache, meta.seq_lens, meta.block_tables, 1.0, 2, target_programs=0
-        )
 
 
 def test_num_splits_for() -> None:

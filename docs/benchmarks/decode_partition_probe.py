@@ -1,7 +1,11 @@
 """Which split count and partition rule should the runner give each decode batch size? On the GPU:
 ``python3 docs/benchmarks/decode_partition_probe.py MODEL OUT.json [OLD_KERNEL.py]``.
 
-The decode kernel cuts contexts with one partition length for the whole batch, set on the device
+Runs against the tree of f693d1c (2026-12-02), whose kernel took ``target_programs``; that kernel
+lost to the per-sequence one at every split count above one (decode-partition-*-f693d1c.json) and
+was reverted. Its old-kernel rows chose the runner's split rule (eight programs per SM).
+
+That decode kernel cut contexts with one partition length for the whole batch, set on the device
 (``decode_attention_triton``'s ``target_programs``: at least the longest context / splits, and
 at least the mean unless the batch is too small to give that many programs). For each batch size
 and three length mixes (every context 830; drawn uniformly from 100 to 2,048; OFFLINE-256's
