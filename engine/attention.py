@@ -34,6 +34,9 @@ class AttentionMetadata:
     max_seq_len: int
     query_start_loc_list: list[int]
     seq_lens_list: list[int]
+    # [B] int32, decode steps only: the rows longest context first, the order in which the
+    # decode kernel starts them (changes no result); None: row order
+    decode_order: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

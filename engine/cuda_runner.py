@@ -126,9 +126,11 @@ class _Buffers:
         self.table_rows_at = 3 * tokens + rows + 2 * seqs
         self.entries_at = self.table_rows_at + seqs
         n64 = self.entries_at + seqs * max_blocks
-        # int32 segments: query_start_loc (seqs + 1), seq_lens (seqs), the prefill tile map
-        # (2 * max_tiles) and its tile count (1), the updated entries' values (last, like their indices)
-        self.tiles_at = 2 * seqs + 1
+        # int32 segments: query_start_loc (seqs + 1), seq_lens (seqs), a decode step's rows longest
+        # first (seqs), the prefill tile map (2 * max_tiles) and its tile count (1), the updated
+        # entries' values (last, like their indices)
+        self.order_at = 2 * seqs + 1
+        self.tiles_at = 3 * seqs + 1
         self.count_at = self.tiles_at + 2 * max_tiles
         self.values_at = self.count_at + 1
         n32 = self.values_at + seqs * max_blocks
@@ -178,7 +180,7 @@ class _TritonAttention:
         if meta.max_query_len == 1 and q.shape[0] == meta.seq_lens.shape[0]:
             return decode_attention_triton(
                 q, k, v, meta.seq_lens, meta.block_tables, scale, self.decode_splits(q.shape[0]), num_warps=4,
-                pdl=q.shape[0] <= self.pdl_max_rows,
+                pdl=q.shape[0] <= self.pdl_max_rows, order=meta.decode_order,
             )
         return prefill_attention_triton(q, k, v, meta, scale, schedule=self.schedule)
 
@@ -263,6 +265,7 @@ class CudaModelRunner(ModelRunner):
         self._g_pos = torch.zeros(max_num_seqs, dtype=torch.int64, device=device)
         self._g_slots = torch.full((max_num_seqs,), -1, dtype=torch.int64, device=device)
         self._g_lens = torch.zeros(max_num_seqs, dtype=torch.int32, device=device)
+        self._g_order = torch.arange(max_num_seqs, dtype=torch.int32, device=device)  # a permutation at capture too
         self._g_tables = torch.zeros((max_num_seqs, self.max_blocks), dtype=torch.int32, device=device)
         # The persistent block tables the steps' tables are gathered from (engine/block_table_rows.py);
         # twice the batch's rows, so that a row is reclaimed only after its sequence left.
@@ -323,7 +326,7 @@ class CudaModelRunner(ModelRunner):
         self._attention.schedule = None
         self._sets.clear()
         self._out_host.clear()
-        del self._g_ids, self._g_pos, self._g_slots, self._g_lens, self._g_tables, self._g_qsl, self._tables
+        del self._g_ids, self._g_pos, self._g_slots, self._g_lens, self._g_order, self._g_tables, self._g_qsl, self._tables
         self._table_rows.clear()
         del self._m_ids, self._m_pos, self._m_slots, self._m_qsl, self._m_lens, self._m_tiles, self._m_count
         del self._m_hidden
@@ -398,6 +401,7 @@ class CudaModelRunner(ModelRunner):
             max_seq_len=self.max_blocks * self.block_size,
             query_start_loc_list=[],
             seq_lens_list=[],
+            decode_order=self._g_order[:bs],
         )
 
     def _decode_forward(self, bs: int) -> torch.Tensor:
@@ -509,6 +513,9 @@ class CudaModelRunner(ModelRunner):
         b[S + 1 : S + 1 + n_seq] = inputs.seq_lens
         if seqs_padded > n_seq:
             b[S + 1 + n_seq : S + 1 + seqs_padded] = 0
+        if decode:  # the attention kernel starts the longest contexts first (padding, 0, last)
+            lens = b[S + 1 : S + 1 + seqs_padded]
+            b[buf.order_at : buf.order_at + seqs_padded] = np.argsort(lens, kind="stable")[::-1]
         n_tiles = 0
         if not decode:  # the prefill kernel's tile map, shared by every layer
             tile_map = prefill_tile_map(qsl, self.tokens_per_tile)
@@ -543,6 +550,7 @@ class CudaModelRunner(ModelRunner):
         slots = d[2 * T : 2 * T + padded]
         sample_rows = d[3 * T : 3 * T + n_rows]
         seq_lens = e[S + 1 : S + 1 + seqs_padded]
+        order = e[buf.order_at : buf.order_at + seqs_padded] if decode else None
         table_rows = d[rows_at : rows_at + seqs_padded]
         if n_new:  # in stream order: the step in flight has gathered its tables already
             self._tables.view(-1).index_copy_(0, d[entries_at:n64], e[values_at:n32])
@@ -563,6 +571,7 @@ class CudaModelRunner(ModelRunner):
             self._g_pos[:decode_bs].copy_(positions)
             self._g_slots[:decode_bs].copy_(slots)
             self._g_lens[:decode_bs].copy_(seq_lens)
+            self._g_order[:decode_bs].copy_(order)
             torch.index_select(self._tables, 0, table_rows, out=self._g_tables[:decode_bs])
             graph.replay()
             self.step_kinds["decode_graph"] += 1
@@ -590,6 +599,7 @@ class CudaModelRunner(ModelRunner):
                     max_seq_len=max(inputs.seq_lens),
                     query_start_loc_list=qsl.tolist(),
                     seq_lens_list=inputs.seq_lens,
+                    decode_order=order,
                 )
                 self._attention.schedule = None if decode else PrefillSchedule(
                     e[buf.tiles_at : buf.tiles_at + 2 * n_tiles].view(n_tiles, 2), self.tokens_per_tile

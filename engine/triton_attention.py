@@ -227,6 +227,7 @@ def _decode_split_kernel(
     out,
     seq_lens,
     block_tables,
+    order,
     scale_log2,
     num_splits,
     stride_qb,
@@ -250,11 +251,19 @@ def _decode_split_kernel(
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DIRECT: tl.constexpr,  # one partition: write the output itself, no partials and no merge
+    ORDERED: tl.constexpr,  # ``order`` lists the sequences to start first (the longest contexts)
     USE_PDL: tl.constexpr,
 ):
     dependent_launch_entry(USE_PDL)
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    if ORDERED:
+        # The GPU starts programs in grid order, x fastest: numbered this way every kv head of
+        # order[0] starts first, then order[1]'s, so the longest contexts do not finish last.
+        lin = tl.program_id(0) + tl.program_id(1) * tl.num_programs(0)
+        seq = tl.load(order + lin // tl.num_programs(1))
+        kv_head = lin % tl.num_programs(1)
+    else:
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens + seq)
     # Partition [lo, hi) from the runtime length (never a host value), rounded to BLOCK_N.
@@ -619,9 +628,13 @@ def decode_attention_triton(
     num_warps: int = 8,
     num_stages: int = 3,  # Triton's own default on CUDA; a knob for sweeps (docs/benchmarks/)
     pdl: bool = False,
+    order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Flash-decoding: one query per sequence (``query`` ``[B, heads, head_dim]``); ``pdl``: both
-    kernels launched as ``triton_norm.dependent_launch`` says.
+    kernels launched as ``triton_norm.dependent_launch`` says; ``order`` (int32 ``[B]``, a
+    permutation of the rows, read on the device) the rows in the order their programs should
+    start, longest context first for the shortest tail. It changes no result, only which program
+    computes which row.
 
     Sequence ``b`` attends to its first ``seq_lens[b]`` cached tokens (its own new K/V must be
     stored already). Nothing here reads ``seq_lens`` on the host and every shape depends only on
@@ -638,6 +651,10 @@ def decode_attention_triton(
         raise ValueError(
             f"decode needs one query per sequence: query has {batch} rows, seq_lens "
             f"{seq_lens.shape[0]}, block_tables {block_tables.shape[0]}"
+        )
+    if order is not None and (order.shape != (batch,) or order.dtype != torch.int32 or order.device != query.device):
+        raise ValueError(
+            f"order must be int32 [{batch}] on {query.device}, got {order.dtype} {list(order.shape)} on {order.device}"
         )
     block_n = block_n or decode_block_n(head_dim, query.dtype)
     if out is None:
@@ -661,6 +678,7 @@ def decode_attention_triton(
         out,
         seq_lens,
         block_tables,
+        seq_lens if order is None else order,  # not read without an order
         scale * LOG2E,
         num_splits,
         query.stride(0),
@@ -684,6 +702,7 @@ def decode_attention_triton(
         DOT_PRECISION=_dot_precision(query.dtype),
         UPCAST_DOT=INTERPRETED,
         DIRECT=direct,
+        ORDERED=order is not None,
         num_warps=num_warps,  # 8 by default: 4 warps spill at BLOCK_N=64, head_dim 128 (sm_90)
         num_stages=num_stages,
         **dependent_launch(pdl),

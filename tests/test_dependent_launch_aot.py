@@ -32,9 +32,9 @@ KERNELS: dict[str, tuple[str, dict[str, str], dict[str, Any], int]] = {
     "_decode_split_kernel": (
         "triton_attention",
         {"query": "*bf16", "k_cache": "*bf16", "v_cache": "*bf16", "part_out": "*fp32", "part_lse": "*fp32",
-         "out": "*bf16", "seq_lens": "*i32", "block_tables": "*i32"},
+         "out": "*bf16", "seq_lens": "*i32", "block_tables": "*i32", "order": "*i32"},
         {"NUM_HEADS": 16, "GROUP": 2, "BLOCK_G": 16, "BLOCK_N": 64, "HEAD_DIM": 128, "BLOCK_D": 128,
-         "BLOCK_SIZE": 16, "DOT_PRECISION": "tf32", "UPCAST_DOT": False, "DIRECT": False}, 4),
+         "BLOCK_SIZE": 16, "DOT_PRECISION": "tf32", "UPCAST_DOT": False, "DIRECT": False, "ORDERED": True}, 4),
     "_decode_reduce_kernel": (
         "triton_attention", {"part_out": "*fp32", "part_lse": "*fp32", "out": "*bf16"},
         {"NUM_HEADS": 16, "BLOCK_S": 8, "HEAD_DIM": 128, "BLOCK_D": 128}, 4),

@@ -300,6 +300,25 @@ def test_decode_matches_reference(dtype: torch.dtype, num_splits: int, block_n: 
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_order_changes_no_bit(num_splits: int) -> None:
+    # The order only renumbers programs (longest context first, every kv head of a row together):
+    # each row, the padded one included, must come out bit for bit as without it.
+    seq_lens = [5, 130, 17, 70, 1, 33]
+    case = Case([1] * len(seq_lens), seq_lens, num_heads=6, num_kv_heads=3, dtype=torch.float32, seed=11)
+    query = torch.cat([case.query, torch.randn(1, 6, 64)])
+    lens = torch.tensor([*seq_lens, 0], dtype=torch.int32)
+    tables = torch.cat([case.meta.block_tables, torch.zeros(1, case.meta.block_tables.shape[1], dtype=torch.int32)])
+    args = (query, case.k_cache, case.v_cache, lens, tables, case.scale, num_splits)
+    plain = ta.decode_attention_triton(*args, poisoned(query), block_n=16)
+    assert_close(plain[:-1], case.reference())
+    longest_first = torch.argsort(lens, descending=True, stable=True).to(torch.int32)
+    for order in (longest_first, torch.arange(7, dtype=torch.int32).flip(0), torch.tensor([3, 0, 6, 1, 5, 2, 4], dtype=torch.int32)):
+        out = ta.decode_attention_triton(*args, poisoned(query), block_n=16, order=order)
+        assert torch.equal(out, plain), order.tolist()
+
+
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 4), (8, 1), (6, 2)])
 def test_decode_head_groups(num_heads: int, num_kv_heads: int) -> None:
     seq_lens = [3, 40, 64]
@@ -604,6 +623,11 @@ def test_bad_head_layout_is_rejected() -> None:
         ta.decode_attention_triton(torch.zeros(1, 4, 64), cache, cache, meta.seq_lens, meta.block_tables, 1.0, 0)
     with pytest.raises(ValueError, match="one query per sequence"):
         ta.decode_attention_triton(torch.zeros(2, 4, 64), cache, cache, meta.seq_lens, meta.block_tables, 1.0, 2)
+    for bad in (torch.zeros(2, dtype=torch.int32), torch.zeros(1, dtype=torch.int64)):
+        with pytest.raises(ValueError, match="order must be int32"):
+            ta.decode_attention_triton(
+                torch.zeros(1, 4, 64), cache, cache, meta.seq_lens, meta.block_tables, 1.0, 2, order=bad
+            )
 
 
 def test_num_splits_for() -> None:
