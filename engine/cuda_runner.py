@@ -61,6 +61,11 @@ from mini_vllm.engine.triton_skinny import skinny_linear_triton
 # qwen3-0.6b's decode graph at one row and 3 % off llama3-8b's, left 16-64 rows within 2 %, and
 # added 1-1.5 % at 256 (docs/gpu-execution.md). So steps of at most this many tokens take it.
 DEPENDENT_LAUNCH_MAX_ROWS = 64
+# Decode steps of at least this many sequences start the longest contexts' attention first (the
+# rows sorted on the host): on the H200 9-12 % less attention time on mixed contexts at 96-256
+# rows, 6-8 % at 64, 1-3 % at 32 (2 % more on equal ones there; docs/benchmarks/decode-order-*.json).
+# Smaller steps, one stream's among them, keep the kernel in row order: nothing measured a gain.
+LONGEST_FIRST_MIN_ROWS = 32
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -338,7 +343,7 @@ class CudaModelRunner(ModelRunner):
         for Triton to compile a kernel (it specializes on the buffers' alignment too): a prefill
         (and with graphs off, a decode); with the skinny kernels a step too large for them; with
         dependent launch a step too large for it; with graphs off a decode batch of each kernel
-        variant the batch sizes give (dependent launch or not, split count).
+        variant the batch sizes give (dependent launch or not, longest first or not, split count).
         Slots -1 write nothing; what the steps read from block 0 is discarded."""
         greedy = SamplingRow(SamplingParams(temperature=0, max_tokens=1), None, [], (), None)
         longest = min(self._sets[0].tokens, self.max_blocks * self.block_size)  # one sequence's step
@@ -368,9 +373,12 @@ class CudaModelRunner(ModelRunner):
         self._last_sampled = None
         self.step_kinds = dict.fromkeys(self.step_kinds, 0)  # warm-up steps are not served steps
 
-    def _decode_variant(self, batch: int) -> tuple[bool, bool, int]:
+    def _decode_variant(self, batch: int) -> tuple[bool, bool, bool, int]:
         """What the kernels of an eager decode step of ``batch`` sequences compile for."""
-        return (batch <= self.dependent_launch_max_rows, *decode_variant(self._attention.decode_splits(batch)))
+        return (
+            batch <= self.dependent_launch_max_rows, batch >= LONGEST_FIRST_MIN_ROWS,
+            *decode_variant(self._attention.decode_splits(batch)),
+        )
 
     @torch.inference_mode()
     def measure_greedy_argmax(self, reps: int = 10) -> GreedyArgmax:
@@ -401,7 +409,7 @@ class CudaModelRunner(ModelRunner):
             max_seq_len=self.max_blocks * self.block_size,
             query_start_loc_list=[],
             seq_lens_list=[],
-            decode_order=self._g_order[:bs],
+            decode_order=self._g_order[:bs] if bs >= LONGEST_FIRST_MIN_ROWS else None,
         )
 
     def _decode_forward(self, bs: int) -> torch.Tensor:
@@ -513,7 +521,8 @@ class CudaModelRunner(ModelRunner):
         b[S + 1 : S + 1 + n_seq] = inputs.seq_lens
         if seqs_padded > n_seq:
             b[S + 1 + n_seq : S + 1 + seqs_padded] = 0
-        if decode:  # the attention kernel starts the longest contexts first (padding, 0, last)
+        ordered = decode and seqs_padded >= LONGEST_FIRST_MIN_ROWS
+        if ordered:  # the attention kernel starts the longest contexts first (padding, 0, last)
             lens = b[S + 1 : S + 1 + seqs_padded]
             b[buf.order_at : buf.order_at + seqs_padded] = np.argsort(lens, kind="stable")[::-1]
         n_tiles = 0
@@ -550,7 +559,7 @@ class CudaModelRunner(ModelRunner):
         slots = d[2 * T : 2 * T + padded]
         sample_rows = d[3 * T : 3 * T + n_rows]
         seq_lens = e[S + 1 : S + 1 + seqs_padded]
-        order = e[buf.order_at : buf.order_at + seqs_padded] if decode else None
+        order = e[buf.order_at : buf.order_at + seqs_padded] if ordered else None
         table_rows = d[rows_at : rows_at + seqs_padded]
         if n_new:  # in stream order: the step in flight has gathered its tables already
             self._tables.view(-1).index_copy_(0, d[entries_at:n64], e[values_at:n32])
@@ -571,7 +580,8 @@ class CudaModelRunner(ModelRunner):
             self._g_pos[:decode_bs].copy_(positions)
             self._g_slots[:decode_bs].copy_(slots)
             self._g_lens[:decode_bs].copy_(seq_lens)
-            self._g_order[:decode_bs].copy_(order)
+            if order is not None:
+                self._g_order[:decode_bs].copy_(order)
             torch.index_select(self._tables, 0, table_rows, out=self._g_tables[:decode_bs])
             graph.replay()
             self.step_kinds["decode_graph"] += 1
