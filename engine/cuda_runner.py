@@ -190,13 +190,15 @@ class _TritonAttention:
         return prefill_attention_triton(q, k, v, meta, scale, schedule=self.schedule)
 
     def decode_splits(self, batch: int) -> int:
-        """Split the contexts until every SM has about eight (sequence, kv head, partition)
-        programs: from 132 sequences up (on an H200, 8 kv heads) one partition is fastest, at
-        batch 1 the context is cut into up to ``num_splits`` pieces. Eight rather than four: when
-        the contexts differ in length, the longest ones hold up the step's end, and at 66-131
-        sequences two partitions gained 4-11 % over one (docs/benchmarks/decode-partition-*.json).
+        """Split the contexts until every SM has a few (sequence, kv head, partition) programs:
+        eight from 32 sequences up, four below. From 132 sequences up (on an H200, 8 kv heads) one
+        partition is fastest; at batch 1 the context is cut into up to ``num_splits`` pieces.
+        Eight rather than four from 32 rows: when the contexts differ in length the longest ones
+        hold up the step's end, and at 66-131 sequences two partitions gained 4-11 % over one; at
+        8-16 rows four per SM stayed as fast or faster (docs/benchmarks/decode-partition-*.json).
         Fixed per batch size, so graphs keep it."""
-        want = -(-8 * self.num_sms // (batch * self.num_kv_heads))
+        per_sm = 8 if batch >= 32 else 4
+        want = -(-per_sm * self.num_sms // (batch * self.num_kv_heads))
         return max(1, min(self.num_splits, want))
 
 
