@@ -10,7 +10,8 @@ functions are the ground truth these kernels are tested against). Three kernels:
   A tile's ``BLOCK_M`` rows are ``tokens_per_tile`` tokens x the ``group`` query heads that share
   one kv head, so each K/V tile is loaded once for the whole GQA group. Keys are walked in
   ``BLOCK_N`` tiles through the block table with an online softmax (fp32 accumulators), up to
-  the last key the tile's latest query may see. Decode rows (q_len 1) are just short tiles.
+  the last key the tile's latest query may see. A one-token tile (a decode row of a mixed
+  step) is computed as the decode kernel computes a row: its ``group`` heads in a 16-row tile.
 * ``decode_attention_triton``: one query per sequence, so a single program per (sequence, kv
   head) would leave most of the GPU idle on long contexts. The context is split into
   ``num_splits`` partitions, grid ``(batch, kv heads, num_splits)``, each writing a normalized
@@ -71,6 +72,60 @@ def _lanes(ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
         return ok[:, None]
     else:
         return ok[:, None] & (tl.arange(0, BLOCK_D) < HEAD_DIM)[None, :]
+
+
+@triton.jit
+def _attend_one_query(
+    q,
+    table,
+    k_cache,
+    v_cache,
+    kv_head,
+    lo,
+    hi,
+    scale_log2,
+    stride_kc_blk,
+    stride_kc_slot,
+    stride_kc_head,
+    stride_vc_blk,
+    stride_vc_slot,
+    stride_vc_head,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    """One token's query heads of a kv group (``q``, ``[BLOCK_G, BLOCK_D]``, rows past the group
+    zero) against keys ``[lo, hi)`` of the sequence whose block-table row is ``table``: returns
+    the unnormalized output and the online softmax's running max and sum (base 2). Shared by the
+    decode kernel and the prefill kernel's one-token tiles, so both walk the keys the same way."""
+    dims = tl.arange(0, BLOCK_D)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):  # no iterations for an empty partition
+        keys = start + tl.arange(0, BLOCK_N)
+        key_ok = keys < hi
+        blk = tl.load(table + keys // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
+        off = keys % BLOCK_SIZE
+        k_ptr = k_cache + blk * stride_kc_blk + off * stride_kc_slot + kv_head * stride_kc_head
+        k = tl.load(k_ptr[:, None] + dims[None, :], mask=_lanes(key_ok, HEAD_DIM, BLOCK_D), other=0.0)  # [N, D]
+        s = _mma(q, tl.trans(k.to(q.dtype)), DOT_PRECISION, UPCAST_DOT) * scale_log2
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_ptr = v_cache + blk * stride_vc_blk + off * stride_vc_slot + kv_head * stride_vc_head
+        v = tl.load(v_ptr[:, None] + dims[None, :], mask=_lanes(key_ok, HEAD_DIM, BLOCK_D), other=0.0)
+        acc = acc * alpha[:, None] + _mma(p.to(q.dtype), v.to(q.dtype), DOT_PRECISION, UPCAST_DOT)
+        m_i = m_new
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -152,6 +207,8 @@ def _prefill_kernel(
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     COUNT_ON_DEVICE: tl.constexpr,  # the grid is a capacity; ``tile_count`` holds how many tiles are real
+    ONE_BLOCK_G: tl.constexpr,  # a one-token tile's rows: GROUP padded to a power of two >= 16
+    ONE_BLOCK_N: tl.constexpr,  # and its keys per step (the decode kernel's)
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -164,6 +221,35 @@ def _prefill_kernel(
     q_len = tl.load(query_start_loc + seq + 1) - q_begin
     seq_len = tl.load(seq_lens + seq)
     cached = seq_len - q_len  # new token i sits at position cached + i
+    table = block_tables + seq.to(tl.int64) * stride_bt
+    dims = tl.arange(0, BLOCK_D)
+
+    if q_len == 1:
+        # A decode row of a mixed step (or a one-token chunk): its GROUP heads in a tile of
+        # ONE_BLOCK_G rows, as the decode kernel computes them, instead of BLOCK_M rows of which
+        # GROUP are real. The full tile made such a row cost BLOCK_M / GROUP times the matrix
+        # work of its keys: compute-bound where the row's K/V read should bound it.
+        g = tl.arange(0, ONE_BLOCK_G)
+        g_head = kv_head * GROUP + g
+        g_ok = g < GROUP
+        q_row = q_begin.to(tl.int64)
+        q1 = tl.load(
+            query + q_row * stride_qt + g_head[:, None] * stride_qh + dims[None, :],
+            mask=_lanes(g_ok, HEAD_DIM, BLOCK_D),
+            other=0.0,
+        )
+        acc1, _, l1 = _attend_one_query(
+            q1, table, k_cache, v_cache, kv_head, 0, seq_len, scale_log2,
+            stride_kc_blk, stride_kc_slot, stride_kc_head, stride_vc_blk, stride_vc_slot, stride_vc_head,
+            ONE_BLOCK_G, ONE_BLOCK_N, HEAD_DIM, BLOCK_D, BLOCK_SIZE, DOT_PRECISION, UPCAST_DOT,
+        )
+        acc1 = acc1 / tl.where(l1 > 0.0, l1, 1.0)[:, None]
+        tl.store(
+            out + q_row * stride_ot + g_head[:, None] * stride_oh + dims[None, :],
+            acc1.to(out.dtype.element_ty),
+            mask=_lanes(g_ok, HEAD_DIM, BLOCK_D),
+        )
+        return
 
     # Row r of the tile is token tile_start + r // GROUP, query head kv_head * GROUP + r % GROUP.
     rows = tl.arange(0, BLOCK_M)
@@ -172,7 +258,6 @@ def _prefill_kernel(
     row_ok = (rows < TOKENS_PER_TILE * GROUP) & (tok < q_len)
     # Padding rows get positions >= seq_len, so they see every key and never produce NaN.
     q_pos = cached + tok
-    dims = tl.arange(0, BLOCK_D)
     q_rows = (q_begin + tok).to(tl.int64)
     # Padded lanes load as 0 in q and k, so they add exactly 0 to every q.k.
     q = tl.load(
@@ -186,7 +271,6 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     # Causal: nothing past the tile's last token is visible to any of its rows.
     kv_end = tl.minimum(seq_len, cached + tile_start + TOKENS_PER_TILE)
-    table = block_tables + seq.to(tl.int64) * stride_bt
     for start in range(0, kv_end, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         key_ok = keys < kv_end
@@ -283,29 +367,12 @@ def _decode_split_kernel(
         other=0.0,
     )
 
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     table = block_tables + seq.to(tl.int64) * stride_bt
-    for start in range(lo, hi, BLOCK_N):  # no iterations for an empty partition
-        keys = start + tl.arange(0, BLOCK_N)
-        key_ok = keys < hi
-        blk = tl.load(table + keys // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
-        off = keys % BLOCK_SIZE
-        k_ptr = k_cache + blk * stride_kc_blk + off * stride_kc_slot + kv_head * stride_kc_head
-        k = tl.load(k_ptr[:, None] + dims[None, :], mask=_lanes(key_ok, HEAD_DIM, BLOCK_D), other=0.0)  # [N, D]
-        s = _mma(q, tl.trans(k.to(q.dtype)), DOT_PRECISION, UPCAST_DOT) * scale_log2
-        s = tl.where(key_ok[None, :], s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_ref)
-        p = tl.exp2(s - m_ref[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v_ptr = v_cache + blk * stride_vc_blk + off * stride_vc_slot + kv_head * stride_vc_head
-        v = tl.load(v_ptr[:, None] + dims[None, :], mask=_lanes(key_ok, HEAD_DIM, BLOCK_D), other=0.0)
-        acc = acc * alpha[:, None] + _mma(p.to(q.dtype), v.to(q.dtype), DOT_PRECISION, UPCAST_DOT)
-        m_i = m_new
+    acc, m_i, l_i = _attend_one_query(
+        q, table, k_cache, v_cache, kv_head, lo, hi, scale_log2,
+        stride_kc_blk, stride_kc_slot, stride_kc_head, stride_vc_blk, stride_vc_slot, stride_vc_head,
+        BLOCK_G, BLOCK_N, HEAD_DIM, BLOCK_D, BLOCK_SIZE, DOT_PRECISION, UPCAST_DOT,
+    )
 
     # Normalized partial output + base-2 log-sum-exp; an empty partition gives (0, -inf).
     has_keys = l_i > 0.0
@@ -608,6 +675,8 @@ def prefill_attention_triton(
         DOT_PRECISION=_dot_precision(query.dtype),
         UPCAST_DOT=INTERPRETED,
         COUNT_ON_DEVICE=schedule.tile_count is not None,
+        ONE_BLOCK_G=max(16, triton.next_power_of_2(group)),
+        ONE_BLOCK_N=decode_block_n(head_dim, query.dtype),
         num_warps=num_warps,
         num_stages=num_stages,
     )
