@@ -84,28 +84,42 @@ def _qkv_prologue_kernel(
     # interpreter, which then refuses them as masks; see _store_kv_kernel).
     heads = tl.zeros([BLOCK_HALF], dtype=tl.int32) + head
     is_q = heads < NUM_HEADS
+    kv = tl.maximum(head - NUM_HEADS, 0)
+    # Every load first, in dependency order, then the arithmetic: a program is latency-bound (one
+    # head of one token), and the loads it issues before the norm's cross-warp reduction are in
+    # flight together instead of one chain after another (the position before its cos/sin, the
+    # slot, the value head). Nothing is loaded from memory a store below writes (q's columns are
+    # read here, before their store); the order of the arithmetic is unchanged.
+    pos = tl.load(positions + tok).to(tl.int64)
+    slot = tl.load(slot_mapping + tok).to(tl.int64)
     x1 = tl.load(row + d, mask=d_ok, other=0.0)
     x2 = tl.load(row + HALF + d, mask=d_ok, other=0.0)
+    lanes = tl.arange(0, BLOCK_D)
+    v_lanes = tl.zeros([BLOCK_D], dtype=tl.int32) + head
+    v_slots = tl.zeros([BLOCK_D], dtype=tl.int64) + slot
+    v_ok = (lanes < 2 * HALF) & (v_lanes >= NUM_HEADS) & (v_slots >= 0)
+    value = tl.load(qkv + tok * stride_t + (NUM_HEADS + NUM_KV_HEADS + kv) * stride_h + lanes, mask=v_ok)
+    c_raw = tl.load(cos + pos * stride_cos + d, mask=d_ok, other=0.0)
+    s_raw = tl.load(sin + pos * stride_cos + d, mask=d_ok, other=0.0)
     ty = x1.dtype
     f1 = x1.to(tl.float32)
     f2 = x2.to(tl.float32)
     if HAS_NORM:
-        # rms_norm_triton's row, lane for lane: the same tile gives the same reduction order.
         cols = tl.arange(0, BLOCK_D)
         v32 = tl.load(row + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-        mean_sq = tl.sum(v32 * v32, axis=0) / n_cols
-        inv = 1.0 / tl.sqrt(mean_sq + eps)
         weight = tl.where(head < NUM_HEADS, q_weight, k_weight)
         w1 = tl.load(weight + d, mask=d_ok, other=0.0).to(tl.float32)
         w2 = tl.load(weight + HALF + d, mask=d_ok, other=0.0).to(tl.float32)
+        # rms_norm_triton's row, lane for lane: the same tile gives the same reduction order.
+        mean_sq = tl.sum(v32 * v32, axis=0) / n_cols
+        inv = 1.0 / tl.sqrt(mean_sq + eps)
         f1 = (w1 * (f1 * inv).to(ty).to(tl.float32)).to(ty).to(tl.float32)
         f2 = (w2 * (f2 * inv).to(ty).to(tl.float32)).to(ty).to(tl.float32)
 
     # rotary_triton's arithmetic (see _rotary_kernel): the table is cat(freqs, freqs), both halves
     # share cos/sin, rounded to the dtype; each product and the sum rounded to the dtype.
-    pos = tl.load(positions + tok).to(tl.int64)
-    c = round_to(tl.load(cos + pos * stride_cos + d, mask=d_ok, other=0.0), ty, IS_BF16)
-    s = round_to(tl.load(sin + pos * stride_cos + d, mask=d_ok, other=0.0), ty, IS_BF16)
+    c = round_to(c_raw, ty, IS_BF16)
+    s = round_to(s_raw, ty, IS_BF16)
     o1 = round_to(round_to(f1 * c, ty, IS_BF16) + round_to(-f2 * s, ty, IS_BF16), ty, IS_BF16).to(ty)
     o2 = round_to(round_to(f2 * c, ty, IS_BF16) + round_to(f1 * s, ty, IS_BF16), ty, IS_BF16).to(ty)
 
@@ -117,8 +131,6 @@ def _qkv_prologue_kernel(
     tl.store(row + HALF + d, o2, mask=q_ok)
 
     # A kv head: the rotated key and the value head into the token's slot, none for slot < 0.
-    kv = tl.maximum(head - NUM_HEADS, 0)
-    slot = tl.load(slot_mapping + tok).to(tl.int64)
     slots = tl.zeros([BLOCK_HALF], dtype=tl.int64) + slot
     k_ok = d_ok & (heads >= NUM_HEADS) & (slots >= 0)
     blk = slot // BLOCK_SIZE
@@ -126,11 +138,6 @@ def _qkv_prologue_kernel(
     k_dst = k_cache + blk * stride_kc_blk + off * stride_kc_slot + kv * stride_kc_head
     tl.store(k_dst + d, o1.to(k_cache.dtype.element_ty), mask=k_ok)
     tl.store(k_dst + HALF + d, o2.to(k_cache.dtype.element_ty), mask=k_ok)
-    lanes = tl.arange(0, BLOCK_D)
-    v_lanes = tl.zeros([BLOCK_D], dtype=tl.int32) + head
-    v_slots = tl.zeros([BLOCK_D], dtype=tl.int64) + slot
-    v_ok = (lanes < 2 * HALF) & (v_lanes >= NUM_HEADS) & (v_slots >= 0)
-    value = tl.load(qkv + tok * stride_t + (NUM_HEADS + NUM_KV_HEADS + kv) * stride_h + lanes, mask=v_ok)
     v_dst = v_cache + blk * stride_vc_blk + off * stride_vc_slot + kv * stride_vc_head
     tl.store(v_dst + lanes, value.to(v_cache.dtype.element_ty), mask=v_ok)
 
