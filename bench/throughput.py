@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import math
 import os
@@ -32,6 +33,7 @@ import attrs
 import torch
 import trio
 
+from mini_vllm.actors.core import settle_gc
 from mini_vllm.bench.allreduce import collectives_line, measure_tensor_parallel
 from mini_vllm.bench.command import HelpFormatter, fail, interruptible, unwritable, write_text
 from mini_vllm.bench.env import (
@@ -135,6 +137,11 @@ def add_bench_throughput(sub: Any) -> None:
     t.add_argument("--tensor-parallel-size", type=positive_int, default=1, metavar="N",
                    help="split the model over N GPUs (CPU processes over gloo without CUDA); the floor is then "
                         "N GPUs', each at the measured per-GPU peaks, plus the collectives measured over them")
+    t.add_argument("--freeze-gc", action=argparse.BooleanOptionalAction, default=True,
+                   help="in-process runs: once the engine is built and warm, gc.freeze() and a young generation "
+                        "collected after 20,000 net allocations, as the engine core process of the server runs "
+                        "(actors/core.py, settle_gc); --no-freeze-gc: the collector as Python sets it, whose full "
+                        "collections walk the whole start-up heap, tens of ms each, in the middle of steps")
     t.add_argument("--trace", metavar="DIR", default=None,
                    help="profile steady-state decode steps and write the trace and a timeline PNG into DIR "
                         "(GPU; default: no trace)")
@@ -790,14 +797,23 @@ def run_throughput(args: argparse.Namespace) -> int:
         config = engine.model_config
         requests = workload.make(config.vocab_size, num_requests)
         warm_up(engine)
-        for path in in_process:
-            record[path] = IN_PROCESS_RUNS[path](engine, requests)
-        if args.trace:
-            from mini_vllm.bench.trace import trace_decode_steps
+        threshold = gc.get_threshold()
+        if args.freeze_gc:
+            settle_gc()
+        record["freeze_gc"] = args.freeze_gc
+        try:
+            for path in in_process:
+                record[path] = IN_PROCESS_RUNS[path](engine, requests)
+            if args.trace:
+                from mini_vllm.bench.trace import trace_decode_steps
 
-            record["trace"] = trace_decode_steps(engine, requests, Path(args.trace))
-        # Free the GPU now: the server's process (and the peer) load the model again.
-        engine.close()
+                record["trace"] = trace_decode_steps(engine, requests, Path(args.trace))
+        finally:
+            if args.freeze_gc:
+                gc.unfreeze()  # the process may go on (tests call the command in-process)
+                gc.set_threshold(*threshold)
+            # Free the GPU now: the server's process (and the peer) load the model again.
+            engine.close()
         del engine
         if cuda:
             torch.cuda.empty_cache()
@@ -921,6 +937,9 @@ def print_table(record: dict[str, Any]) -> None:
                          f"{r['output_tokens_per_s']:,.0f} ({r['output_tokens']:,} in {r['seconds']:.2f} s{over}{fraction})"))
     if "server_error" in record:
         rows.append(("server", record["server_error"]))
+    if "freeze_gc" in record:
+        rows.append(("collector, in-process runs", "frozen after start-up (--freeze-gc, as the engine core process)"
+                     if record["freeze_gc"] else "Python's defaults (--no-freeze-gc)"))
     if "cpu_step_ms" in record.get("offline", {}):
         c = record["offline"]["cpu_step_ms"]
         rows.append((f"CPU ms per decode step @{c['running_seqs']} seqs",

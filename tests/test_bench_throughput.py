@@ -234,3 +234,34 @@ def test_the_json_goes_to_the_current_directory_by_default(
     (out,) = tmp_path.iterdir()  # no docs/ tree
     assert out.name.startswith(f"throughput-{str(path).replace('/', '_')}-") and out.suffix == ".json"
     assert json.loads(out.read_text())["offline"]["output_tokens"] == offline_256(300)[0].output_len
+
+
+@pytest.mark.parametrize("flag", ["--freeze-gc", "--no-freeze-gc"])
+def test_the_in_process_runs_freeze_the_collector_as_the_core_does_and_give_it_back(
+    tiny_model: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], flag: str,
+) -> None:
+    import gc
+
+    from mini_vllm.actors.core import CORE_GC_THRESHOLD
+
+    path = tiny_model("LlamaForCausalLM", max_position_embeddings=2048)
+    seen: list[tuple[int, tuple[int, ...]]] = []
+    run = bench_throughput.IN_PROCESS_RUNS["offline"]
+
+    def watched(engine: object, requests: list) -> dict:
+        seen.append((gc.get_freeze_count(), gc.get_threshold()))
+        return run(engine, requests)
+
+    monkeypatch.setitem(bench_throughput.IN_PROCESS_RUNS, "offline", watched)
+    before = gc.get_threshold()
+    argv = ["bench", "throughput", "--model", str(path), "--num-requests", "1", "--path", "offline",
+            "--output-dir", str(tmp_path), flag]
+    assert cli.main(argv) == 0
+    frozen = flag == "--freeze-gc"
+    ((count, threshold),) = seen
+    assert (count > 0, threshold) == ((True, CORE_GC_THRESHOLD) if frozen else (False, before))
+    assert (gc.get_freeze_count(), gc.get_threshold()) == (0, before)  # given back for the rest of the process
+    (out,) = tmp_path.glob("throughput-*.json")
+    assert json.loads(out.read_text())["freeze_gc"] is frozen
+    assert ("frozen after start-up" if frozen else "Python's defaults") in capsys.readouterr().out
