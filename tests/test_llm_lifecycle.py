@@ -199,3 +199,35 @@ def test_first_llm_in_a_fresh_process_frees_without_gc(demo_model_dir: Path, tmp
         capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+
+
+def test_generate_freezes_the_heap_it_found_and_gives_it_back(
+    demo_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    llm = LLM(str(demo_model_dir), **SMALL)
+    seen: list[int] = []
+    step = llm.engine.step
+
+    def watched() -> list[Any]:
+        seen.append(gc.get_freeze_count())
+        return step()
+
+    monkeypatch.setattr(llm.engine, "step", watched)
+    assert gc.get_freeze_count() == 0
+    llm.generate(PROMPTS[0], SamplingParams(max_tokens=3, temperature=0))
+    assert seen and all(count > 0 for count in seen)  # the collector skipped the old heap throughout
+    assert gc.get_freeze_count() == 0  # and has it back
+    # A program that froze objects itself keeps its freeze: generate neither adds to it nor undoes it.
+    calls: list[str] = []
+    freeze, unfreeze = gc.freeze, gc.unfreeze
+    gc.freeze()
+    try:
+        monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
+        monkeypatch.setattr(gc, "unfreeze", lambda: calls.append("unfreeze"))
+        llm.generate(PROMPTS[0], SamplingParams(max_tokens=3, temperature=0))
+        assert calls == [] and gc.get_freeze_count() > 0
+    finally:
+        monkeypatch.setattr(gc, "freeze", freeze)
+        monkeypatch.setattr(gc, "unfreeze", unfreeze)
+        gc.unfreeze()
+    llm.close()
