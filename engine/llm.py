@@ -122,8 +122,8 @@ def _heap_frozen() -> Iterator[None]:
     collection otherwise walks the whole heap, the ~165k objects torch's import leaves among it,
     tens of ms each, and the steps of a large batch allocate enough to set them off: on the H200
     12 of OFFLINE-256's 20 prefill-carrying steps took 23-48 ms of host time instead of 3-8
-    (docs/benchmarks/prefill-steps-qwen3-0.6b-9ed0e9f.json). A program that froze objects itself
-    manages its collector: then nothing changes here."""
+    (docs/benchmarks/prefill-steps-qwen3-0.6b-20261202-9ed0e9f.json). A program that froze
+    objects itself manages its collector: then nothing changes here."""
     if gc.get_freeze_count():
         yield
         return
