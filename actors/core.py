@@ -266,8 +266,12 @@ def settle_gc() -> None:
     gc.set_threshold(*CORE_GC_THRESHOLD)
 
 
-async def run_core(link: Link, start: CoreStart) -> None:
+async def run_core(link: Link, start: CoreStart, *, own_process: bool = False) -> None:
     """Load ``start.model``, then serve the link until ``CoreStop`` or until the frontend is gone.
+
+    ``own_process``: this process is the core's alone (``core_process.main``), so the collector may
+    be settled for it. ``config.core_process`` run in the frontend's process (tests do) runs the
+    jobs inline as a core process would but leaves the process's collector as it found it.
 
     One core per model: a model that crashes its process takes no other model with it. An engine
     loaded here from ``EngineArgs`` is closed on the way out (its device memory freed); an engine
@@ -280,7 +284,7 @@ async def run_core(link: Link, start: CoreStart) -> None:
         await link.send(CoreFailed(type(exc).__name__, str(exc)))
         await link.aclose()
         return
-    if config.core_process:
+    if own_process:
         settle_gc()
     try:
         _set_cpu_threads(engine, config)

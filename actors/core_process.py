@@ -21,7 +21,7 @@ async def _core_main(fd: int) -> None:
     start = await link.receive()
     if not isinstance(start, CoreStart):
         raise SystemExit(f"mini-vllm engine core: expected CoreStart, got {type(start).__name__}")
-    await run_core(link, start)
+    await run_core(link, start, own_process=True)
 
 
 def main(argv: Sequence[str]) -> int:
