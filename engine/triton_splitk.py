@@ -30,6 +30,7 @@ from mini_vllm.engine.triton_attention import INTERPRETED, _mma
 from mini_vllm.engine.triton_norm import dependent_launch, dependent_launch_entry
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)
+MAX_ROWS = 256  # the decode batches that matter at load; larger steps are prefill chunks, compute-bound
 
 
 @attrs.frozen

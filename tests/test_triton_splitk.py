@@ -4,6 +4,8 @@ back at zero after each launch, and bad inputs refused in words."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -89,3 +91,58 @@ def test_default_tiles_are_valid_for_the_served_shapes(m: int, n: int, k: int) -
         assert t.block_m in (32, 64) and t.block_n == 64 and t.splits in (1, 2, 4, 8)
         assert t.block_k == (128 if size == 2 else 64)
         assert k // t.splits >= 256 or t.splits == 1  # every slice at least two K tiles long
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "Qwen3ForCausalLM"])
+def test_model_split_k_path_equals_the_full_one(architecture: str) -> None:
+    """The GPU runner's kernels with and without the split-K path for o_proj and down_proj, fp32:
+    the same hidden states within fp32 rounding, over a prefill of 6 tokens and a decode of 3 rows,
+    with K split in two (the partials, the counters and the last program's sum all run); a step of
+    more tokens than its rows takes cuBLAS's path, and steps the skinny kernel takes stay its own."""
+    from test_triton_qkv import random_model
+
+    from mini_vllm.engine.attention import build_metadata
+    from mini_vllm.engine.triton_attention import paged_attention_triton, store_kv_triton
+    from mini_vllm.engine.triton_norm import rms_norm_triton, rotary_triton, silu_mul_triton
+    from mini_vllm.engine.triton_qkv import qkv_prologue_triton
+
+    model = random_model(architecture, torch.float32)
+    cfg = model.config
+    cache = torch.randn(cfg.num_hidden_layers, 2, 5, 4, cfg.num_key_value_heads, cfg.head_dim)
+    tables = [[3, 0], [1], []]
+    gen = torch.Generator().manual_seed(1)
+    steps = [
+        (torch.randint(0, cfg.vocab_size, (6,), generator=gen), torch.tensor([2, 3, 4, 0, 1, 2]),
+         build_metadata([3, 3], [5, 3], tables[:2], [14, 15, 0, 4, 5, 6])),
+        (torch.randint(0, cfg.vocab_size, (3,), generator=gen), torch.tensor([5, 3, 0]),
+         build_metadata([1, 1, 1], [6, 4, 0], tables, [1, 7, -1])),
+    ]
+    attention = functools.partial(paged_attention_triton, num_splits=2)
+    model.use_fused_kernels(rms_norm_triton, rotary_triton, silu_mul_triton, qkv_prologue=qkv_prologue_triton)
+    linear = SplitKLinear(8)
+    calls: list[tuple[int, int]] = []
+
+    def counted(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        calls.append((x.shape[0], weight.shape[1]))
+        return linear(x, weight, SplitTiles(32, 64, 64, 2))
+
+    results = []
+    for rows in (0, 8):
+        model.use_split_k_linear(counted, rows)
+        with torch.inference_mode():
+            results.append([model(ids, pos, cache.clone(), meta, attention, store_kv_triton) for ids, pos, meta in steps])
+    layers = cfg.num_hidden_layers
+    o, down = cfg.num_attention_heads * cfg.head_dim, cfg.intermediate_size
+    assert calls == [(6, o), (6, down)] * layers + [(3, o), (3, down)] * layers
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+    calls.clear()
+    model.use_split_k_linear(counted, 5)  # six tokens: more than its rows, cuBLAS's path
+    model.use_skinny_linear(lambda x, w, silu_intermediate=None: F.linear(x, w) if silu_intermediate is None
+                            else silu_mul_triton(F.linear(x, w), silu_intermediate), 3)
+    with torch.inference_mode():
+        for ids, pos, meta in steps:
+            model(ids, pos, cache.clone(), meta, attention, store_kv_triton)
+    assert calls == []  # six rows: too many; three: the skinny kernel's
