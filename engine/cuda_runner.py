@@ -257,8 +257,7 @@ class CudaModelRunner(ModelRunner):
         self.split_k = split_k_kernels and parallel is None and dtype in SPLIT_K_DTYPES
         if self.split_k:  # larger steps up to 256 tokens: o and down in engine/triton_splitk.py
             model.use_split_k_linear(SplitKLinear(SPLIT_K_MAX_ROWS, pdl_rows=pdl_rows), SPLIT_K_MAX_ROWS)
-        self._split_k_shape = (config.hidden_size, config.num_attention_heads * config.head_dim,
-                               config.intermediate_size, model.embed_tokens.weight.element_size())
+        self._split_k_shape = (config.hidden_size, config.num_attention_heads * config.head_dim, config.intermediate_size)
         rows = max(max_num_batched_tokens, max_num_seqs)
         self.max_num_batched_tokens = max_num_batched_tokens
         max_tiles = max_prefill_tiles(max_num_batched_tokens, max_num_seqs, self.tokens_per_tile)
@@ -353,13 +352,13 @@ class CudaModelRunner(ModelRunner):
         """One row count per split-K kernel variant that o_proj and down_proj reach, for the warm-up
         (the skinny kernel takes the smallest steps). The warm-up takes them with graphs on too:
         an eager step of any size may come."""
-        n, k_o, k_down, size = self._split_k_shape
+        n, k_o, k_down = self._split_k_shape
         first = (SKINNY_MAX_ROWS if self.skinny else 0) + 1
         seen: set[tuple[object, ...]] = set()
         rows = []
         for m in range(first, min(SPLIT_K_MAX_ROWS, longest) + 1):
             variant = tuple((t.block_m, t.block_n, t.block_k, t.splits, m <= self.dependent_launch_max_rows)
-                            for t in (split_tiles(m, n, k, element_size=size) for k in (k_o, k_down)))
+                            for t in (split_tiles(m, n, k) for k in (k_o, k_down)))
             if variant not in seen:
                 seen.add(variant)
                 rows.append(m)

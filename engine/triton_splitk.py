@@ -45,7 +45,7 @@ class SplitTiles:
 
 # Kernel arguments are left unannotated: Triton reads annotations as specialization hints. M, N
 # and K stay runtime values so that one compiled kernel serves every projection of a tile shape.
-@triton.jit(do_not_specialize=["M", "N", "K", "k_per_split"])
+@triton.jit(do_not_specialize=["M", "N", "K", "blocks_per_split"])
 def _splitk_kernel(
     x,
     w,
@@ -55,7 +55,7 @@ def _splitk_kernel(
     M,
     N,
     K,
-    k_per_split,
+    blocks_per_split,
     stride_x,
     stride_w,
     stride_y,
@@ -65,6 +65,7 @@ def _splitk_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     dependent_launch_entry(USE_PDL)
@@ -78,14 +79,21 @@ def _splitk_kernel(
     ks = tl.arange(0, BLOCK_K)
     x_rows = x + rows.to(tl.int64)[:, None] * stride_x
     w_rows = w + cols.to(tl.int64)[:, None] * stride_w
-    k_begin = split * k_per_split
-    k_end = tl.minimum(k_begin + k_per_split, K)
+    # Whole K blocks per slice, so every block starts at a multiple of BLOCK_K: the compiler can
+    # then load 16 bytes at a time (a slice start it cannot prove aligned made every load scalar,
+    # 3-8x slower than cuBLAS on the H200). With EVEN_K no K mask either.
+    first_block = split * blocks_per_split
+    n_blocks = tl.minimum(blocks_per_split, tl.cdiv(K, BLOCK_K) - first_block)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        k = k0 + ks
-        k_ok = k < k_end
-        a = tl.load(x_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_rows + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+    for i in range(n_blocks):
+        k = (first_block + i) * BLOCK_K + ks
+        if EVEN_K:
+            a = tl.load(x_rows + k[None, :], mask=row_ok[:, None], other=0.0)
+            b = tl.load(w_rows + k[None, :], mask=col_ok[:, None], other=0.0)
+        else:
+            k_ok = k < K
+            a = tl.load(x_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_rows + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         acc += _mma(a, tl.trans(b), DOT_PRECISION, UPCAST_DOT)
     ok = row_ok[:, None] & col_ok[None, :]
     out = y + rows[:, None] * stride_y + cols[None, :]
@@ -105,15 +113,16 @@ def _splitk_kernel(
             tl.atomic_xchg(counters + pid_m * tl.num_programs(1) + pid_n, 0, sem="relaxed", scope="gpu")
 
 
-def split_tiles(m: int, n: int, k: int, *, element_size: int = 2) -> SplitTiles:
+def split_tiles(m: int, n: int, k: int) -> SplitTiles:
     """The tiles and split for ``m`` rows of an ``[n, k]`` projection (from the H200 sweep,
-    docs/benchmarks/splitk-sweep-*.json). fp32 takes K tiles half as long (shared memory)."""
-    block_m = 32 if m <= 32 else 64
-    block_k = 128 if element_size == 2 else 64
+    docs/benchmarks/splitk-sweep-*.json: 32 x 64 tiles, 64 long in K, were the best at every
+    shape; the same for fp32, whose tiles also fit shared memory)."""
+    block_m, block_k = 32, 64
     tiles_mn = triton.cdiv(m, block_m) * triton.cdiv(n, 64)
-    # Enough programs to cover the GPU's 132 SMs a few times over, a slice of K at least 256 long.
+    # About two programs per SM of the H200's 132 (the sweep's best at qwen3-0.6b's o and down),
+    # each slice of K at least 256 long.
     splits = 1
-    while splits < 8 and tiles_mn * splits < 4 * 132 and k // (2 * splits) >= 256:
+    while splits < 8 and tiles_mn * (2 * splits) <= 2 * 132 and k // (2 * splits) >= 256:
         splits *= 2
     return SplitTiles(block_m, 64, block_k, splits)
 
@@ -158,16 +167,17 @@ class SplitKLinear:
         y = torch.empty((m, n), dtype=x.dtype, device=x.device)
         if m == 0:
             return y
-        t = tiles or split_tiles(m, n, k, element_size=x.element_size())
+        t = tiles or split_tiles(m, n, k)
         if t.splits > 8 or t.block_m < 32 or t.block_n < 64:
             raise ValueError(f"splitk_linear: at most 8 splits of tiles at least 32 x 64, got {t}")
         partial, counters = self.workspace(n, x.device)
-        k_per_split = triton.cdiv(triton.cdiv(k, t.splits), t.block_k) * t.block_k
+        blocks_per_split = triton.cdiv(triton.cdiv(k, t.block_k), t.splits)
         grid = (triton.cdiv(m, t.block_m), triton.cdiv(n, t.block_n), t.splits)
         _splitk_kernel[grid](
-            x, weight, y, partial, counters, m, n, k, k_per_split, x.stride(0), weight.stride(0), y.stride(0),
+            x, weight, y, partial, counters, m, n, k, blocks_per_split, x.stride(0), weight.stride(0), y.stride(0),
             SPLITS=t.splits, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", UPCAST_DOT=INTERPRETED,
-            BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, num_warps=t.num_warps, num_stages=t.num_stages,
+            BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, EVEN_K=k % t.block_k == 0,
+            num_warps=t.num_warps, num_stages=t.num_stages,
             **dependent_launch(m <= self.pdl_rows),
         )
         return y
