@@ -73,9 +73,6 @@ def add_bench_latency(sub: Any) -> None:
     p.add_argument("--skinny-kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="steps of at most 16 tokens through the few-row kernel for o_proj, gate_up and down_proj "
                         "(engine/triton_skinny.py; --no-skinny-kernels: cuBLAS)")
-    p.add_argument("--split-k-kernels", action=argparse.BooleanOptionalAction, default=False,
-                   help="steps of 17-256 tokens run o_proj and down_proj through the split-K kernel "
-                        "(engine/triton_splitk.py; default off: cuBLAS)")
     p.add_argument("--programmatic-dependent-launch", action=argparse.BooleanOptionalAction, default=None,
                    help="in steps of at most 64 tokens our GPU kernels may start while the one before them ends "
                         "(default: on for one GPU of compute capability 9.0+)")
@@ -328,8 +325,7 @@ def run_latency(args: argparse.Namespace) -> int:
         gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
         block_size=args.block_size, enforce_eager=args.enforce_eager, enable_prefix_caching=False,
         async_scheduling=False if args.no_async_scheduling else None, tensor_parallel_size=args.tensor_parallel_size,
-        skinny_kernels=args.skinny_kernels, split_k_kernels=args.split_k_kernels,
-        programmatic_dependent_launch=args.programmatic_dependent_launch,
+        skinny_kernels=args.skinny_kernels, programmatic_dependent_launch=args.programmatic_dependent_launch,
     ))
     if isinstance(engine, int):
         return engine
@@ -338,7 +334,6 @@ def run_latency(args: argparse.Namespace) -> int:
     record["max_num_batched_tokens"] = engine.args.max_num_batched_tokens
     record["cuda_graphs"] = cuda and not args.enforce_eager
     record["skinny_kernels"] = bool(getattr(engine.runner, "skinny", False))
-    record["split_k_kernels"] = bool(getattr(engine.runner, "split_k", False))
     record["programmatic_dependent_launch"] = bool(getattr(engine.runner, "dependent_launch", False))
     record["dependent_launch_max_rows"] = int(getattr(engine.runner, "dependent_launch_max_rows", 0))
     rng = random.Random(3)  # fresh prompts every iteration: nothing to reuse even with a prefix cache

@@ -131,9 +131,6 @@ def add_bench_throughput(sub: Any) -> None:
     t.add_argument("--skinny-kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="steps of at most 16 tokens through the few-row kernel for o_proj, gate_up and down_proj "
                         "(engine/triton_skinny.py; --no-skinny-kernels: cuBLAS)")
-    t.add_argument("--split-k-kernels", action=argparse.BooleanOptionalAction, default=False,
-                   help="steps of 17-256 tokens run o_proj and down_proj through the split-K kernel "
-                        "(engine/triton_splitk.py; default off: cuBLAS)")
     t.add_argument("--programmatic-dependent-launch", action=argparse.BooleanOptionalAction, default=None,
                    help="in steps of at most 64 tokens our GPU kernels may start while the one before them ends "
                         "(default: on for one GPU of compute capability 9.0+)")
@@ -394,7 +391,6 @@ def server_argv(args: argparse.Namespace, load_format: str, num_requests: int, c
     if args.enforce_eager:
         argv.append("--enforce-eager")
     argv.append("--skinny-kernels" if args.skinny_kernels else "--no-skinny-kernels")
-    argv.append("--split-k-kernels" if args.split_k_kernels else "--no-split-k-kernels")
     if args.programmatic_dependent_launch is not None:
         argv.append("--programmatic-dependent-launch" if args.programmatic_dependent_launch
                     else "--no-programmatic-dependent-launch")
@@ -792,7 +788,7 @@ def run_throughput(args: argparse.Namespace) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
             num_kv_blocks=args.num_kv_blocks, enforce_eager=args.enforce_eager, enable_prefix_caching=False,
             tensor_parallel_size=args.tensor_parallel_size, skinny_kernels=args.skinny_kernels,
-            split_k_kernels=args.split_k_kernels, programmatic_dependent_launch=args.programmatic_dependent_launch,
+            programmatic_dependent_launch=args.programmatic_dependent_launch,
         ))
         if isinstance(engine, int):
             return engine
@@ -894,7 +890,6 @@ def engine_summary(engine: LLMEngine, load_seconds: float) -> dict[str, Any]:
         "block_size": engine.args.block_size,
         # Whether steps of a few tokens took the few-row kernel (asked for, and possible here).
         "skinny_kernels": bool(getattr(runner, "skinny", False)),
-        "split_k_kernels": bool(getattr(runner, "split_k", False)),  # steps of 17-256 tokens' o and down
         "programmatic_dependent_launch": bool(getattr(runner, "dependent_launch", False)),
         "dependent_launch_max_rows": int(getattr(runner, "dependent_launch_max_rows", 0)),  # steps it covers
         "cuda_graphs": (

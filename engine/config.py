@@ -75,10 +75,6 @@ class EngineArgs:
     # gate_up (with the SiLU-multiply) and down_proj instead of cuBLAS's split-K and the separate
     # SiLU kernel: about 4 % off a llama3-8b decode graph at 1-16 rows (docs/gpu-execution.md).
     skinny_kernels: bool = True
-    # GPU steps of 17 to triton_splitk.MAX_ROWS tokens run o_proj and down_proj (a long K, a narrow
-    # output) through the split-K kernel instead of cuBLAS. Off until timed on the H200
-    # (docs/benchmarks/splitk_sweep.py; docs/gpu-execution.md, "Not done").
-    split_k_kernels: bool = False
     # GPU kernels of ours launched with programmatic dependent launch (sm_90+): each may start
     # while the one before it ends and waits for it in its first instruction, which takes the gap
     # between two kernels out of the graph (triton_norm.dependent_launch), at steps of at most
@@ -107,7 +103,7 @@ class EngineArgs:
         if self.preemption_mode != "recompute":
             raise ConfigError(f"preemption_mode must be recompute, got {self.preemption_mode!r}")
         for flag in ("enable_prefix_caching", "enforce_eager", "enable_chunked_prefill", "skip_tokenizer_init",
-                     "skinny_kernels", "split_k_kernels"):
+                     "skinny_kernels"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         for flag in ("async_scheduling", "programmatic_dependent_launch"):

@@ -56,9 +56,6 @@ from mini_vllm.engine.triton_qkv import qkv_prologue_triton
 from mini_vllm.engine.triton_skinny import MAX_ROWS as SKINNY_MAX_ROWS
 from mini_vllm.engine.triton_skinny import SUPPORTED_DTYPES as SKINNY_DTYPES
 from mini_vllm.engine.triton_skinny import skinny_linear_triton
-from mini_vllm.engine.triton_splitk import MAX_ROWS as SPLIT_K_MAX_ROWS
-from mini_vllm.engine.triton_splitk import SUPPORTED_DTYPES as SPLIT_K_DTYPES
-from mini_vllm.engine.triton_splitk import SplitKLinear, split_tiles
 
 # Programmatic dependent launch pays at a few rows and costs at many: on the H200 it took 7 % off
 # qwen3-0.6b's decode graph at one row and 3 % off llama3-8b's, left 16-64 rows within 2 %, and
@@ -219,7 +216,6 @@ class CudaModelRunner(ModelRunner):
         block_size: int,
         enforce_eager: bool,
         skinny_kernels: bool,
-        split_k_kernels: bool = False,
         dependent_launch: bool | None = None,
         parallel: TensorParallel | None = None,
     ) -> None:
@@ -254,10 +250,6 @@ class CudaModelRunner(ModelRunner):
         self.skinny = skinny_kernels and parallel is None and dtype in SKINNY_DTYPES
         if self.skinny:  # steps of a few tokens: o, gate_up+SiLU and down in engine/triton_skinny.py
             model.use_skinny_linear(_DependentUpTo(skinny_linear_triton, pdl_rows), SKINNY_MAX_ROWS)
-        self.split_k = split_k_kernels and parallel is None and dtype in SPLIT_K_DTYPES
-        if self.split_k:  # larger steps up to 256 tokens: o and down in engine/triton_splitk.py
-            model.use_split_k_linear(SplitKLinear(SPLIT_K_MAX_ROWS, pdl_rows=pdl_rows), SPLIT_K_MAX_ROWS)
-        self._split_k_shape = (config.hidden_size, config.num_attention_heads * config.head_dim, config.intermediate_size)
         rows = max(max_num_batched_tokens, max_num_seqs)
         self.max_num_batched_tokens = max_num_batched_tokens
         max_tiles = max_prefill_tiles(max_num_batched_tokens, max_num_seqs, self.tokens_per_tile)
@@ -348,27 +340,10 @@ class CudaModelRunner(ModelRunner):
         del self.copy_stream, self.compute_stream
         torch.cuda.empty_cache()
 
-    def _split_k_variants(self, longest: int) -> list[int]:
-        """One row count per split-K kernel variant that o_proj and down_proj reach, for the warm-up
-        (the skinny kernel takes the smallest steps). The warm-up takes them with graphs on too:
-        an eager step of any size may come."""
-        n, k_o, k_down = self._split_k_shape
-        first = (SKINNY_MAX_ROWS if self.skinny else 0) + 1
-        seen: set[tuple[object, ...]] = set()
-        rows = []
-        for m in range(first, min(SPLIT_K_MAX_ROWS, longest) + 1):
-            variant = tuple((t.block_m, t.block_n, t.block_k, t.splits, m <= self.dependent_launch_max_rows)
-                            for t in (split_tiles(m, n, k) for k in (k_o, k_down)))
-            if variant not in seen:
-                seen.add(variant)
-                rows.append(m)
-        return rows
-
     def warm_up_eager(self) -> None:
         """Run eager steps now through the same buffers as real steps, so that no request waits
         for Triton to compile a kernel (it specializes on the buffers' alignment too): a prefill
-        (and with graphs off, a decode); with the skinny kernels a step too large for them; with the
-        split-K kernels a step of each of their variants (``_split_k_variants``); with
+        (and with graphs off, a decode); with the skinny kernels a step too large for them; with
         dependent launch a step too large for it; with graphs off a decode batch of each kernel
         variant the batch sizes give (dependent launch or not, longest first or not, split count).
         Slots -1 write nothing; what the steps read from block 0 is discarded."""
@@ -379,8 +354,6 @@ class CudaModelRunner(ModelRunner):
         for rows in (SKINNY_MAX_ROWS if self.skinny else 0, self.dependent_launch_max_rows):
             if rows and longest > rows:
                 steps.append([rows + 1])  # the steps above took the kernels for few rows: one that does not
-        if self.split_k:  # its workspace made before any capture, and eager steps of each of its tile shapes
-            steps.extend([[m] for m in self._split_k_variants(longest)])
         if self.enforce_eager:  # a decode batch of every variant the sizes give (graphs capture them otherwise)
             variants = {self._decode_variant(1)}  # the decode step of one sequence above
             for batch in range(2, min(self.max_num_seqs, self._sets[0].tokens) + 1):

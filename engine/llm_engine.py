@@ -105,7 +105,6 @@ def load_rank(args: EngineArgs, source: ModelSource, max_len: int, device: torch
             model, None, device, args.seed, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len,
             block_size=args.block_size, enforce_eager=args.enforce_eager, skinny_kernels=args.skinny_kernels,
-            split_k_kernels=args.split_k_kernels,
             dependent_launch=args.programmatic_dependent_launch, parallel=tp,
         )
     elif args.programmatic_dependent_launch:

@@ -65,13 +65,6 @@ class SkinnyLinear(Protocol):
     ) -> torch.Tensor: ...
 
 
-class SplitLinear(Protocol):
-    """``x @ weight.T`` split along K for steps of a few hundred rows (the GPU runner installs
-    ``triton_splitk.SplitKLinear``; see that module)."""
-
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor: ...
-
-
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -164,8 +157,6 @@ class Attention(nn.Module):
         self.prologue: FusedQkvPrologue | None = None  # replaces the q/k norms, rotary and store_kv_fn
         self.skinny: SkinnyLinear | None = None  # o_proj for steps of at most skinny_rows tokens
         self.skinny_rows = 0
-        self.split_k: SplitLinear | None = None  # o_proj for larger steps of at most split_k_rows tokens
-        self.split_k_rows = 0
 
     def forward(
         self,
@@ -193,8 +184,6 @@ class Attention(nn.Module):
         out = attention_fn(q, k_cache, v_cache, meta, self.scale).reshape(-1, self.q_size)
         if self.skinny is not None and out.shape[0] <= self.skinny_rows:
             out = self.skinny(out, self.o_proj.weight)
-        elif self.split_k is not None and out.shape[0] <= self.split_k_rows:
-            out = self.split_k(out, self.o_proj.weight)
         else:
             out = self.o_proj(out)
         return out if self.tp is None else self.tp.all_reduce(out)
@@ -230,23 +219,16 @@ class MLP(nn.Module):
         self.fused: FusedSiluMul | None = None  # the GPU runner installs a one-kernel version
         self.skinny: SkinnyLinear | None = None  # both projections for steps of at most skinny_rows tokens
         self.skinny_rows = 0
-        self.split_k: SplitLinear | None = None  # down_proj for larger steps of at most split_k_rows tokens
-        self.split_k_rows = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.skinny is not None and x.shape[0] <= self.skinny_rows:
             act = self.skinny(x, self.gate_up_proj.weight, silu_intermediate=self.intermediate)
             out = self.skinny(act, self.down_proj.weight)
+        elif self.fused is not None:
+            out = self.down_proj(self.fused(self.gate_up_proj(x), self.intermediate))
         else:
-            if self.fused is not None:
-                act = self.fused(self.gate_up_proj(x), self.intermediate)
-            else:
-                gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-                act = nn.functional.silu(gate) * up
-            if self.split_k is not None and x.shape[0] <= self.split_k_rows:
-                out = self.split_k(act, self.down_proj.weight)
-            else:
-                out = self.down_proj(act)
+            gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+            out = self.down_proj(nn.functional.silu(gate) * up)
         return out if self.tp is None else self.tp.all_reduce(out)
 
 
@@ -353,13 +335,6 @@ class CausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Attention | MLP):
                 module.skinny, module.skinny_rows = (linear, max_rows) if max_rows > 0 else (None, 0)
-
-    def use_split_k_linear(self, linear: SplitLinear, max_rows: int) -> None:
-        """Steps of at most ``max_rows`` tokens that the skinny kernel does not take run o_proj and
-        down_proj through ``linear``; ``max_rows`` 0 takes it out again."""
-        for module in self.modules():
-            if isinstance(module, Attention | MLP):
-                module.split_k, module.split_k_rows = (linear, max_rows) if max_rows > 0 else (None, 0)
 
     def use_fused_kernels(
         self,

@@ -75,10 +75,9 @@ def test_the_server_path_passes_the_engine_flags() -> None:
     assert flags == ("--host 127.0.0.1 --port 0 --model qwen3-0.6b --load-format dummy --max-num-seqs 64 "
                      "--max-num-batched-tokens 8192 --max-model-len 2048 --block-size 32 --gpu-memory-utilization 0.5 "
                      "--no-enable-prefix-caching --max-pending-requests 1016 --client-key off --max-requests-per-connection 16 "
-                     "--shutdown-grace 1 --num-kv-blocks 900 --enforce-eager --skinny-kernels --no-split-k-kernels")
-    args.skinny_kernels, args.split_k_kernels = False, True
-    assert bench_throughput.server_argv(args, "dummy", num_requests=1000, connections=256)[-2:] == [
-        "--no-skinny-kernels", "--split-k-kernels"]
+                     "--shutdown-grace 1 --num-kv-blocks 900 --enforce-eager --skinny-kernels")
+    args.skinny_kernels = False
+    assert bench_throughput.server_argv(args, "dummy", num_requests=1000, connections=256)[-1] == "--no-skinny-kernels"
     args.serve_args = "--no-core-process --max-num-seqs 32"
     argv = bench_throughput.server_argv(args, "dummy", num_requests=1000, connections=10)
     assert argv[argv.index("--max-requests-per-connection") + 1] == "101"  # 100 per connection, and a margin

@@ -57,7 +57,6 @@ def test_serve_defaults_and_engine_flags_with_vllm_spellings() -> None:
             "--num-kv-blocks", "100",
             "--seed", "7",
             "--no-skinny-kernels",
-            "--split-k-kernels",
             "--programmatic-dependent-launch",
             "--port", "0",
         ]
@@ -73,7 +72,6 @@ def test_serve_defaults_and_engine_flags_with_vllm_spellings() -> None:
     assert first.gpu_memory_utilization == 0.5 and first.enable_prefix_caching is False and first.dtype == "bfloat16"
     assert (first.load_format, first.num_kv_blocks, first.seed) == ("dummy", 100, 7)
     assert first.skinny_kernels is False and EngineArgs().skinny_kernels is True  # on unless turned off
-    assert first.split_k_kernels is True and EngineArgs().split_k_kernels is False  # off unless turned on
     assert first.programmatic_dependent_launch is True and EngineArgs().programmatic_dependent_launch is None  # auto
     assert flags.engine_args_from(args, args.model[1]).model == "/y"
     off = parser.parse_args(["serve", "--no-programmatic-dependent-launch"])

@@ -55,7 +55,6 @@ def test_unknown_sampling_field_is_named() -> None:
         ({"preemption_mode": "drop"}, "preemption_mode"),
         ({"preemption_mode": "swap"}, "preemption_mode"),
         ({"skinny_kernels": "yes"}, "skinny_kernels"),
-        ({"split_k_kernels": 1}, "split_k_kernels"),
         ({"programmatic_dependent_launch": 1}, "programmatic_dependent_launch"),
     ],
 )

@@ -81,25 +81,6 @@ def test_greedy_matches_transformers_on_gpu(
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_greedy_matches_transformers_with_split_k(arch: str, dtype: str, tiny_model: Callable[..., Path]) -> None:
-    """o_proj and down_proj in the split-K kernel: with the skinny kernels off it takes every step
-    of at most 256 tokens (a budget of 128: the chunked prefills and the decodes)."""
-    path = tiny_model(arch)
-    ps = prompts()
-    llm = LLM(str(path), dtype=dtype, num_kv_blocks=256, max_num_seqs=16, max_num_batched_tokens=128,
-              skinny_kernels=False, split_k_kernels=True)
-    assert llm.engine.runner.split_k
-    outs = llm.generate(ps, SamplingParams(temperature=0, max_tokens=24, logprobs=5))
-    model = hf_model(path, getattr(torch, dtype))
-    verdicts = [check_agrees(model, p, o.outputs[0].token_ids, 24) for p, o in zip(ps, outs, strict=True)]
-    if dtype == "float32":
-        assert verdicts.count("equal") >= len(verdicts) - 1, verdicts
-    print(arch, dtype, "split-k", verdicts)
-
-
-@pytest.mark.timeout(600)
 def test_graphs_chunking_and_preemption_stay_exact(tiny_model: Callable[..., Path]) -> None:
     path = tiny_model("Qwen3ForCausalLM")
     ps = prompts(3)
@@ -123,13 +104,6 @@ def test_graphs_chunking_and_preemption_stay_exact(tiny_model: Callable[..., Pat
         assert tight.engine.runner.dependent_launch is pdl
         assert got == want
         del tight
-    # The split-K kernel in the steps of 17-64 tokens, the few-row kernel below (fp32: exact).
-    tight = LLM(str(path), dtype="float32", num_kv_blocks=60, max_model_len=400, max_num_batched_tokens=64,
-                enable_prefix_caching=True, skinny_kernels=True, split_k_kernels=True)
-    got = [o.outputs[0].token_ids for o in tight.generate(ps, SamplingParams(temperature=0, max_tokens=40))]
-    assert tight.engine.runner.split_k and tight.engine.statistics().num_preemptions > 0
-    assert got == want
-    del tight
     # The serving study's knobs: whole prompts in prefill-only steps, and no scheduling ahead.
     plain = LLM(str(path), dtype="float32", num_kv_blocks=512, max_model_len=512, max_num_batched_tokens=512,
                 enable_chunked_prefill=False, async_scheduling=False)
@@ -149,10 +123,10 @@ def test_sampling_seeded_reproducible_on_gpu(tiny_model: Callable[..., Path]) ->
 
 
 def _jit_kernels() -> dict[str, object]:
-    from mini_vllm.engine import triton_attention, triton_norm, triton_qkv, triton_skinny, triton_splitk
+    from mini_vllm.engine import triton_attention, triton_norm, triton_qkv, triton_skinny
 
     return {
-        name: obj for module in (triton_attention, triton_norm, triton_qkv, triton_skinny, triton_splitk)
+        name: obj for module in (triton_attention, triton_norm, triton_qkv, triton_skinny)
         for name, obj in vars(module).items()
         if hasattr(obj, "device_caches")
     }
@@ -164,16 +138,14 @@ def _compiled_variants() -> dict[str, int]:
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize(
-    ("enforce_eager", "max_num_seqs", "max_num_batched_tokens", "skinny", "pdl", "split_k"),
-    [(False, 16, 64, False, False, False), (True, 16, 64, False, False, False), (False, 1, 2, False, False, False),
-     (False, 16, 64, True, False, False), (True, 16, 64, True, False, False), (False, 80, 128, True, True, False),
-     (True, 80, 128, True, True, False), (False, 80, 300, True, True, True), (True, 80, 300, True, True, True),
-     (False, 80, 300, False, False, True)],
+    ("enforce_eager", "max_num_seqs", "max_num_batched_tokens", "skinny", "pdl"),
+    [(False, 16, 64, False, False), (True, 16, 64, False, False), (False, 1, 2, False, False),
+     (False, 16, 64, True, False), (True, 16, 64, True, False), (False, 80, 128, True, True), (True, 80, 128, True, True)],
     ids=["graphs", "eager", "one-seq-two-tokens", "graphs-skinny", "eager-skinny", "graphs-skinny-dependent-launch",
-         "eager-skinny-dependent-launch", "graphs-split-k", "eager-split-k", "graphs-split-k-alone"],
+         "eager-skinny-dependent-launch"],
 )
 def test_no_kernel_compiles_after_start(
-    enforce_eager: bool, max_num_seqs: int, max_num_batched_tokens: int, skinny: bool, pdl: bool, split_k: bool,
+    enforce_eager: bool, max_num_seqs: int, max_num_batched_tokens: int, skinny: bool, pdl: bool,
     tiny_model: Callable[..., Path],
 ) -> None:
     """Start-up compiles every Triton kernel variant a step can need: a compile mid-serving
@@ -183,7 +155,7 @@ def test_no_kernel_compiles_after_start(
     path = tiny_model("LlamaForCausalLM")
     llm = LLM(str(path), dtype="bfloat16", num_kv_blocks=512, max_num_seqs=max_num_seqs,
               max_num_batched_tokens=max_num_batched_tokens, enforce_eager=enforce_eager, skinny_kernels=skinny,
-              programmatic_dependent_launch=pdl, split_k_kernels=split_k)
+              programmatic_dependent_launch=pdl)
     before = _compiled_variants()
     rng = random.Random(5)
     # Block tables of every width from 1 to 20 (1 and 16 are the widths Triton likes to specialize),

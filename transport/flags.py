@@ -208,8 +208,6 @@ def add_engine_flags(parser: argparse.ArgumentParser, seed: bool = True) -> None
     add("--skinny-kernels", "GPU steps of at most 16 tokens through the few-row kernel for o_proj, gate_up "
         "and down_proj (engine/triton_skinny.py; on by default, --no-skinny-kernels for cuBLAS)",
         action=argparse.BooleanOptionalAction)
-    add("--split-k-kernels", "GPU steps of 17-256 tokens run o_proj and down_proj through the split-K kernel "
-        "(engine/triton_splitk.py; off by default: not yet timed on a GPU)", action=argparse.BooleanOptionalAction)
     add("--programmatic-dependent-launch", "in steps of at most 64 tokens our GPU kernels may start while the one "
         "before them ends", {None: "on for one GPU of compute capability 9.0+ a model"},
         action=argparse.BooleanOptionalAction)
@@ -233,7 +231,6 @@ _ENGINE_FLAGS = (
     "async_scheduling",
     "tensor_parallel_size",
     "skinny_kernels",
-    "split_k_kernels",
     "programmatic_dependent_launch",
 )
 
