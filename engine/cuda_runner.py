@@ -529,7 +529,7 @@ class CudaModelRunner(ModelRunner):
             b[buf.order_at : buf.order_at + seqs_padded] = np.argsort(lens, kind="stable")[::-1]
         n_tiles = 0
         if not decode:  # the prefill kernel's tile map, shared by every layer
-            tile_map = prefill_tile_map(qsl, self.tokens_per_tile)
+            tile_map = prefill_tile_map(qsl, self.tokens_per_tile, inputs.seq_lens)  # longest tiles first
             n_tiles = len(tile_map)
             b[buf.tiles_at : buf.tiles_at + 2 * n_tiles] = tile_map.ravel()
             b[buf.count_at] = n_tiles

@@ -264,6 +264,39 @@ def test_prefill_schedule_with_a_device_tile_count() -> None:
     assert_close(out[keep], case.reference()[keep])
 
 
+def test_prefill_tile_map_longest_first() -> None:
+    starts = [0, 5, 5, 6, 23, 24]  # q_lens 5, 0, 1, 17, 1
+    seq_lens = [5, 3, 40, 17, 9]  # cached 0, 3, 39, 0, 8
+    tile_map = ta.prefill_tile_map(starts, 4, seq_lens)
+    # Keys read: seq 0 tiles 4, 5; seq 2 40; seq 3 4, 8, 12, 16, 17; seq 4 9.
+    assert tile_map.tolist() == [[2, 0], [3, 16], [3, 12], [3, 8], [4, 0], [3, 4], [0, 4], [0, 0], [3, 0]]
+    unordered = ta.prefill_tile_map(starts, 4)
+    assert sorted(map(tuple, tile_map.tolist())) == sorted(map(tuple, unordered.tolist()))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("head_dim", [64, 40], ids=["d64", "d40-padded"])
+def test_prefill_split_mask_and_tile_order_change_no_bit(dtype: torch.dtype, head_dim: int) -> None:
+    """The unmasked walk over keys every row sees, and tiles ordered longest first, compute what
+    one masked walk in sequence order computes, bit for bit (chunks with cached keys included)."""
+    case = Case(MIXED_QUERY_LENS, MIXED_SEQ_LENS, head_dim=head_dim, dtype=dtype, seed=7)
+    starts = case.meta.query_start_loc_list
+    base = ta.prefill_attention_triton(
+        case.query, case.k_cache, case.v_cache, case.meta, case.scale, poisoned(case.query), block_n=16
+    )
+    tokens = ta.prefill_tokens_per_tile(4, 2, block_m=32)
+    schedule = ta.build_prefill_schedule(starts, tokens, "cpu", case.meta.seq_lens_list)
+    for kwargs in ({"split_mask": True}, {"split_mask": True, "schedule": schedule}, {"schedule": schedule}):
+        out = ta.prefill_attention_triton(
+            case.query, case.k_cache, case.v_cache, case.meta, case.scale, poisoned(case.query), block_n=16,
+            block_m=32, **kwargs,
+        )
+        bits = torch.int32 if dtype == torch.float32 else torch.int16
+        assert torch.equal(out.view(bits), base.view(bits))
+    assert_close(base, case.reference())
+
+
 def test_max_prefill_tiles_bounds_every_split() -> None:
     rng = np.random.default_rng(0)
     for _ in range(200):
