@@ -174,74 +174,6 @@ def _store_kv_kernel(
 # Arguments that change from step to step (the block table's width, the split count) are not
 # specialized: Triton would otherwise compile a new variant the first time one is 1 or a multiple
 # of 16, in the middle of serving.
-@triton.jit
-def _prefill_keys(
-    q,
-    acc,
-    m_i,
-    l_i,
-    start,
-    kv_end,
-    q_pos,
-    table,
-    k_cache,
-    v_cache,
-    kv_head,
-    scale_log2,
-    stride_kc_blk,
-    stride_kc_slot,
-    stride_kc_head,
-    stride_vc_blk,
-    stride_vc_slot,
-    stride_vc_head,
-    BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
-    MASKED: tl.constexpr,  # False: every key of the step is below kv_end and visible to every row
-):
-    """One BLOCK_N step of a prefill tile's online softmax over keys ``start + [0, BLOCK_N)``."""
-    dims = tl.arange(0, BLOCK_D)
-    keys = start + tl.arange(0, BLOCK_N)
-    key_ok = keys < kv_end
-    if not MASKED:
-        key_ok = keys >= 0  # all true, known at compile time only as a tile: the loads below skip it
-    # Gather each key's physical block: works for any block_size vs BLOCK_N.
-    if MASKED:
-        blk = tl.load(table + keys // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
-    else:
-        blk = tl.load(table + keys // BLOCK_SIZE).to(tl.int64)
-    off = keys % BLOCK_SIZE
-    k_ptr = k_cache + blk * stride_kc_blk + off * stride_kc_slot + kv_head * stride_kc_head
-    v_ptr = v_cache + blk * stride_vc_blk + off * stride_vc_slot + kv_head * stride_vc_head
-    if MASKED:
-        k = tl.load(k_ptr[:, None] + dims[None, :], mask=_lanes(key_ok, HEAD_DIM, BLOCK_D), other=0.0)  # [N, D]
-    elif BLOCK_D == HEAD_DIM:
-        k = tl.load(k_ptr[:, None] + dims[None, :])
-    else:
-        k = tl.load(k_ptr[:, None] + dims[None, :], mask=_lanes(key_ok, HEAD_DIM, BLOCK_D), other=0.0)
-    s = _mma(q, tl.trans(k.to(q.dtype)), DOT_PRECISION, UPCAST_DOT) * scale_log2
-    if MASKED:
-        visible = (keys[None, :] <= q_pos[:, None]) & key_ok[None, :]
-        s = tl.where(visible, s, float("-inf"))
-
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: avoid inf - inf
-    alpha = tl.exp2(m_i - m_ref)
-    p = tl.exp2(s - m_ref[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if MASKED:
-        v = tl.load(v_ptr[:, None] + dims[None, :], mask=_lanes(key_ok, HEAD_DIM, BLOCK_D), other=0.0)  # [N, D]
-    elif BLOCK_D == HEAD_DIM:
-        v = tl.load(v_ptr[:, None] + dims[None, :])
-    else:
-        v = tl.load(v_ptr[:, None] + dims[None, :], mask=_lanes(key_ok, HEAD_DIM, BLOCK_D), other=0.0)
-    acc = acc * alpha[:, None] + _mma(p.to(q.dtype), v.to(q.dtype), DOT_PRECISION, UPCAST_DOT)
-    return acc, m_new, l_i
-
-
 @triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(
     query,
@@ -277,7 +209,6 @@ def _prefill_kernel(
     COUNT_ON_DEVICE: tl.constexpr,  # the grid is a capacity; ``tile_count`` holds how many tiles are real
     ONE_BLOCK_G: tl.constexpr,  # a one-token tile's rows: GROUP padded to a power of two >= 16
     ONE_BLOCK_N: tl.constexpr,  # and its keys per step (the decode kernel's)
-    SPLIT_MASK: tl.constexpr,  # whole steps of keys every row sees go unmasked (bit-equal either way)
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -340,24 +271,27 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     # Causal: nothing past the tile's last token is visible to any of its rows.
     kv_end = tl.minimum(seq_len, cached + tile_start + TOKENS_PER_TILE)
-    masked_from = 0
-    if SPLIT_MASK:
-        # Keys before the tile's first token are seen by every row (padding rows see every key):
-        # their whole BLOCK_N steps skip the causal mask and the key bounds. The steps start at the
-        # same keys as one masked loop would, so the result is bit for bit the same.
-        masked_from = (cached + tile_start) // BLOCK_N * BLOCK_N
-        for start in range(0, masked_from, BLOCK_N):
-            acc, m_i, l_i = _prefill_keys(
-                q, acc, m_i, l_i, start, kv_end, q_pos, table, k_cache, v_cache, kv_head, scale_log2,
-                stride_kc_blk, stride_kc_slot, stride_kc_head, stride_vc_blk, stride_vc_slot, stride_vc_head,
-                BLOCK_N, HEAD_DIM, BLOCK_D, BLOCK_SIZE, DOT_PRECISION, UPCAST_DOT, False,
-            )
-    for start in range(masked_from, kv_end, BLOCK_N):
-        acc, m_i, l_i = _prefill_keys(
-            q, acc, m_i, l_i, start, kv_end, q_pos, table, k_cache, v_cache, kv_head, scale_log2,
-            stride_kc_blk, stride_kc_slot, stride_kc_head, stride_vc_blk, stride_vc_slot, stride_vc_head,
-            BLOCK_N, HEAD_DIM, BLOCK_D, BLOCK_SIZE, DOT_PRECISION, UPCAST_DOT, True,
-        )
+    for start in range(0, kv_end, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        key_ok = keys < kv_end
+        # Gather each key's physical block: works for any block_size vs BLOCK_N.
+        blk = tl.load(table + keys // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
+        off = keys % BLOCK_SIZE
+        k_ptr = k_cache + blk * stride_kc_blk + off * stride_kc_slot + kv_head * stride_kc_head
+        k = tl.load(k_ptr[:, None] + dims[None, :], mask=_lanes(key_ok, HEAD_DIM, BLOCK_D), other=0.0)  # [N, D]
+        s = _mma(q, tl.trans(k.to(q.dtype)), DOT_PRECISION, UPCAST_DOT) * scale_log2
+        visible = (keys[None, :] <= q_pos[:, None]) & key_ok[None, :]
+        s = tl.where(visible, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: avoid inf - inf
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_ptr = v_cache + blk * stride_vc_blk + off * stride_vc_slot + kv_head * stride_vc_head
+        v = tl.load(v_ptr[:, None] + dims[None, :], mask=_lanes(key_ok, HEAD_DIM, BLOCK_D), other=0.0)  # [N, D]
+        acc = acc * alpha[:, None] + _mma(p.to(q.dtype), v.to(q.dtype), DOT_PRECISION, UPCAST_DOT)
+        m_i = m_new
 
     acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     tl.store(
@@ -698,7 +632,6 @@ def prefill_attention_triton(
     block_n: int | None = None,
     num_warps: int = 8,  # the tile sweep's choice at 128 x 32; 4 warps spilled at 64 x 64, head_dim 128 (sm_90)
     num_stages: int = 2,  # as fast as 3 or 4 at 128 x 32 (H200), and fp32 tiles are twice the smem
-    split_mask: bool = True,
 ) -> torch.Tensor:
     """Causal varlen paged attention of ``query`` ``[T, heads, head_dim]`` for any mixed batch.
 
@@ -707,8 +640,6 @@ def prefill_attention_triton(
     is built from ``meta.query_start_loc_list``. ``block_m`` (tile rows: tokens x GQA group; only
     used when no schedule is given) and ``block_n`` (keys per step) default to ``tile_sizes``;
     ``num_warps`` and ``num_stages`` are there for tuning sweeps (docs/benchmarks/prefill_tiles_sweep.py).
-    ``split_mask``: walk the keys every row of a tile sees without the causal mask (the same result,
-    bit for bit).
     """
     group = _check_shapes(query, k_cache, v_cache)
     num_heads, head_dim = query.shape[1], query.shape[2]
@@ -757,7 +688,6 @@ def prefill_attention_triton(
         COUNT_ON_DEVICE=schedule.tile_count is not None,
         ONE_BLOCK_G=max(16, triton.next_power_of_2(group)),
         ONE_BLOCK_N=decode_block_n(head_dim, query.dtype),
-        SPLIT_MASK=split_mask,
         num_warps=num_warps,
         num_stages=num_stages,
     )

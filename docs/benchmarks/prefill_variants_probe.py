@@ -1,4 +1,4 @@
-"""The prefill attention kernel with and without the unmasked walk and the longest-first tile order.
+"""The prefill attention kernel's tiles in sequence order against longest first.
 
 Run from the repository root on a GPU machine (on the H200: after
 ``source docs/benchmarks/device_env.sh``):
@@ -8,10 +8,15 @@ Run from the repository root on a GPU machine (on the H200: after
 For each case (query heads, kv heads, new and cached tokens per sequence) and each cache layout
 (``compact``: the case's blocks only, shuffled; ``engine``: the same blocks drawn at random from a
 cache of 70,000 blocks, as the engine's 128 GB cache holds them) it times
-``prefill_attention_triton`` with ``triton.testing.do_bench`` (median, L2 flushed) for: the masked
-walk in sequence order (``base``, the kernel before 2026-12-03), ``split_mask`` alone, the tile
-order alone, both, and both with 64 keys a step. ``bits_equal`` says whether a variant's output
-equals ``base``'s bit for bit (it must, for all but the 64-key one).
+``prefill_attention_triton`` with ``triton.testing.do_bench`` (median, L2 flushed) for: tiles in
+sequence order (``base``, the engine before 2026-12-03), longest first (the engine since), and
+longest first with 64 keys a step. ``bits_equal`` says whether a variant's output equals
+``base``'s bit for bit (it must for the order alone).
+
+The run of 2026-12-03 (docs/benchmarks/prefill-variants-20261203-a09119a.json) also timed a walk
+that left the causal mask out of the key steps every row sees (``git show
+a09119a:docs/benchmarks/prefill_variants_probe.py``): not bit-equal on the H200, 9 % faster on
+qwen3-0.6b's heads and 50 % slower on llama3-8b's, so it was not kept.
 """
 
 from __future__ import annotations
@@ -97,11 +102,9 @@ def main() -> None:
         "llama3-offline-step": (32, 8, offline_new, offline_cached),
     }
     variants = {
-        "base": {"split_mask": False, "ordered": False, "block_n": 32},
-        "split_mask": {"split_mask": True, "ordered": False, "block_n": 32},
-        "longest_first": {"split_mask": False, "ordered": True, "block_n": 32},
-        "both": {"split_mask": True, "ordered": True, "block_n": 32},
-        "both_n64": {"split_mask": True, "ordered": True, "block_n": 64},
+        "base": {"ordered": False, "block_n": 32},
+        "longest_first": {"ordered": True, "block_n": 32},
+        "longest_first_n64": {"ordered": True, "block_n": 64},
     }
     rows: list[dict[str, Any]] = []
     for name, (heads, kv_heads, new, cached) in cases.items():
@@ -116,7 +119,7 @@ def main() -> None:
                 def run(c: dict[str, Any] = c, v: dict[str, Any] = v, schedule: ta.PrefillSchedule = schedule,
                         out: torch.Tensor = out) -> None:
                     ta.prefill_attention_triton(c["q"], c["k"], c["v"], c["meta"], SCALE, out, schedule=schedule,
-                                                block_n=v["block_n"], split_mask=v["split_mask"])
+                                                block_n=v["block_n"])
 
                 run()
                 torch.cuda.synchronize()
