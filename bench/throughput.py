@@ -223,22 +223,26 @@ def against_floor(measured: dict[str, dict[str, float]], floor: Floor) -> list[d
     """Each kind of step's measured time next to the floor's for the same work: the floor's prefill
     (every prompt at the matmul peak) for the prefill-carrying steps, its decode steps with as many
     live requests for each decode bin. Where the time above the floor goes."""
-    wanted: dict[str, dict[str, float]] = {"prefill-carrying": {"steps": 1, "seconds": floor.prefill_seconds}}
+    wanted: dict[str, dict[str, float]] = {
+        "prefill-carrying": {"steps": 1, "seconds": floor.prefill_seconds, "serial": floor.prefill_seconds}}
     for step in floor.decode_steps:
-        row = wanted.setdefault(_decode_bin(step.live), {"steps": 0, "seconds": 0.0})
+        row = wanted.setdefault(_decode_bin(step.live), {"steps": 0, "seconds": 0.0, "serial": 0.0})
         row["steps"] += 1
         row["seconds"] += step.seconds
+        row["serial"] += step.serial_seconds
 
     def order(key: str) -> int:
         return -1 if key == "prefill-carrying" else int(key.split()[1].split("-")[0])
 
     rows = []
     for key in sorted(set(measured) | set(wanted), key=order):
-        got, want = measured.get(key, {"steps": 0, "seconds": 0.0}), wanted.get(key, {"steps": 0, "seconds": 0.0})
+        got = measured.get(key, {"steps": 0, "seconds": 0.0})
+        want = wanted.get(key, {"steps": 0, "seconds": 0.0, "serial": 0.0})
         rows.append({
             "steps": key, "measured_steps": int(got["steps"]), "measured_seconds": round(got["seconds"], 4),
             "floor_steps": int(want["steps"]), "floor_seconds": round(want["seconds"], 4),
             "over_floor_seconds": round(got["seconds"] - want["seconds"], 4),
+            "serial_floor_seconds": round(want["serial"], 4),
         })
     return rows
 
@@ -824,6 +828,7 @@ def run_throughput(args: argparse.Namespace) -> int:
         floor = physical_floor(config, requests, bandwidth, flops, parallel=parallel)
         record["floor_seconds"] = floor.seconds
         record["floor_output_tokens_per_s"] = floor.output_tokens_per_s
+        record["serial_floor_seconds"] = floor.serial_seconds
         if "time_by_step" in record.get("offline", {}):
             record["offline"]["against_floor"] = against_floor(record["offline"]["time_by_step"], floor)
         if parallel is not None:
@@ -851,6 +856,8 @@ def run_throughput(args: argparse.Namespace) -> int:
     record["output_tokens_per_s"] = main_path["output_tokens_per_s"]
     if cuda and "floor_output_tokens_per_s" in record:
         record["floor_fraction"] = record["output_tokens_per_s"] / record["floor_output_tokens_per_s"]
+        if "offline" in record and "serial_floor_seconds" in record:
+            record["offline"]["serial_floor_fraction"] = record["serial_floor_seconds"] / record["offline"]["seconds"]
     if args.peer == "transformers":
         if not cuda:
             record["peer_error"] = "the peer runs on a GPU only"
@@ -955,6 +962,9 @@ def print_table(record: dict[str, Any]) -> None:
         rows.append((f"floor tok/s ({ranks} GPUs)" if ranks > 1 else "floor tok/s",
                      f"{record['floor_output_tokens_per_s']:,.0f} ({record['floor_seconds']:.2f} s{communication})"))
         rows.append(("fraction of floor", f"{record.get('floor_fraction', 0):.3f}"))
+        if "serial_floor_fraction" in record.get("offline", {}):
+            rows.append(("offline, of the serial floor", f"{record['offline']['serial_floor_fraction']:.3f} (kernels one "
+                         f"after another at their bounds: {record['serial_floor_seconds']:.2f} s)"))
     if "peer_output_tokens_per_s" in record:
         rows.append(("peer (transformers CB) tok/s", f"{record['peer_output_tokens_per_s']:,.0f}"))
         rows.append(("ratio to peer", f"{record['ratio_to_peer']:.1f}x"))
@@ -1008,12 +1018,16 @@ def plot_against_floor(records: list[dict[str, Any]], path: Path, title: str) ->
 
 
 def print_against_floor(rows: list[dict[str, Any]]) -> None:
-    print("\noffline loop against the floor, by step:")
-    print(f"{'steps':<18} {'measured':>9} {'s':>8} {'ms/step':>8} {'floor':>6} {'s':>8} {'ms/step':>8} {'over, s':>8}")
+    print("\noffline loop against the floor, by step (serial: the floor's steps with their kernels one after "
+          "another, each at its own bound):")
+    print(f"{'steps':<18} {'measured':>9} {'s':>8} {'ms/step':>8} {'floor':>6} {'s':>8} {'ms/step':>8} {'over, s':>8} "
+          f"{'serial, s':>9}")
     for r in rows:
         def per(seconds: float, steps: int) -> str:
             return f"{1e3 * seconds / steps:8.2f}" if steps else f"{'-':>8}"
 
+        serial = r.get("serial_floor_seconds")  # absent in records written before 2026-12-03
         print(f"{r['steps']:<18} {r['measured_steps']:>9} {r['measured_seconds']:8.3f} "
               f"{per(r['measured_seconds'], r['measured_steps'])} {r['floor_steps']:>6} {r['floor_seconds']:8.3f} "
-              f"{per(r['floor_seconds'], r['floor_steps'])} {r['over_floor_seconds']:8.3f}")
+              f"{per(r['floor_seconds'], r['floor_steps'])} {r['over_floor_seconds']:8.3f} "
+              f"{f'{serial:9.3f}' if serial is not None else '-':>9}")

@@ -86,6 +86,12 @@ class DecodeStepFloor:
     live: int
     seconds: float  # max(bytes / bandwidth, FLOPs / peak) + collective_seconds
     collective_seconds: float = 0.0
+    # The same step with its kernels one after another, each at its own bound: every projection
+    # max(its weight bytes / bandwidth, its FLOPs / peak), the KV and the other weights at the
+    # bandwidth, plus the collectives. At least ``seconds``; more where the projections are
+    # compute-bound (many rows) while attention reads the KV: ``seconds`` then assumes the two
+    # overlap, which kernels run in sequence cannot do.
+    serial_seconds: float = 0.0
 
 
 @attrs.frozen
@@ -97,6 +103,11 @@ class Floor:
     # The part of ``seconds`` spent in collectives between GPUs (0 on one GPU).
     communication_seconds: float = 0.0
     decode_steps: tuple[DecodeStepFloor, ...] = ()  # what decode_seconds sums, step by step
+
+    @property
+    def serial_seconds(self) -> float:
+        """The floor with each decode step's kernels one after another (``DecodeStepFloor.serial_seconds``)."""
+        return self.prefill_seconds + sum(s.serial_seconds for s in self.decode_steps)
 
 
 @attrs.frozen
@@ -184,6 +195,17 @@ def matmul_params(config: ModelConfig) -> int:
     return config.num_hidden_layers * per_layer + h * config.vocab_size
 
 
+def projection_shapes(config: ModelConfig) -> list[tuple[int, int, int]]:
+    """(in features, out features, how many per forward) of every matrix a token multiplies
+    through: per layer qkv, o, gate_up and down, then the LM head; their parameters sum to
+    ``matmul_params``."""
+    h, q = config.hidden_size, config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    layers = config.num_hidden_layers
+    return [(h, q + 2 * kv, layers), (q, h, layers), (h, 2 * config.intermediate_size, layers),
+            (config.intermediate_size, h, layers), (h, config.vocab_size, 1)]
+
+
 def weight_bytes(config: ModelConfig, bytes_per_param: int = 2) -> int:
     embed = config.vocab_size * config.hidden_size
     lm_head = 0 if config.tie_word_embeddings else embed
@@ -214,6 +236,8 @@ def physical_floor(
         config, prompt_tokens, len(requests), bytes_per_param)  # each prompt's last token is sampled
     prefill = 2 * params * prompt_tokens / (ranks * flops) + communication
     weights = weight_bytes(config, bytes_per_param) / ranks
+    shapes = projection_shapes(config)
+    other_weights = weights - params * bytes_per_param / ranks  # the embedding table (untied models)
     steps: list[DecodeStepFloor] = []
     # Step s produces every live request's s-th output token (the first comes from the prefill) and
     # reads the weights and every live request's KV once.
@@ -225,7 +249,10 @@ def physical_floor(
         step_bytes = weights + kv_per_token * context
         collectives = 0.0 if parallel is None else parallel.step_seconds(config, len(live), len(live), bytes_per_param)
         compute = max(step_bytes / bandwidth, 2 * params * len(live) / (ranks * flops))
-        steps.append(DecodeStepFloor(len(live), compute + collectives, collectives))
+        serial = sum(count * max(k * n * bytes_per_param / (ranks * bandwidth), 2 * k * n * len(live) / (ranks * flops))
+                     for k, n, count in shapes)
+        serial += (other_weights + kv_per_token * context) / bandwidth
+        steps.append(DecodeStepFloor(len(live), compute + collectives, collectives, serial + collectives))
     communication += sum(s.collective_seconds for s in steps)
     decode = sum(s.seconds for s in steps)
     total = prefill + decode

@@ -16,6 +16,7 @@ from mini_vllm import cli
 from mini_vllm.bench import throughput as bench_throughput
 from mini_vllm.bench.env import measure_cpu_peaks
 from mini_vllm.bench.throughput import cpu_step_times, parse_paths
+from mini_vllm.engine import workloads
 from mini_vllm.engine.config import PRESETS, ModelConfig
 from mini_vllm.engine.step_loop import StepTiming
 from mini_vllm.engine.workloads import offline_256, online_1000, physical_floor
@@ -133,6 +134,40 @@ def test_against_floor_sets_each_kind_of_step_beside_the_floors() -> None:
     assert sum(r["floor_seconds"] for r in rows) == pytest.approx(floor.seconds, abs=1e-3)
     unmeasured = next(r for r in rows if r["steps"] == "decode 97-128")
     assert unmeasured["measured_steps"] == 0 and unmeasured["over_floor_seconds"] < 0
+
+
+def test_serial_floor_prices_each_projection_at_its_own_bound() -> None:
+    """One request, one decode step, numbers small enough to work by hand: at a low peak the
+    projections are compute-bound while the KV read is bandwidth-bound, so the serial floor (one
+    kernel after another) is their sum where the floor takes the larger of bytes and FLOPs."""
+    config = ModelConfig.from_dict(PRESETS["qwen3-0.6b"], "qwen3-0.6b")
+    shapes = workloads.projection_shapes(config)
+    assert sum(k * n * count for k, n, count in shapes) == workloads.matmul_params(config)
+    request = [workloads.WorkloadRequest([1] * 100, 2)]
+    bandwidth, flops = 1e12, 1e9  # every projection compute-bound
+    floor = physical_floor(config, request, bandwidth, flops)
+    (step,) = floor.decode_steps
+    params = workloads.matmul_params(config)
+    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2 * 101
+    weights = workloads.weight_bytes(config)
+    assert step.seconds == pytest.approx(max((weights + kv) / bandwidth, 2 * params / flops))
+    assert step.serial_seconds == pytest.approx(2 * params / flops + (weights - 2 * params + kv) / bandwidth)
+    assert floor.serial_seconds == pytest.approx(floor.prefill_seconds + step.serial_seconds)
+    # Bandwidth-bound everywhere (a single row at a high peak): the two agree.
+    fast = physical_floor(config, request, 1e12, 1e18).decode_steps[0]
+    assert fast.serial_seconds == pytest.approx(fast.seconds)
+
+
+def test_serial_floor_is_never_below_the_floor() -> None:
+    for name in ("qwen3-0.6b", "llama3-8b"):
+        config = ModelConfig.from_dict(PRESETS[name], name)
+        floor = physical_floor(config, offline_256(config.vocab_size), 4.2e12, 7.7e14)
+        assert all(s.serial_seconds >= s.seconds * (1 - 1e-12) for s in floor.decode_steps)
+        # At 256 rows llama3-8b's projections are compute-bound on these peaks: there the two part.
+        big = max(floor.decode_steps, key=lambda s: s.live)
+        assert (big.serial_seconds > 1.05 * big.seconds) == (name == "llama3-8b")
+        rows = bench_throughput.against_floor({}, floor)
+        assert sum(r["serial_floor_seconds"] for r in rows) == pytest.approx(floor.serial_seconds, abs=1e-3)
 
 
 # ---- on a machine without CUDA -----------------------------------------------------------------------
