@@ -3,12 +3,13 @@
 Run from the repository root on a GPU machine (on the H200: after
 ``source docs/benchmarks/device_env.sh``):
 
-    python3 docs/benchmarks/decode_kernels_by_batch.py MODEL OUT.json
+    python3 docs/benchmarks/decode_kernels_by_batch.py MODEL OUT.json [BATCHES]
 
 One engine is loaded; for each batch size the batch of 800-token prompts is run to steady decode
 and 8 steps are profiled by ``bench latency``'s own ``profile_decode`` (the split into matmul,
 attention, other and idle of ``mini-vllm bench latency --profile-steps``), then 14 prompts of 585
-tokens are prefilled in one step under the profiler.
+tokens are prefilled in one step under the profiler. ``BATCHES`` (a comma list, e.g. ``256``)
+profiles those batch sizes only and skips the prefill step (a short lease).
 """
 
 from __future__ import annotations
@@ -38,13 +39,18 @@ def show(label: str, p: dict[str, Any], top: int) -> None:
 
 def main() -> None:
     model, out = sys.argv[1], sys.argv[2]
+    batches = tuple(int(b) for b in sys.argv[3].split(",")) if len(sys.argv) > 3 else (1, 8, 32, 128, 256)
     engine = LLMEngine.from_engine_args(EngineArgs(model=model, load_format="dummy", max_model_len=2048))
     vocab = engine.model_config.vocab_size
     rng = random.Random(0)
     report: dict[str, Any] = {}
-    for batch in (1, 8, 32, 128, 256):
+    for batch in batches:
         report[f"decode_b{batch}"] = profile_decode(engine, random_prompts(rng, batch, 800, vocab), 64, 8)
         show(f"decode, batch {batch}", report[f"decode_b{batch}"], 9)
+    if len(sys.argv) > 3:
+        with open(out, "w") as f:
+            json.dump(report, f, indent=1)
+        return
     for i, prompt in enumerate(random_prompts(rng, 14, 585, vocab)):
         engine.add_request(f"prefill-{i}", prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
     torch.cuda.synchronize()
