@@ -39,7 +39,8 @@ def show(label: str, p: dict[str, Any], top: int) -> None:
 
 def main() -> None:
     model, out = sys.argv[1], sys.argv[2]
-    batches = tuple(int(b) for b in sys.argv[3].split(",")) if len(sys.argv) > 3 else (1, 8, 32, 128, 256)
+    decode_only = len(sys.argv) > 3
+    batches = tuple(int(b) for b in sys.argv[3].split(",")) if decode_only else (1, 8, 32, 128, 256)
     engine = LLMEngine.from_engine_args(EngineArgs(model=model, load_format="dummy", max_model_len=2048))
     vocab = engine.model_config.vocab_size
     rng = random.Random(0)
@@ -47,7 +48,7 @@ def main() -> None:
     for batch in batches:
         report[f"decode_b{batch}"] = profile_decode(engine, random_prompts(rng, batch, 800, vocab), 64, 8)
         show(f"decode, batch {batch}", report[f"decode_b{batch}"], 9)
-    if len(sys.argv) > 3:
+    if decode_only:
         with open(out, "w") as f:
             json.dump(report, f, indent=1)
         return

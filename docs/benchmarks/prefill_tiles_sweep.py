@@ -29,17 +29,21 @@ BLOCK_SIZE = 16
 SCALE = 0.088
 
 
-def make_case(heads: int, kv_heads: int, new: list[int], cached: list[int], device: torch.device) -> dict[str, Any]:
+def make_case(heads: int, kv_heads: int, new: list[int], cached: list[int], device: torch.device,
+              cache_blocks: int | None = None) -> dict[str, Any]:
+    """A case's query, cache and metadata; its blocks at random places in a cache of
+    ``cache_blocks`` (default: just the blocks it needs)."""
     seq_lens = [a + b for a, b in zip(new, cached, strict=True)]
     per_seq = [-(-s // BLOCK_SIZE) for s in seq_lens]
     blocks = sum(per_seq)
-    order = torch.randperm(blocks, device=device).to(torch.int32)
+    pool = cache_blocks or blocks
+    order = torch.randperm(pool, device=device)[:blocks].to(torch.int32)
     tables = torch.zeros(len(per_seq), max(per_seq), dtype=torch.int32, device=device)
     at = 0
     for i, n in enumerate(per_seq):
         tables[i, :n] = order[at : at + n]
         at += n
-    k = torch.randn((blocks, BLOCK_SIZE, kv_heads, HEAD_DIM), dtype=torch.bfloat16, device=device)
+    k = torch.randn((pool, BLOCK_SIZE, kv_heads, HEAD_DIM), dtype=torch.bfloat16, device=device)
     qsl = np.cumsum([0, *new]).astype(np.int32)
     meta = AttentionMetadata(
         slot_mapping=torch.zeros(sum(new), dtype=torch.int64, device=device),

@@ -24,50 +24,20 @@ from __future__ import annotations
 import json
 import random
 import sys
+from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import triton
 import triton.testing
 
 from mini_vllm.engine import triton_attention as ta
-from mini_vllm.engine.attention import AttentionMetadata
 
-HEAD_DIM = 128
-BLOCK_SIZE = 16
-SCALE = 0.088
+# This folder's sweep builds the cases (the device's environment keeps a script's folder off sys.path).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prefill_tiles_sweep import HEAD_DIM, SCALE, make_case
+
 ENGINE_BLOCKS = 70_000
-
-
-def make_case(heads: int, kv_heads: int, new: list[int], cached: list[int], layout: str,
-              device: torch.device) -> dict[str, Any]:
-    seq_lens = [a + b for a, b in zip(new, cached, strict=True)]
-    per_seq = [-(-s // BLOCK_SIZE) for s in seq_lens]
-    blocks = sum(per_seq)
-    pool = blocks if layout == "compact" else ENGINE_BLOCKS
-    ids = torch.randperm(pool, device=device)[:blocks].to(torch.int32)
-    tables = torch.zeros(len(per_seq), max(per_seq), dtype=torch.int32, device=device)
-    at = 0
-    for i, n in enumerate(per_seq):
-        tables[i, :n] = ids[at : at + n]
-        at += n
-    k = torch.randn((pool, BLOCK_SIZE, kv_heads, HEAD_DIM), dtype=torch.bfloat16, device=device)
-    qsl = np.cumsum([0, *new]).astype(np.int32)
-    meta = AttentionMetadata(
-        slot_mapping=torch.zeros(sum(new), dtype=torch.int64, device=device),
-        query_start_loc=torch.tensor(qsl, device=device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        block_tables=tables,
-        max_query_len=max(new),
-        max_seq_len=max(seq_lens),
-        query_start_loc_list=qsl.tolist(),
-        seq_lens_list=seq_lens,
-    )
-    flops = sum(4 * n * (c + (n + 1) / 2) * HEAD_DIM * heads for n, c in zip(new, cached, strict=True))
-    return {"q": torch.randn(sum(new), heads, HEAD_DIM, dtype=torch.bfloat16, device=device), "k": k,
-            "v": torch.randn_like(k), "meta": meta, "qsl": qsl, "seq_lens": seq_lens, "flops": flops,
-            "heads": heads, "kv_heads": kv_heads}
 
 
 def offline_step(rng: random.Random) -> tuple[list[int], list[int]]:
@@ -109,11 +79,12 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for name, (heads, kv_heads, new, cached) in cases.items():
         for layout in ("compact", "engine"):
-            c = make_case(heads, kv_heads, new, cached, layout, device)
+            c = make_case(heads, kv_heads, new, cached, device, None if layout == "compact" else ENGINE_BLOCKS)
             tokens = ta.prefill_tokens_per_tile(heads, kv_heads, ta.tile_sizes(HEAD_DIM, torch.bfloat16)[0])
             base_out = None
             for vname, v in variants.items():
-                schedule = ta.build_prefill_schedule(c["qsl"], tokens, device, c["seq_lens"] if v["ordered"] else None)
+                lens = c["meta"].seq_lens_list if v["ordered"] else None
+                schedule = ta.build_prefill_schedule(c["qsl"], tokens, device, lens)
                 out = torch.empty_like(c["q"])
 
                 def run(c: dict[str, Any] = c, v: dict[str, Any] = v, schedule: ta.PrefillSchedule = schedule,
