@@ -36,6 +36,43 @@ def dependent_launch(pdl: bool) -> dict[str, bool]:
     return {"USE_PDL": True, "launch_pdl": True} if pdl else {"USE_PDL": False}
 
 
+# Rows up to this wide (a head's, for q/k norms) are summed by ``pairwise_row_sum``.
+PAIRWISE_MAX_WIDTH = 256
+
+
+@triton.jit
+def _sum_adjacent_pairs(x, ROWS: tl.constexpr, WIDTH: tl.constexpr):
+    """[ROWS, WIDTH] -> [ROWS, WIDTH // 2]: lanes 2i and 2i + 1 of each row added."""
+    a, b = tl.split(tl.reshape(x, (ROWS, WIDTH // 2, 2)))
+    return a + b
+
+
+@triton.jit
+def pairwise_row_sum(x, ROWS: tl.constexpr, WIDTH: tl.constexpr):
+    """The fp32 sum of each row of ``x`` [ROWS, WIDTH] (WIDTH a power of two, at most
+    ``PAIRWISE_MAX_WIDTH``) as a fixed tree: adjacent lanes, then adjacent pairs, and so on.
+    ``tl.sum`` adds in an order that follows the tile's layout, which the compiler picks from the
+    shape and the warps; this order is the code's, so a row comes out bit for bit the same whether a
+    program holds one row (``rms_norm_triton``) or many tokens' heads (``qkv_prologue_triton``)."""
+    if WIDTH >= 256:
+        x = _sum_adjacent_pairs(x, ROWS, 256)
+    if WIDTH >= 128:
+        x = _sum_adjacent_pairs(x, ROWS, 128)
+    if WIDTH >= 64:
+        x = _sum_adjacent_pairs(x, ROWS, 64)
+    if WIDTH >= 32:
+        x = _sum_adjacent_pairs(x, ROWS, 32)
+    if WIDTH >= 16:
+        x = _sum_adjacent_pairs(x, ROWS, 16)
+    if WIDTH >= 8:
+        x = _sum_adjacent_pairs(x, ROWS, 8)
+    if WIDTH >= 4:
+        x = _sum_adjacent_pairs(x, ROWS, 4)
+    if WIDTH >= 2:
+        x = _sum_adjacent_pairs(x, ROWS, 2)
+    return tl.reshape(x, (ROWS,))
+
+
 @triton.jit
 def _rms_norm_kernel(
     x,
@@ -51,6 +88,7 @@ def _rms_norm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    PAIRWISE: tl.constexpr,  # BLOCK <= PAIRWISE_MAX_WIDTH
     USE_PDL: tl.constexpr,
 ):
     dependent_launch_entry(USE_PDL)
@@ -63,7 +101,10 @@ def _rms_norm_kernel(
         v = (v.to(tl.float32) + r.to(tl.float32)).to(out.dtype.element_ty)  # rounded like a + b
         tl.store(res_out + row * stride_ro + cols, v, mask=ok)
     v32 = v.to(tl.float32)
-    mean_sq = tl.sum(v32 * v32, axis=0) / n_cols
+    if PAIRWISE:  # a head's row: summed as qkv_prologue_triton sums its q/k norms
+        mean_sq = pairwise_row_sum(tl.reshape(v32 * v32, (1, BLOCK)), 1, BLOCK) / n_cols
+    else:
+        mean_sq = tl.sum(v32 * v32, axis=0) / n_cols
     normed = (v32 * (1.0 / tl.sqrt(mean_sq + eps))).to(out.dtype.element_ty)
     w = tl.load(weight + cols, mask=ok, other=0.0)
     y = (w.to(tl.float32) * normed.to(tl.float32)).to(out.dtype.element_ty)
@@ -96,6 +137,7 @@ def rms_norm_triton(
             n, eps,
             HAS_RESIDUAL=residual is not None,
             BLOCK=triton.next_power_of_2(n),
+            PAIRWISE=triton.next_power_of_2(n) <= PAIRWISE_MAX_WIDTH,
             num_warps=norm_warps(n),
             **dependent_launch(pdl),
         )
@@ -103,10 +145,8 @@ def rms_norm_triton(
 
 
 def norm_warps(n: int) -> int:
-    """Warps a program of ``rms_norm_triton`` takes for rows of ``n``: the order its sum is reduced
-    in, which ``qkv_prologue_triton`` shares for the q/k norms to stay bit-equal. Two for rows of a
-    head (at most 256): the prologue ran twice as fast at 2 as at 4 on the H200 at 2,048-8,190 tokens
-    (docs/benchmarks/prologue-warps-sweep-20261201.json)."""
+    """Warps a program of ``rms_norm_triton`` takes for rows of ``n``. Two for rows of a head (at
+    most 256, summed pairwise, so the warps do not change the result)."""
     return 2 if n <= 256 else 4 if n <= 2048 else 8
 
 

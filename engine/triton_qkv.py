@@ -5,15 +5,16 @@ and on k (Qwen3-style q/k norms), ``rotary_triton`` on both, then ``store_kv_tri
 memory-bound kernels (two for Llama-style models), each a few microseconds of a decode step, 32
 times over in a CUDA graph of llama3-8b. ``qkv_prologue_triton`` does all of it in one launch.
 
-Launch layout: grid ``(tokens, heads + kv_heads)``, one program per head of one token's qkv row.
+Launch layout: grid ``(tokens / BLOCK_T, heads + kv_heads)``; a program takes one head of
+``BLOCK_T`` tokens (``prologue_tiles``: one token in small steps, more in large ones, where one
+token a program left the kernel bound by the latency of its loads at a fifth of the bandwidth).
 A program of a query head normalizes and rotates it and writes it back in place, into the qkv
 buffer's q columns; a program of a kv head normalizes and rotates that key and writes it and the
-matching value head into the token's cache slot (none for slot < 0, graph padding). Per head, not
-per token as ``rotary_triton`` is, for two reasons: a decode step of one token still spreads over
-``heads + kv_heads`` programs instead of one, and the q/k norm's sum of squares is then reduced
-exactly as ``rms_norm_triton`` reduces it (one head in a 1-D tile of the same lanes and warps,
-``norm_warps``, the same mask and runtime column count), which a [heads, lanes] tile would not: the reduction order
-follows the tile's layout, and a different order moves a bf16 rounding now and then.
+matching value head into each token's cache slot (none for slot < 0, graph padding). Per head
+rather than per token, so that a decode step of one token still spreads over ``heads + kv_heads``
+programs. The q/k norm's sum of squares is ``triton_norm.pairwise_row_sum``, the order that
+``rms_norm_triton`` sums a head's row in: a fixed tree, not ``tl.sum``, whose order follows the
+tile's layout (and a different order moves a bf16 rounding now and then).
 
 Every other operation is elementwise and written exactly as in ``rms_norm_triton`` (normalize in
 fp32, round to the dtype, scale, round), ``rotary_triton`` (each product and the sum rounded with
@@ -33,7 +34,7 @@ from mini_vllm.engine.attention import GPU_MAX_HEAD_DIM
 
 # The rotary kernel's own rounding (integer round-to-nearest-even for bf16), shared rather than
 # copied: bit-equality with rotary_triton holds by construction.
-from mini_vllm.engine.triton_norm import dependent_launch, dependent_launch_entry, norm_warps, round_to
+from mini_vllm.engine.triton_norm import dependent_launch, dependent_launch_entry, pairwise_row_sum, round_to
 
 # Not float16: compiled for the H200, its rotary rounding (a plain fp16 round trip, which the
 # compiler may fold) left about a tenth of q one rounding away from rotary_triton's in the GPU
@@ -42,7 +43,7 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)
 
 
 # Kernel arguments are left unannotated: Triton reads annotations as specialization hints.
-@triton.jit
+@triton.jit(do_not_specialize=["n_tokens"])
 def _qkv_prologue_kernel(
     qkv,
     positions,
@@ -53,6 +54,7 @@ def _qkv_prologue_kernel(
     k_cache,
     v_cache,
     slot_mapping,
+    n_tokens,
     stride_t,
     stride_h,  # head_dim, passed at run time like rms_norm_triton's row stride (same alignment facts)
     stride_cos,
@@ -69,50 +71,49 @@ def _qkv_prologue_kernel(
     HALF: tl.constexpr,
     BLOCK_HALF: tl.constexpr,  # HALF rounded up to a power of two (tl.arange needs one), masked
     BLOCK_D: tl.constexpr,  # head_dim rounded up to a power of two: the norm's and v's tile
+    BLOCK_T: tl.constexpr,  # tokens a program takes (of one head)
     BLOCK_SIZE: tl.constexpr,
     HAS_NORM: tl.constexpr,
     IS_BF16: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     dependent_launch_entry(USE_PDL)
-    tok = tl.program_id(0).to(tl.int64)
+    toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     head = tl.program_id(1)  # 0..NUM_HEADS-1: query heads; then the kv heads
-    row = qkv + tok * stride_t + head * stride_h
-    d = tl.arange(0, BLOCK_HALF)
-    d_ok = d < HALF
+    t_ok = toks < n_tokens
+    rows = qkv + toks.to(tl.int64)[:, None] * stride_t  # [BLOCK_T, 1]
+    row = rows + head * stride_h
+    d = tl.arange(0, BLOCK_HALF)[None, :]
     # Roles as full tiles, not scalars and-ed into masks (those come out as int32 in the
     # interpreter, which then refuses them as masks; see _store_kv_kernel).
-    heads = tl.zeros([BLOCK_HALF], dtype=tl.int32) + head
-    is_q = heads < NUM_HEADS
+    heads = tl.zeros([BLOCK_T, BLOCK_HALF], dtype=tl.int32) + head
+    half_ok = t_ok[:, None] & (d < HALF)
     kv = tl.maximum(head - NUM_HEADS, 0)
-    # Every load first, in dependency order, then the arithmetic: a program is latency-bound (one
-    # head of one token), and the loads it issues before the norm's cross-warp reduction are in
-    # flight together instead of one chain after another (the position before its cos/sin, the
-    # slot, the value head). Nothing is loaded from memory a store below writes (q's columns are
-    # read here, before their store); the order of the arithmetic is unchanged.
-    pos = tl.load(positions + tok).to(tl.int64)
-    slot = tl.load(slot_mapping + tok).to(tl.int64)
-    x1 = tl.load(row + d, mask=d_ok, other=0.0)
-    x2 = tl.load(row + HALF + d, mask=d_ok, other=0.0)
-    lanes = tl.arange(0, BLOCK_D)
-    v_lanes = tl.zeros([BLOCK_D], dtype=tl.int32) + head
-    v_slots = tl.zeros([BLOCK_D], dtype=tl.int64) + slot
-    v_ok = (lanes < 2 * HALF) & (v_lanes >= NUM_HEADS) & (v_slots >= 0)
-    value = tl.load(qkv + tok * stride_t + (NUM_HEADS + NUM_KV_HEADS + kv) * stride_h + lanes, mask=v_ok)
-    c_raw = tl.load(cos + pos * stride_cos + d, mask=d_ok, other=0.0)
-    s_raw = tl.load(sin + pos * stride_cos + d, mask=d_ok, other=0.0)
+    # Every load first, in dependency order, then the arithmetic: the loads are in flight together
+    # instead of one chain after another (the position before its cos/sin, the slot, the value
+    # head). Nothing is loaded from memory a store below writes (q's columns are read here, before
+    # their store); the order of the arithmetic is unchanged.
+    pos = tl.load(positions + toks, mask=t_ok, other=0).to(tl.int64)[:, None]
+    slot = tl.load(slot_mapping + toks, mask=t_ok, other=-1).to(tl.int64)[:, None]
+    x1 = tl.load(row + d, mask=half_ok, other=0.0)
+    x2 = tl.load(row + HALF + d, mask=half_ok, other=0.0)
+    lanes = tl.arange(0, BLOCK_D)[None, :]
+    v_heads = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.int32) + head
+    v_ok = (lanes < 2 * HALF) & (v_heads >= NUM_HEADS) & (slot >= 0)
+    value = tl.load(rows + (NUM_HEADS + NUM_KV_HEADS + kv) * stride_h + lanes, mask=v_ok)
+    c_raw = tl.load(cos + pos * stride_cos + d, mask=half_ok, other=0.0)
+    s_raw = tl.load(sin + pos * stride_cos + d, mask=half_ok, other=0.0)
     ty = x1.dtype
     f1 = x1.to(tl.float32)
     f2 = x2.to(tl.float32)
     if HAS_NORM:
-        cols = tl.arange(0, BLOCK_D)
-        v32 = tl.load(row + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        v32 = tl.load(row + lanes, mask=t_ok[:, None] & (lanes < n_cols), other=0.0).to(tl.float32)
         weight = tl.where(head < NUM_HEADS, q_weight, k_weight)
-        w1 = tl.load(weight + d, mask=d_ok, other=0.0).to(tl.float32)
-        w2 = tl.load(weight + HALF + d, mask=d_ok, other=0.0).to(tl.float32)
-        # rms_norm_triton's row, lane for lane: the same tile gives the same reduction order.
-        mean_sq = tl.sum(v32 * v32, axis=0) / n_cols
-        inv = 1.0 / tl.sqrt(mean_sq + eps)
+        w1 = tl.load(weight + d, mask=d < HALF, other=0.0).to(tl.float32)
+        w2 = tl.load(weight + HALF + d, mask=d < HALF, other=0.0).to(tl.float32)
+        # rms_norm_triton's row, lane for lane and summed in the same pairwise order.
+        mean_sq = pairwise_row_sum(v32 * v32, BLOCK_T, BLOCK_D) / n_cols
+        inv = (1.0 / tl.sqrt(mean_sq + eps))[:, None]
         f1 = (w1 * (f1 * inv).to(ty).to(tl.float32)).to(ty).to(tl.float32)
         f2 = (w2 * (f2 * inv).to(ty).to(tl.float32)).to(ty).to(tl.float32)
 
@@ -126,13 +127,12 @@ def _qkv_prologue_kernel(
     # A query head goes back into its own columns. No element is read after it is overwritten:
     # the norm's row loads all feed the sum, which every store waits for, and each half element is
     # stored by the thread that loaded it (of replicated threads, Triton lets one store).
-    q_ok = d_ok & is_q
+    q_ok = half_ok & (heads < NUM_HEADS)
     tl.store(row + d, o1, mask=q_ok)
     tl.store(row + HALF + d, o2, mask=q_ok)
 
     # A kv head: the rotated key and the value head into the token's slot, none for slot < 0.
-    slots = tl.zeros([BLOCK_HALF], dtype=tl.int64) + slot
-    k_ok = d_ok & (heads >= NUM_HEADS) & (slots >= 0)
+    k_ok = half_ok & (heads >= NUM_HEADS) & (slot >= 0)
     blk = slot // BLOCK_SIZE
     off = slot % BLOCK_SIZE
     k_dst = k_cache + blk * stride_kc_blk + off * stride_kc_slot + kv * stride_kc_head
@@ -140,6 +140,17 @@ def _qkv_prologue_kernel(
     tl.store(k_dst + HALF + d, o2.to(k_cache.dtype.element_ty), mask=k_ok)
     v_dst = v_cache + blk * stride_vc_blk + off * stride_vc_slot + kv * stride_vc_head
     tl.store(v_dst + lanes, value.to(v_cache.dtype.element_ty), mask=v_ok)
+
+
+def prologue_tiles(tokens: int) -> tuple[int, int]:
+    """(tokens a program takes, warps) for a step of ``tokens``. One program per (token, head) is
+    bound by the latency of its loads, not by the bandwidth; a tile of several tokens keeps more
+    loads in flight per program."""
+    if tokens < 32:
+        return 1, 2
+    if tokens < 512:
+        return 4, 2
+    return 16, 4
 
 
 def _check_norm_weights(
@@ -229,7 +240,7 @@ def qkv_prologue_triton(
     q_norm: torch.Tensor | None = None,
     k_norm: torch.Tensor | None = None,
     eps: float | None = None,
-    num_warps: int | None = None,
+    tiles: tuple[int, int] | None = None,
     pdl: bool = False,
 ) -> torch.Tensor:
     """Normalize (with ``q_norm``/``k_norm`` weights, both or neither) and rotate q and k of the qkv
@@ -243,9 +254,8 @@ def qkv_prologue_triton(
     writes nothing to the cache (graph padding). q is rotated in place: the result is a view of
     qkv's q columns whose row stride is qkv's; qkv's k and v columns are left as they were.
     Equal bit for bit to ``rms_norm_triton`` on q and k (when weights are given), then
-    ``rotary_triton``, then ``store_kv_triton``. ``num_warps`` overrides the warps per program
-    (sweeps; with the norm only the default keeps the bit-equality with ``rms_norm_triton``);
-    ``pdl``: launched as ``triton_norm.dependent_launch`` says.
+    ``rotary_triton``, then ``store_kv_triton``, whatever the tiles. ``tiles`` overrides
+    ``prologue_tiles`` (sweeps); ``pdl``: launched as ``triton_norm.dependent_launch`` says.
     """
     _check_inputs(qkv, positions, cos, sin, k_cache, v_cache, slot_mapping, num_heads)
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
@@ -255,7 +265,8 @@ def qkv_prologue_triton(
     if tokens == 0:
         return q
     half = head_dim // 2
-    _qkv_prologue_kernel[(tokens, num_heads + num_kv_heads)](
+    block_t, warps = tiles or prologue_tiles(tokens)
+    _qkv_prologue_kernel[(triton.cdiv(tokens, block_t), num_heads + num_kv_heads)](
         qkv,
         positions,
         cos,
@@ -265,6 +276,7 @@ def qkv_prologue_triton(
         k_cache,
         v_cache,
         slot_mapping,
+        tokens,
         qkv.stride(0),
         head_dim,
         cos.stride(0),
@@ -281,12 +293,11 @@ def qkv_prologue_triton(
         HALF=half,
         BLOCK_HALF=triton.next_power_of_2(half),
         BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_T=block_t,
         BLOCK_SIZE=k_cache.shape[1],
         HAS_NORM=has_norm,
         IS_BF16=qkv.dtype == torch.bfloat16,
-        # rms_norm_triton's warps for a head's row (2), so that the q/k norms' sums are reduced
-        # the same way; 2 warps also hold a head of 128 one element per thread.
-        num_warps=num_warps if num_warps is not None else norm_warps(head_dim),
+        num_warps=warps,
         **dependent_launch(pdl),
     )
     return q

@@ -21,14 +21,14 @@ pytestmark = pytest.mark.skipif(not (triton_bin() / "ptxas").exists(), reason="t
 # arguments are i32 but for the ones named in FLOATS.
 KERNELS: dict[str, tuple[str, dict[str, str], dict[str, Any], int]] = {
     "_rms_norm_kernel": ("triton_norm", dict.fromkeys(("x", "residual", "weight", "out", "res_out"), "*bf16"),
-                         {"HAS_RESIDUAL": True, "BLOCK": 1024}, 4),
+                         {"HAS_RESIDUAL": True, "BLOCK": 1024, "PAIRWISE": False}, 4),
     "_silu_mul_kernel": ("triton_norm", dict.fromkeys(("gate_up", "out"), "*bf16"), {"BLOCK": 1024}, 4),
     "_qkv_prologue_kernel": (
         "triton_qkv",
         {"qkv": "*bf16", "positions": "*i64", "cos": "*fp32", "sin": "*fp32", "q_weight": "*bf16",
          "k_weight": "*bf16", "k_cache": "*bf16", "v_cache": "*bf16", "slot_mapping": "*i64"},
-        {"NUM_HEADS": 16, "NUM_KV_HEADS": 8, "HALF": 64, "BLOCK_HALF": 64, "BLOCK_D": 128, "BLOCK_SIZE": 16,
-         "HAS_NORM": True, "IS_BF16": True}, 2),
+        {"NUM_HEADS": 16, "NUM_KV_HEADS": 8, "HALF": 64, "BLOCK_HALF": 64, "BLOCK_D": 128, "BLOCK_T": 16,
+         "BLOCK_SIZE": 16, "HAS_NORM": True, "IS_BF16": True}, 4),
     "_decode_split_kernel": (
         "triton_attention",
         {"query": "*bf16", "k_cache": "*bf16", "v_cache": "*bf16", "part_out": "*fp32", "part_lse": "*fp32",

@@ -20,6 +20,7 @@ pytest.importorskip("triton")
 
 import torch
 import triton
+import triton.language as tl
 
 from mini_vllm.engine import triton_attention, triton_norm, triton_qkv
 from mini_vllm.engine.attention import build_metadata
@@ -165,6 +166,47 @@ def test_matches_over_head_layouts(num_kv_heads: int, group: int, norm: bool) ->
 @pytest.mark.parametrize("norm", [True, False], ids=["qk-norm", "no-norm"])
 def test_matches_over_token_counts(tokens: int, norm: bool) -> None:
     Case(tokens, 4, 1, 24, torch.bfloat16, seed=tokens).assert_fused_equals_unfused(norm)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("tokens", "tiles"), [(5, (2, 2)), (13, (4, 2)), (37, (16, 4)), (9, (32, 8))])
+@pytest.mark.parametrize("norm", [True, False], ids=["qk-norm", "no-norm"])
+def test_several_tokens_a_program_match_the_unfused_kernels(tokens: int, tiles: tuple[int, int], norm: bool) -> None:
+    # Token counts that leave the last program part empty; the norm summed in a tile of many rows
+    # must still come out as rms_norm_triton's one row a program does.
+    for head_dim, dtype in ((24, torch.bfloat16), (128, torch.float32)):
+        case = Case(tokens, 4, 2, head_dim, dtype, seed=tokens)
+        want_q, want_k_cache, want_v_cache = case.unfused(norm)
+        weights: dict[str, Any] = {"q_norm": case.q_norm, "k_norm": case.k_norm, "eps": EPS} if norm else {}
+        got_q = qkv_prologue_triton(case.qkv, case.positions, case.rope.cos, case.rope.sin, case.k_cache,
+                                    case.v_cache, case.slots, num_heads=4, tiles=tiles, **weights)
+        assert_bits_equal(got_q, want_q, "q")
+        assert_bits_equal(case.k_cache, want_k_cache, "k_cache")
+        assert_bits_equal(case.v_cache, want_v_cache, "v_cache")
+
+
+@pytest.mark.timeout(60)
+def test_pairwise_row_sum_adds_adjacent_lanes_first() -> None:
+    # [2**24, 2**24, -2**24, -1] in fp32: adjacent pairs first, (2**25) + (-2**24 - 1 -> -2**24),
+    # give 2**24; lanes 0 + 2 and 1 + 3 first (the strided order a layout may give), or left to
+    # right, give 2**24 - 1.
+    @triton.jit
+    def kernel(x, out, ROWS: tl.constexpr, WIDTH: tl.constexpr):
+        rows = tl.arange(0, ROWS)[:, None]
+        v = tl.load(x + rows * WIDTH + tl.arange(0, WIDTH)[None, :])
+        tl.store(out + tl.arange(0, ROWS), triton_norm.pairwise_row_sum(v, ROWS, WIDTH))
+
+    x = torch.tensor([[2.0**24, 2.0**24, -(2.0**24), -1.0], [3.0, 0.5, 0.25, -3.0]])
+    out = torch.empty(2)
+    kernel[(1,)](x, out, ROWS=2, WIDTH=4)
+    assert out.tolist() == [2.0**24, 0.75]
+
+
+@pytest.mark.timeout(60)
+def test_tiles_grow_with_the_step() -> None:
+    assert triton_qkv.prologue_tiles(1) == (1, 2)
+    sizes = [triton_qkv.prologue_tiles(t)[0] for t in (1, 16, 64, 256, 2048, 8190)]
+    assert sizes == sorted(sizes) and sizes[-1] > 1
 
 
 @pytest.mark.timeout(60)

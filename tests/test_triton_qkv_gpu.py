@@ -151,7 +151,7 @@ def assert_bits_equal(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
 @DTYPES
 @pytest.mark.parametrize("model", [QWEN3_0_6B, LLAMA3_8B], ids=["qwen3-0.6b", "llama3-8b"])
 @pytest.mark.parametrize("norm", [True, False], ids=["qk-norm", "no-norm"])
-@pytest.mark.parametrize("tokens", [1, 7, 256, 2048])
+@pytest.mark.parametrize("tokens", [1, 7, 256, 2048, 8190])
 def test_real_shapes_match_the_unfused_kernels(
     dtype: torch.dtype, model: tuple[int, int, float, dict[str, Any] | None], norm: bool, tokens: int
 ) -> None:
