@@ -36,6 +36,12 @@ def dependent_launch(pdl: bool) -> dict[str, bool]:
     return {"USE_PDL": True, "launch_pdl": True} if pdl else {"USE_PDL": False}
 
 
+# NO_FP_FUSION: the norm, rotary and qkv prologue kernels are compiled with ``enable_fp_fusion=False``.
+# With it on, the compiler may turn a product and a sum into one fused multiply-add (one rounding
+# instead of two) in one kernel and not in another, depending on the tile: the prologue at 4 tokens
+# a program left fp32 q one rounding from the separate kernels in 13-15 % of its elements on the
+# H200 (2026-12-03), where eager torch, which multiplies and adds in separate kernels, rounds twice.
+
 # Rows up to this wide (a head's, for q/k norms) are summed by ``pairwise_row_sum``.
 PAIRWISE_MAX_WIDTH = 256
 
@@ -139,6 +145,7 @@ def rms_norm_triton(
             BLOCK=triton.next_power_of_2(n),
             PAIRWISE=triton.next_power_of_2(n) <= PAIRWISE_MAX_WIDTH,
             num_warps=norm_warps(n),
+            enable_fp_fusion=False,  # see NO_FP_FUSION
             **dependent_launch(pdl),
         )
     return out.view(x.shape), (res_out.view(x.shape) if residual is not None else None)
@@ -229,6 +236,7 @@ def rotary_triton(
                 HALF=dim // 2, BLOCK_D=triton.next_power_of_2(dim // 2), BLOCK_H=triton.next_power_of_2(heads),
                 IS_BF16=t.dtype == torch.bfloat16,
                 num_warps=4,
+                enable_fp_fusion=False,  # see NO_FP_FUSION
             )
     return q, k
 

@@ -145,12 +145,10 @@ def _qkv_prologue_kernel(
 def prologue_tiles(tokens: int) -> tuple[int, int]:
     """(tokens a program takes, warps) for a step of ``tokens``. One program per (token, head) is
     bound by the latency of its loads, not by the bandwidth; a tile of several tokens keeps more
-    loads in flight per program."""
-    if tokens < 32:
-        return 1, 2
-    if tokens < 512:
-        return 4, 2
-    return 16, 4
+    loads in flight per program. From the H200 sweep (docs/benchmarks/prologue-tiles-20261203-dbf3951.json):
+    16 x 4 was the fastest or within 3 % of it from 128 tokens up on both models' heads (qwen3-0.6b
+    8,190 tokens 122 -> 72 µs, llama3-8b 200 -> 78), 4 x 4 at 1 and 16 (2.3-2.7 µs)."""
+    return (4, 4) if tokens < 128 else (16, 4)
 
 
 def _check_norm_weights(
@@ -298,6 +296,7 @@ def qkv_prologue_triton(
         HAS_NORM=has_norm,
         IS_BF16=qkv.dtype == torch.bfloat16,
         num_warps=warps,
+        enable_fp_fusion=False,  # as the separate kernels (triton_norm.NO_FP_FUSION)
         **dependent_launch(pdl),
     )
     return q

@@ -204,7 +204,6 @@ def test_pairwise_row_sum_adds_adjacent_lanes_first() -> None:
 
 @pytest.mark.timeout(60)
 def test_tiles_grow_with_the_step() -> None:
-    assert triton_qkv.prologue_tiles(1) == (1, 2)
     sizes = [triton_qkv.prologue_tiles(t)[0] for t in (1, 16, 64, 256, 2048, 8190)]
     assert sizes == sorted(sizes) and sizes[-1] > 1
 
@@ -246,11 +245,13 @@ class CountingLaunches:
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("norm", [True, False], ids=["qk-norm", "no-norm"])
-def test_one_launch_one_program_per_head(norm: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_launch_one_program_per_head_and_token_tile(norm: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     counter = CountingLaunches(triton_qkv._qkv_prologue_kernel)
     monkeypatch.setattr(triton_qkv, "_qkv_prologue_kernel", counter)
-    Case(3, 6, 2, 32, torch.float32).fused(norm)
-    assert counter.grids == [(3, 8)]
+    for tokens in (3, 200):
+        Case(tokens, 6, 2, 32, torch.float32).fused(norm)
+    tiles = [triton_qkv.prologue_tiles(t)[0] for t in (3, 200)]
+    assert counter.grids == [(-(-3 // tiles[0]), 8), (-(-200 // tiles[1]), 8)]
 
 
 @pytest.mark.timeout(60)
