@@ -51,6 +51,7 @@ from mini_vllm.engine.triton_attention import (
     tile_sizes,
 )
 from mini_vllm.engine.triton_norm import rms_norm_triton, rotary_triton, silu_mul_triton
+from mini_vllm.engine.triton_qkv import LARGE_TILE_MIN_TOKENS as PROLOGUE_LARGE_TILE_MIN_TOKENS
 from mini_vllm.engine.triton_qkv import SUPPORTED_DTYPES as PROLOGUE_DTYPES
 from mini_vllm.engine.triton_qkv import qkv_prologue_triton
 from mini_vllm.engine.triton_skinny import MAX_ROWS as SKINNY_MAX_ROWS
@@ -344,14 +345,15 @@ class CudaModelRunner(ModelRunner):
         """Run eager steps now through the same buffers as real steps, so that no request waits
         for Triton to compile a kernel (it specializes on the buffers' alignment too): a prefill
         (and with graphs off, a decode); with the skinny kernels a step too large for them; with
-        dependent launch a step too large for it; with graphs off a decode batch of each kernel
+        dependent launch a step too large for it; a step for the qkv prologue's large tile; with graphs off a decode batch of each kernel
         variant the batch sizes give (dependent launch or not, longest first or not, split count).
         Slots -1 write nothing; what the steps read from block 0 is discarded."""
         greedy = SamplingRow(SamplingParams(temperature=0, max_tokens=1), None, [], (), None)
         longest = min(self._sets[0].tokens, self.max_blocks * self.block_size)  # one sequence's step
         tokens = min(3, longest)
         steps = ([[tokens]] if tokens > 1 else []) + ([[1]] if self.enforce_eager or tokens == 1 else [])
-        for rows in (SKINNY_MAX_ROWS if self.skinny else 0, self.dependent_launch_max_rows):
+        prologue_rows = PROLOGUE_LARGE_TILE_MIN_TOKENS - 1
+        for rows in (SKINNY_MAX_ROWS if self.skinny else 0, self.dependent_launch_max_rows, prologue_rows):
             if rows and longest > rows:
                 steps.append([rows + 1])  # the steps above took the kernels for few rows: one that does not
         if self.enforce_eager:  # a decode batch of every variant the sizes give (graphs capture them otherwise)

@@ -142,13 +142,17 @@ def _qkv_prologue_kernel(
     tl.store(v_dst + lanes, value.to(v_cache.dtype.element_ty), mask=v_ok)
 
 
+# Steps of at least this many tokens take the large tile (another compiled variant).
+LARGE_TILE_MIN_TOKENS = 128
+
+
 def prologue_tiles(tokens: int) -> tuple[int, int]:
     """(tokens a program takes, warps) for a step of ``tokens``. One program per (token, head) is
     bound by the latency of its loads, not by the bandwidth; a tile of several tokens keeps more
     loads in flight per program. From the H200 sweep (docs/benchmarks/prologue-tiles-20261203-dbf3951.json):
     16 x 4 was the fastest or within 3 % of it from 128 tokens up on both models' heads (qwen3-0.6b
     8,190 tokens 122 -> 72 µs, llama3-8b 200 -> 78), 4 x 4 at 1 and 16 (2.3-2.7 µs)."""
-    return (4, 4) if tokens < 128 else (16, 4)
+    return (4, 4) if tokens < LARGE_TILE_MIN_TOKENS else (16, 4)
 
 
 def _check_norm_weights(
