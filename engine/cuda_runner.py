@@ -345,8 +345,9 @@ class CudaModelRunner(ModelRunner):
         """Run eager steps now through the same buffers as real steps, so that no request waits
         for Triton to compile a kernel (it specializes on the buffers' alignment too): a prefill
         (and with graphs off, a decode); with the skinny kernels a step too large for them; with
-        dependent launch a step too large for it; a step for the qkv prologue's large tile; with graphs off a decode batch of each kernel
-        variant the batch sizes give (dependent launch or not, longest first or not, split count).
+        dependent launch a step too large for it; a step for the qkv prologue's large tile; with
+        graphs off a decode batch of each kernel variant the batch sizes give (dependent launch or
+        not, longest first or not, split count).
         Slots -1 write nothing; what the steps read from block 0 is discarded."""
         greedy = SamplingRow(SamplingParams(temperature=0, max_tokens=1), None, [], (), None)
         longest = min(self._sets[0].tokens, self.max_blocks * self.block_size)  # one sequence's step
