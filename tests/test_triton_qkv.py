@@ -254,6 +254,41 @@ def test_one_launch_one_program_per_head_and_token_tile(norm: bool, monkeypatch:
     assert counter.grids == [(-(-3 // tiles[0]), 8), (-(-200 // tiles[1]), 8)]
 
 
+class RecordingLaunches:
+    """Stands in for a jitted kernel: records each launch's keyword arguments and forwards it."""
+
+    def __init__(self, kernel: Any) -> None:
+        self.kernel, self.kwargs = kernel, []
+
+    def __getitem__(self, grid: Any) -> Any:
+        def launch(*args: Any, **kwargs: Any) -> Any:
+            self.kwargs.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.timeout(60)
+def test_the_kernels_compared_bit_for_bit_compile_without_fused_multiply_adds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # triton_norm.NO_FP_FUSION: a multiply-add fused in one kernel and not in the other moved fp32
+    # roundings on the H200; every launch of the three must ask for no fusion.
+    recorders = {
+        (triton_qkv, "_qkv_prologue_kernel"): RecordingLaunches(triton_qkv._qkv_prologue_kernel),
+        (triton_norm, "_rms_norm_kernel"): RecordingLaunches(triton_norm._rms_norm_kernel),
+        (triton_norm, "_rotary_kernel"): RecordingLaunches(triton_norm._rotary_kernel),
+    }
+    for (module, name), recorder in recorders.items():
+        monkeypatch.setattr(module, name, recorder)
+    case = Case(5, 4, 2, 32, torch.float32)
+    case.unfused(norm=True)
+    case.fused(norm=True)
+    for (_, name), recorder in recorders.items():
+        assert recorder.kwargs, f"{name} was not launched"
+        assert all(k.get("enable_fp_fusion") is False for k in recorder.kwargs), name
+
+
 @pytest.mark.timeout(60)
 def test_no_tokens_launch_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     counter = CountingLaunches(triton_qkv._qkv_prologue_kernel)
