@@ -42,8 +42,10 @@ def dependent_launch(pdl: bool) -> dict[str, bool]:
 # a program left fp32 q one rounding from the separate kernels in 13-15 % of its elements on the
 # H200 (2026-12-03), where eager torch, which multiplies and adds in separate kernels, rounds twice.
 
-# Rows up to this wide (a head's, for q/k norms) are summed by ``pairwise_row_sum``.
+# Rows up to this wide (a head's, for q/k norms) are summed by ``pairwise_row_sum``, in at most
+# PAIRWISE_LEVELS halvings.
 PAIRWISE_MAX_WIDTH = 256
+PAIRWISE_LEVELS = tl.constexpr(PAIRWISE_MAX_WIDTH.bit_length() - 1)
 
 
 @triton.jit
@@ -60,22 +62,9 @@ def pairwise_row_sum(x, ROWS: tl.constexpr, WIDTH: tl.constexpr):
     ``tl.sum`` adds in an order that follows the tile's layout, which the compiler picks from the
     shape and the warps; this order is the code's, so a row comes out bit for bit the same whether a
     program holds one row (``rms_norm_triton``) or many tokens' heads (``qkv_prologue_triton``)."""
-    if WIDTH >= 256:
-        x = _sum_adjacent_pairs(x, ROWS, 256)
-    if WIDTH >= 128:
-        x = _sum_adjacent_pairs(x, ROWS, 128)
-    if WIDTH >= 64:
-        x = _sum_adjacent_pairs(x, ROWS, 64)
-    if WIDTH >= 32:
-        x = _sum_adjacent_pairs(x, ROWS, 32)
-    if WIDTH >= 16:
-        x = _sum_adjacent_pairs(x, ROWS, 16)
-    if WIDTH >= 8:
-        x = _sum_adjacent_pairs(x, ROWS, 8)
-    if WIDTH >= 4:
-        x = _sum_adjacent_pairs(x, ROWS, 4)
-    if WIDTH >= 2:
-        x = _sum_adjacent_pairs(x, ROWS, 2)
+    for level in tl.static_range(PAIRWISE_LEVELS):  # unrolled: each level halves the width
+        if (WIDTH >> level) >= 2:
+            x = _sum_adjacent_pairs(x, ROWS, WIDTH >> level)
     return tl.reshape(x, (ROWS,))
 
 
