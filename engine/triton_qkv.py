@@ -6,8 +6,8 @@ memory-bound kernels (two for Llama-style models), each a few microseconds of a 
 times over in a CUDA graph of llama3-8b. ``qkv_prologue_triton`` does all of it in one launch.
 
 Launch layout: grid ``(tokens / BLOCK_T, heads + kv_heads)``; a program takes one head of
-``BLOCK_T`` tokens (``prologue_tiles``: one token in small steps, more in large ones, where one
-token a program left the kernel bound by the latency of its loads at a fifth of the bandwidth).
+``BLOCK_T`` tokens (``prologue_tiles``: 4 in small steps, 16 in large ones; one token a program
+had left the kernel bound by the latency of its loads, at a fifth of the bandwidth).
 A program of a query head normalizes and rotates it and writes it back in place, into the qkv
 buffer's q columns; a program of a kv head normalizes and rotates that key and writes it and the
 matching value head into each token's cache slot (none for slot < 0, graph padding). Per head

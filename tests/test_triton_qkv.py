@@ -233,14 +233,20 @@ def test_padding_tokens_write_nothing() -> None:
 
 
 class CountingLaunches:
-    """Stands in for a jitted kernel: counts ``kernel[grid](...)`` launches and forwards them."""
+    """Stands in for a jitted kernel: records each ``kernel[grid](...)`` launch's grid and keyword
+    arguments, and forwards it."""
 
     def __init__(self, kernel: Any) -> None:
-        self.kernel, self.grids = kernel, []
+        self.kernel, self.grids, self.kwargs = kernel, [], []
 
     def __getitem__(self, grid: Any) -> Any:
         self.grids.append(grid)
-        return self.kernel[grid]
+
+        def launch(*args: Any, **kwargs: Any) -> Any:
+            self.kwargs.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
 
 
 @pytest.mark.timeout(60)
@@ -254,20 +260,6 @@ def test_one_launch_one_program_per_head_and_token_tile(norm: bool, monkeypatch:
     assert counter.grids == [(-(-3 // tiles[0]), 8), (-(-200 // tiles[1]), 8)]
 
 
-class RecordingLaunches:
-    """Stands in for a jitted kernel: records each launch's keyword arguments and forwards it."""
-
-    def __init__(self, kernel: Any) -> None:
-        self.kernel, self.kwargs = kernel, []
-
-    def __getitem__(self, grid: Any) -> Any:
-        def launch(*args: Any, **kwargs: Any) -> Any:
-            self.kwargs.append(kwargs)
-            return self.kernel[grid](*args, **kwargs)
-
-        return launch
-
-
 @pytest.mark.timeout(60)
 def test_the_kernels_compared_bit_for_bit_compile_without_fused_multiply_adds(
     monkeypatch: pytest.MonkeyPatch,
@@ -275,9 +267,9 @@ def test_the_kernels_compared_bit_for_bit_compile_without_fused_multiply_adds(
     # triton_norm.NO_FP_FUSION: a multiply-add fused in one kernel and not in the other moved fp32
     # roundings on the H200; every launch of the three must ask for no fusion.
     recorders = {
-        (triton_qkv, "_qkv_prologue_kernel"): RecordingLaunches(triton_qkv._qkv_prologue_kernel),
-        (triton_norm, "_rms_norm_kernel"): RecordingLaunches(triton_norm._rms_norm_kernel),
-        (triton_norm, "_rotary_kernel"): RecordingLaunches(triton_norm._rotary_kernel),
+        (triton_qkv, "_qkv_prologue_kernel"): CountingLaunches(triton_qkv._qkv_prologue_kernel),
+        (triton_norm, "_rms_norm_kernel"): CountingLaunches(triton_norm._rms_norm_kernel),
+        (triton_norm, "_rotary_kernel"): CountingLaunches(triton_norm._rotary_kernel),
     }
     for (module, name), recorder in recorders.items():
         monkeypatch.setattr(module, name, recorder)
