@@ -19,6 +19,7 @@ import importlib.util
 import json
 import sys
 from functools import partial
+from typing import Any
 
 import torch
 
@@ -30,14 +31,19 @@ TOKENS = (1, 16, 64, 256, 2048, 8190)
 BLOCK_SIZE = 16
 
 
-def main() -> None:
-    out_path, old_path = sys.argv[1], sys.argv[2]
-    spec = importlib.util.spec_from_file_location("old_triton_qkv", old_path)
+def load_old_prologue(path: str) -> Any:
+    """``qkv_prologue_triton`` of another version of engine/triton_qkv.py, loaded from ``path``."""
+    spec = importlib.util.spec_from_file_location("old_triton_qkv", path)
     if spec is None or spec.loader is None:
-        raise SystemExit(f"cannot load {old_path}")
+        raise SystemExit(f"cannot load {path}")
     old = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(old)
-    versions = {"old": old.qkv_prologue_triton, "new": qkv_prologue_triton}
+    return old.qkv_prologue_triton
+
+
+def main() -> None:
+    out_path, old_path = sys.argv[1], sys.argv[2]
+    versions = {"old": load_old_prologue(old_path), "new": qkv_prologue_triton}
     dev = torch.device("cuda")
     result: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "old_file": old_path, "shapes": {}}
     for name, (heads, kv_heads, head_dim, norm) in SHAPES.items():

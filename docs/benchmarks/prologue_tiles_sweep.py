@@ -13,10 +13,10 @@ back, K and V written to the cache, cos/sin read) over its time. ``default`` nam
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,19 +26,13 @@ from mini_vllm.engine.triton_attention import store_kv_triton
 from mini_vllm.engine.triton_norm import rms_norm_triton, rotary_triton
 from mini_vllm.engine.triton_qkv import prologue_tiles, qkv_prologue_triton
 
-SHAPES = {"qwen3-0.6b": (16, 8, 128, True), "llama3-8b": (32, 8, 128, False)}  # heads, kv heads, head_dim, q/k norm
+# The older A/B beside this file: its shapes (heads, kv heads, head_dim, q/k norm) and its loader
+# (the device's environment keeps a script's folder off sys.path).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prologue_order_ab import BLOCK_SIZE, SHAPES, load_old_prologue
+
 TOKENS = (1, 16, 64, 128, 256, 512, 2048, 8190)
 TILES = [(1, 2), (2, 2), (4, 2), (4, 4), (8, 2), (8, 4), (16, 4), (16, 8), (32, 4), (32, 8)]
-BLOCK_SIZE = 16
-
-
-def load_old(path: str) -> Any:
-    spec = importlib.util.spec_from_file_location("old_triton_qkv", path)
-    if spec is None or spec.loader is None:
-        raise SystemExit(f"cannot load {path}")
-    old = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(old)
-    return old.qkv_prologue_triton
 
 
 def zero_caches(shape: tuple[int, ...], dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,7 +42,7 @@ def zero_caches(shape: tuple[int, ...], dev: torch.device) -> tuple[torch.Tensor
 
 def main() -> None:
     out_path = sys.argv[1]
-    old = load_old(sys.argv[2]) if len(sys.argv) > 2 else None
+    old = load_old_prologue(sys.argv[2]) if len(sys.argv) > 2 else None
     dev = torch.device("cuda")
     result: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                     "old_file": sys.argv[2] if old else None, "tiles": [list(t) for t in TILES], "shapes": {}}
