@@ -17,13 +17,13 @@ import torch
 
 sys.path.insert(0, "tests")
 from conftest import build_tiny_model
+from test_gpu_lifecycle import ENGINE  # the engine arguments of the test whose premise this probes
 
 import mini_vllm.engine.llm_engine as llm_engine
 from mini_vllm.engine import LLM, ConfigError
 from mini_vllm.engine.kv_cache import gpu_kv_budget_bytes
 
 GiB = 1 << 30
-ENGINE = {"dtype": "bfloat16", "max_model_len": 256, "max_num_seqs": 8, "max_num_batched_tokens": 512}
 
 
 def traced_budget(device: torch.device, utilization: float, reserve: int) -> int:
