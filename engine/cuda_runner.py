@@ -245,7 +245,8 @@ class CudaModelRunner(ModelRunner):
         # the prologue replaces for bf16 and fp32, and the prefill kernel keep plain launches).
         dtype = model.embed_tokens.weight.dtype
         pdl_rows = self.dependent_launch_max_rows
-        prologue = _DependentUpTo(qkv_prologue_triton, pdl_rows) if dtype in PROLOGUE_DTYPES else None
+        self.prologue = dtype in PROLOGUE_DTYPES  # float16 keeps the separate norm, rotary and store
+        prologue = _DependentUpTo(qkv_prologue_triton, pdl_rows) if self.prologue else None
         model.use_fused_kernels(_DependentUpTo(rms_norm_triton, pdl_rows), rotary_triton,
                                 _DependentUpTo(silu_mul_triton, pdl_rows), qkv_prologue=prologue)
         self.skinny = skinny_kernels and parallel is None and dtype in SKINNY_DTYPES
@@ -353,7 +354,7 @@ class CudaModelRunner(ModelRunner):
         longest = min(self._sets[0].tokens, self.max_blocks * self.block_size)  # one sequence's step
         tokens = min(3, longest)
         steps = ([[tokens]] if tokens > 1 else []) + ([[1]] if self.enforce_eager or tokens == 1 else [])
-        prologue_rows = PROLOGUE_LARGE_TILE_MIN_TOKENS - 1
+        prologue_rows = PROLOGUE_LARGE_TILE_MIN_TOKENS - 1 if self.prologue else 0
         for rows in (SKINNY_MAX_ROWS if self.skinny else 0, self.dependent_launch_max_rows, prologue_rows):
             if rows and longest > rows:
                 steps.append([rows + 1])  # the steps above took the kernels for few rows: one that does not
