@@ -189,16 +189,12 @@ def kv_heads_per_rank(config: ModelConfig, tensor_parallel_size: int) -> int:
 
 def matmul_params(config: ModelConfig) -> int:
     """Parameters that every token multiplies through (the embedding lookup is a gather)."""
-    h, q = config.hidden_size, config.num_attention_heads * config.head_dim
-    kv = config.num_key_value_heads * config.head_dim
-    per_layer = h * (q + 2 * kv) + q * h + 3 * h * config.intermediate_size
-    return config.num_hidden_layers * per_layer + h * config.vocab_size
+    return sum(k * n * count for k, n, count in projection_shapes(config))
 
 
 def projection_shapes(config: ModelConfig) -> list[tuple[int, int, int]]:
     """(in features, out features, how many per forward) of every matrix a token multiplies
-    through: per layer qkv, o, gate_up and down, then the LM head; their parameters sum to
-    ``matmul_params``."""
+    through: per layer qkv, o, gate_up and down, then the LM head (``matmul_params`` sums them)."""
     h, q = config.hidden_size, config.num_attention_heads * config.head_dim
     kv = config.num_key_value_heads * config.head_dim
     layers = config.num_hidden_layers

@@ -143,6 +143,8 @@ def test_serial_floor_prices_each_projection_at_its_own_bound() -> None:
     config = ModelConfig.from_dict(PRESETS["qwen3-0.6b"], "qwen3-0.6b")
     shapes = workloads.projection_shapes(config)
     assert sum(k * n * count for k, n, count in shapes) == workloads.matmul_params(config)
+    # By hand: 28 x (1024 x 4096 + 2048 x 1024 + 1024 x 6144 + 3072 x 1024) + 1024 x 151,936.
+    assert workloads.matmul_params(config) == 595_984_384
     request = [workloads.WorkloadRequest([1] * 100, 2)]
     bandwidth, flops = 1e12, 1e9  # every projection compute-bound
     floor = physical_floor(config, request, bandwidth, flops)
