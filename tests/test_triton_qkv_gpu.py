@@ -244,3 +244,126 @@ def test_model_forward_with_the_prologue_equals_it_without(architecture: str) ->
     for step, (got, want) in enumerate(zip(got_hidden, want_hidden, strict=True)):
         assert_bits_equal(got, want, f"hidden states of step {step}")
     assert_bits_equal(got_kv, want_kv, "kv cache")
+
+
+# --------------------------------------------------------------------------- the decode kernel with the prologue inside
+
+
+class DecodeCase:
+    """A decode step of ``rows`` sequences on the GPU: contexts of 1 to ``max_len`` tokens already
+    in the cache (random contents, so that a stale read of the new token's slot shows), the new
+    token's slot in each row's last block; every ninth row graph padding (no context, slot -1).
+    The qkv rows, rotary tables and norm weights are ``Case``'s."""
+
+    def __init__(self, rows: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, *,
+                 max_len: int = 1500, theta: float = 1_000_000.0, scaling: dict[str, Any] | None = None,
+                 seed: int = 0) -> None:
+        self.case = Case(rows, num_heads, num_kv_heads, head_dim, dtype, theta, scaling, seed=seed)
+        gen = torch.Generator(device="cuda").manual_seed(seed + 1)
+        lens = torch.randint(1, max_len + 1, (rows,), generator=gen, device="cuda")
+        lens[4::9] = 0
+        per_row = -(-max_len // BLOCK_SIZE)
+        num_blocks = rows * per_row + 8
+        blocks = torch.randperm(num_blocks, generator=gen, device="cuda")[: rows * per_row].view(rows, per_row)
+        shape = (num_blocks, BLOCK_SIZE, num_kv_heads, head_dim)
+        self.case.k_cache = torch.randn(shape, generator=gen, device="cuda").to(dtype)
+        self.case.v_cache = torch.randn(shape, generator=gen, device="cuda").to(dtype)
+        last = (lens - 1).clamp(min=0)
+        slots = blocks.gather(1, (last // BLOCK_SIZE)[:, None])[:, 0] * BLOCK_SIZE + last % BLOCK_SIZE
+        self.case.slots = torch.where(lens > 0, slots, -1)
+        self.case.positions = last
+        self.seq_lens = lens.to(torch.int32)
+        self.tables = blocks.to(torch.int32)
+
+    def run(self, norm: bool, num_splits: int, fused: bool, *, pdl: bool, ordered: bool) -> tuple[torch.Tensor, ...]:
+        """(output, k_cache, v_cache) of the fused kernel or of the prologue then the decode kernel,
+        launched as the GPU runner launches them (4 warps)."""
+        c = self.case
+        qkv, k_cache, v_cache = c.qkv.clone(), c.k_cache.clone(), c.v_cache.clone()
+        weights: dict[str, Any] = {"q_norm": c.q_norm, "k_norm": c.k_norm, "eps": EPS} if norm else {}
+        order = torch.argsort(self.seq_lens, descending=True, stable=True).to(torch.int32) if ordered else None
+        common: dict[str, Any] = {"num_warps": 4, "pdl": pdl, "order": order}
+        if fused:
+            prologue = triton_attention.DecodePrologue(c.num_heads, c.cos, c.sin, c.slots, **weights)
+            out = triton_attention.decode_attention_triton(
+                qkv, k_cache, v_cache, self.seq_lens, self.tables, 0.088, num_splits, prologue=prologue, **common)
+            assert torch.equal(qkv, c.qkv), "the fused kernel changed qkv"
+        else:
+            q = triton_qkv.qkv_prologue_triton(qkv, c.positions, c.cos, c.sin, k_cache, v_cache, c.slots,
+                                               num_heads=c.num_heads, pdl=pdl, **weights)
+            out = triton_attention.decode_attention_triton(
+                q, k_cache, v_cache, self.seq_lens, self.tables, 0.088, num_splits, **common)
+        return out, k_cache, v_cache
+
+    def assert_fused_matches(self, norm: bool, num_splits: int, *, pdl: bool = False, ordered: bool = False) -> None:
+        got = self.run(norm, num_splits, True, pdl=pdl, ordered=ordered)
+        want = self.run(norm, num_splits, False, pdl=pdl, ordered=ordered)
+        assert_bits_equal(got[1], want[1], "k_cache")
+        assert_bits_equal(got[2], want[2], "v_cache")
+        if got[0].dtype == torch.bfloat16:
+            assert_bits_equal(got[0], want[0], "attention output")
+        else:  # fp32: compiled without multiply-adds, the unfused attention with them
+            torch.testing.assert_close(got[0], want[0], rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.timeout(600)
+@DTYPES
+@pytest.mark.parametrize("model", [QWEN3_0_6B, LLAMA3_8B], ids=["qwen3-0.6b", "llama3-8b"])
+@pytest.mark.parametrize("rows", [1, 7, 64, 256])
+def test_decode_with_the_prologue_inside_at_real_shapes(
+    dtype: torch.dtype, model: tuple[int, int, float, dict[str, Any] | None], rows: int
+) -> None:
+    from mini_vllm.engine.cuda_runner import LONGEST_FIRST_MIN_ROWS, _TritonAttention
+
+    heads, kv_heads, theta, scaling = model
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    splits = _TritonAttention(2048, kv_heads, sms, pdl_max_rows=64).decode_splits(rows)  # as the runner splits
+    case = DecodeCase(rows, heads, kv_heads, 128, dtype, theta=theta, scaling=scaling, seed=rows)
+    norm = model is QWEN3_0_6B
+    case.assert_fused_matches(norm, splits, pdl=rows <= 64, ordered=rows >= LONGEST_FIRST_MIN_ROWS)
+    case.assert_fused_matches(norm, 1)  # one partition: the kernel writes the output itself
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(
+    ("head_dim", "num_heads", "num_kv_heads"),
+    [(24, 12, 4), (40, 8, 1), (64, 14, 7), (80, 20, 5), (96, 48, 6), (192, 6, 3), (256, 16, 2), (16, 8, 8)],
+)
+def test_decode_with_the_prologue_inside_at_head_sizes(head_dim: int, num_heads: int, num_kv_heads: int) -> None:
+    for dtype in (torch.bfloat16, torch.float32):
+        case = DecodeCase(37, num_heads, num_kv_heads, head_dim, dtype, max_len=300, seed=head_dim)
+        for norm in (True, False):
+            case.assert_fused_matches(norm, 3)
+
+
+@pytest.mark.timeout(600)
+def test_decode_with_the_prologue_inside_under_cuda_graph_replay() -> None:
+    """Captured on static buffers, replayed with new qkv, lengths, tables and slots written into
+    them (padding rows included): the unfused kernels' result, run eagerly, to the bit."""
+    rows, heads, kv_heads = 40, 16, 8
+    static = DecodeCase(rows, heads, kv_heads, 128, torch.bfloat16, seed=200)
+    c = static.case
+    prologue = triton_attention.DecodePrologue(heads, c.cos, c.sin, c.slots, c.q_norm, c.k_norm, EPS)
+
+    def fused() -> torch.Tensor:
+        return triton_attention.decode_attention_triton(c.qkv, c.k_cache, c.v_cache, static.seq_lens, static.tables,
+                                                        0.088, 4, num_warps=4, prologue=prologue)
+
+    fused()  # compile before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused()
+    for trial in range(3):
+        fresh = DecodeCase(rows, heads, kv_heads, 128, torch.bfloat16, seed=trial)
+        fresh.case.q_norm, fresh.case.k_norm = c.q_norm, c.k_norm  # the weights the graph was captured with
+        want = fresh.run(True, 4, False, pdl=False, ordered=False)
+        for mine, theirs in ((c.qkv, fresh.case.qkv), (c.k_cache, fresh.case.k_cache), (c.v_cache, fresh.case.v_cache),
+                             (c.slots, fresh.case.slots), (static.seq_lens, fresh.seq_lens),
+                             (static.tables, fresh.tables)):
+            mine.copy_(theirs)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_bits_equal(out, want[0], f"attention output of replay {trial}")
+        assert_bits_equal(c.k_cache, want[1], f"k_cache after replay {trial}")
+        assert_bits_equal(c.v_cache, want[2], f"v_cache after replay {trial}")
