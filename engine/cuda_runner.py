@@ -38,7 +38,6 @@ from mini_vllm.engine.parallel import TensorParallel
 from mini_vllm.engine.sampler import GreedyArgmax, SamplerOutput, SamplingRow, argmax_rows, sample
 from mini_vllm.engine.sampling_params import SamplingParams
 from mini_vllm.engine.triton_attention import (
-    DecodePrologue,
     PrefillSchedule,
     build_prefill_schedule,
     decode_attention_triton,
@@ -191,32 +190,6 @@ class _TritonAttention:
             )
         return prefill_attention_triton(q, k, v, meta, scale, schedule=self.schedule)
 
-    def with_prologue(
-        self,
-        qkv: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        meta: AttentionMetadata,
-        scale: float,
-        *,
-        num_heads: int,
-        q_norm: torch.Tensor | None = None,
-        k_norm: torch.Tensor | None = None,
-        eps: float | None = None,
-    ) -> torch.Tensor | None:
-        """A decode step's attention with the qkv prologue inside (the model's
-        ``FusedDecodeAttention``); None for any other step."""
-        batch = qkv.shape[0]
-        if meta.max_query_len != 1 or batch != meta.seq_lens.shape[0]:
-            return None
-        prologue = DecodePrologue(num_heads, cos, sin, meta.slot_mapping, q_norm, k_norm, eps)
-        return decode_attention_triton(
-            qkv, k, v, meta.seq_lens, meta.block_tables, scale, self.decode_splits(batch), num_warps=4,
-            pdl=batch <= self.pdl_max_rows, order=meta.decode_order, prologue=prologue,
-        )
-
     def decode_splits(self, batch: int) -> int:
         """Split the contexts until every SM has a few (sequence, kv head, partition) programs:
         eight from 32 sequences up, four below. From 132 sequences up (on an H200, 8 kv heads) one
@@ -274,10 +247,8 @@ class CudaModelRunner(ModelRunner):
         pdl_rows = self.dependent_launch_max_rows
         self.prologue = dtype in PROLOGUE_DTYPES  # float16 keeps the separate norm, rotary and store
         prologue = _DependentUpTo(qkv_prologue_triton, pdl_rows) if self.prologue else None
-        # Decode steps take the prologue into the attention kernel (triton_attention.DecodePrologue).
         model.use_fused_kernels(_DependentUpTo(rms_norm_triton, pdl_rows), rotary_triton,
-                                _DependentUpTo(silu_mul_triton, pdl_rows), qkv_prologue=prologue,
-                                decode_attention=self._attention.with_prologue if self.prologue else None)
+                                _DependentUpTo(silu_mul_triton, pdl_rows), qkv_prologue=prologue)
         self.skinny = skinny_kernels and parallel is None and dtype in SKINNY_DTYPES
         if self.skinny:  # steps of a few tokens: o, gate_up+SiLU and down in engine/triton_skinny.py
             model.use_skinny_linear(_DependentUpTo(skinny_linear_triton, pdl_rows), SKINNY_MAX_ROWS)

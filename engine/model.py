@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -54,29 +54,6 @@ class FusedQkvPrologue(Protocol):
         k_norm: torch.Tensor | None = None,
         eps: float | None = None,
     ) -> torch.Tensor: ...
-
-
-class FusedDecodeAttention(Protocol):
-    """A decode step's attention from the raw qkv rows, the prologue's work (q/k norms, rotary, the
-    KV cache write) inside the attention kernel: one launch a layer fewer (the GPU runner installs
-    one, over ``triton_attention.decode_attention_triton(prologue=...)``). Returns None for any
-    other step, which then runs the prologue and attention apart."""
-
-    def __call__(
-        self,
-        qkv: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        scale: float,
-        *,
-        num_heads: int,
-        q_norm: torch.Tensor | None = None,
-        k_norm: torch.Tensor | None = None,
-        eps: float | None = None,
-    ) -> torch.Tensor | None: ...
 
 
 class SkinnyLinear(Protocol):
@@ -178,7 +155,6 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.prologue: FusedQkvPrologue | None = None  # replaces the q/k norms, rotary and store_kv_fn
-        self.decode_attention: FusedDecodeAttention | None = None  # and the prologue too, in decode steps
         self.skinny: SkinnyLinear | None = None  # o_proj for steps of at most skinny_rows tokens
         self.skinny_rows = 0
 
@@ -194,38 +170,41 @@ class Attention(nn.Module):
         store_kv_fn: StoreKvFn,
     ) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
-        out = None
-        if self.decode_attention is not None:
-            out = self.decode_attention(qkv, rotary.cos, rotary.sin, k_cache, v_cache, meta, self.scale,
-                                        **self._prologue_args())
-        if out is None:
-            if self.prologue is not None:
-                q = self.prologue(qkv, positions, rotary.cos, rotary.sin, k_cache, v_cache, meta.slot_mapping,
-                                  **self._prologue_args())
-            else:
-                q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-                q = q.view(-1, self.num_heads, self.head_dim)
-                k = k.view(-1, self.num_kv_heads, self.head_dim)
-                v = v.view(-1, self.num_kv_heads, self.head_dim)
-                if self.q_norm is not None and self.k_norm is not None:
-                    q, k = self.q_norm(q), self.k_norm(k)
-                q, k = rotary(positions, q, k)
-                store_kv_fn(k, v, k_cache, v_cache, meta.slot_mapping)
-            out = attention_fn(q, k_cache, v_cache, meta, self.scale)
-        out = out.reshape(-1, self.q_size)
+        if self.prologue is not None:
+            q = self._fused_prologue(self.prologue, positions, qkv, rotary, k_cache, v_cache, meta.slot_mapping)
+        else:
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = q.view(-1, self.num_heads, self.head_dim)
+            k = k.view(-1, self.num_kv_heads, self.head_dim)
+            v = v.view(-1, self.num_kv_heads, self.head_dim)
+            if self.q_norm is not None and self.k_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = rotary(positions, q, k)
+            store_kv_fn(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = attention_fn(q, k_cache, v_cache, meta, self.scale).reshape(-1, self.q_size)
         if self.skinny is not None and out.shape[0] <= self.skinny_rows:
             out = self.skinny(out, self.o_proj.weight)
         else:
             out = self.o_proj(out)
         return out if self.tp is None else self.tp.all_reduce(out)
 
-    def _prologue_args(self) -> dict[str, Any]:
-        """The fused prologue's keywords: the query heads, and the q/k norms' weights if any."""
+    def _fused_prologue(
+        self,
+        prologue: FusedQkvPrologue,
+        positions: torch.Tensor,
+        qkv: torch.Tensor,
+        rotary: RotaryEmbedding,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> torch.Tensor:
+        args = (qkv, positions, rotary.cos, rotary.sin, k_cache, v_cache, slot_mapping)
         if self.q_norm is not None and self.k_norm is not None:
             # One eps for both: the two norms are built from the same config.rms_norm_eps.
-            return {"num_heads": self.num_heads, "q_norm": self.q_norm.weight, "k_norm": self.k_norm.weight,
-                    "eps": self.q_norm.eps}
-        return {"num_heads": self.num_heads}
+            return prologue(
+                *args, num_heads=self.num_heads, q_norm=self.q_norm.weight, k_norm=self.k_norm.weight, eps=self.q_norm.eps
+            )
+        return prologue(*args, num_heads=self.num_heads)
 
 
 class MLP(nn.Module):
@@ -364,15 +343,10 @@ class CausalLM(nn.Module):
         silu_mul: FusedSiluMul,
         *,
         qkv_prologue: FusedQkvPrologue | None = None,
-        decode_attention: FusedDecodeAttention | None = None,
     ) -> None:
         """Install the GPU's fused kernels; with ``qkv_prologue`` each layer's q/k norms, rotary and
         KV cache write are that one kernel instead (``norm``/``rotary`` and the model's
-        ``store_kv_fn`` are then not called for them); with ``decode_attention`` as well, a decode
-        step's layers take the prologue's work into attention (neither ``qkv_prologue`` nor the
-        model's ``attention_fn`` is called there)."""
-        if decode_attention is not None and qkv_prologue is None:
-            raise ValueError("decode_attention replaces the qkv prologue in decode steps only: give qkv_prologue too")
+        ``store_kv_fn`` are then not called for them)."""
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.fused = norm
@@ -380,7 +354,6 @@ class CausalLM(nn.Module):
                 module.fused = silu_mul
             elif isinstance(module, Attention):
                 module.prologue = qkv_prologue
-                module.decode_attention = decode_attention
         self.rotary.fused = rotary
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

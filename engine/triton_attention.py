@@ -44,7 +44,6 @@ import triton.language as tl
 
 from mini_vllm.engine.attention import GPU_MAX_HEAD_DIM, AttentionMetadata
 from mini_vllm.engine.triton_norm import dependent_launch, dependent_launch_entry
-from mini_vllm.engine.triton_qkv import check_inputs, check_norm_weights, prologue_heads
 
 LOG2E = 1.4426950408889634
 DEFAULT_NUM_SPLITS = 8
@@ -313,18 +312,10 @@ def _decode_split_kernel(
     seq_lens,
     block_tables,
     order,
-    cos,
-    sin,
-    q_weight,
-    k_weight,
-    slot_mapping,
-    n_cols,  # head_dim at run time: the q/k norm divides by it as the prologue kernel does
-    eps,
     scale_log2,
     num_splits,
     stride_qb,
     stride_qh,
-    stride_cos,
     stride_ob,
     stride_oh,
     stride_kc_blk,
@@ -345,10 +336,6 @@ def _decode_split_kernel(
     UPCAST_DOT: tl.constexpr,
     DIRECT: tl.constexpr,  # one partition: write the output itself, no partials and no merge
     ORDERED: tl.constexpr,  # ``order`` lists the sequences to start first (the longest contexts)
-    PROLOGUE: tl.constexpr,  # ``query`` is the raw qkv: normalize, rotate and store k/v here first
-    NUM_KV_HEADS: tl.constexpr,
-    HAS_NORM: tl.constexpr,
-    IS_BF16: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     dependent_launch_entry(USE_PDL)
@@ -374,38 +361,13 @@ def _decode_split_kernel(
     head = kv_head * GROUP + g
     g_ok = g < GROUP
     dims = tl.arange(0, BLOCK_D)
+    q = tl.load(
+        query + seq * stride_qb + head[:, None] * stride_qh + dims[None, :],
+        mask=_lanes(g_ok, HEAD_DIM, BLOCK_D),
+        other=0.0,
+    )
+
     table = block_tables + seq.to(tl.int64) * stride_bt
-    if PROLOGUE:
-        # qkv_prologue_triton's work for this row, which the separate kernel would have done before:
-        # q of the group's heads normalized and rotated in registers (a decode row's position is
-        # seq_len - 1), and the new key and value into the cache by the one program whose
-        # partition holds that position, before it reads the partition back.
-        row = query + seq.to(tl.int64) * stride_qb
-        pos = seq_len - 1
-        q = prologue_heads(row, head, g_ok, pos, cos, sin, q_weight, stride_qh, stride_cos, n_cols, eps,
-                           BLOCK_G, HEAD_DIM, BLOCK_D, HAS_NORM, IS_BF16)
-        one = tl.zeros([1], tl.int32)
-        k_new = prologue_heads(row, one + NUM_HEADS + kv_head, one == 0, pos, cos, sin, k_weight, stride_qh,
-                               stride_cos, n_cols, eps, 1, HEAD_DIM, BLOCK_D, HAS_NORM, IS_BF16)
-        lanes = dims[None, :]
-        v_new = tl.load(row + (NUM_HEADS + NUM_KV_HEADS + kv_head) * stride_qh + lanes, mask=lanes < HEAD_DIM)
-        # Roles as full tiles, not scalars and-ed into masks (see _store_kv_kernel).
-        slot = tl.load(slot_mapping + seq).to(tl.int64) + tl.zeros([1, BLOCK_D], tl.int64)
-        mine = (tl.zeros([1, BLOCK_D], tl.int32) + lo < hi) & (tl.zeros([1, BLOCK_D], tl.int32) + hi == seq_len)
-        write = mine & (slot >= 0) & (lanes < HEAD_DIM)
-        blk = slot // BLOCK_SIZE
-        off = slot % BLOCK_SIZE
-        tl.store(k_cache + blk * stride_kc_blk + off * stride_kc_slot + kv_head * stride_kc_head + lanes,
-                 k_new.to(k_cache.dtype.element_ty), mask=write)
-        tl.store(v_cache + blk * stride_vc_blk + off * stride_vc_slot + kv_head * stride_vc_head + lanes,
-                 v_new.to(v_cache.dtype.element_ty), mask=write)
-        tl.debug_barrier()  # the stores are seen by every thread of the program before the walk
-    else:
-        q = tl.load(
-            query + seq * stride_qb + head[:, None] * stride_qh + dims[None, :],
-            mask=_lanes(g_ok, HEAD_DIM, BLOCK_D),
-            other=0.0,
-        )
     acc, m_i, l_i = _attend_one_query(
         q, table, k_cache, v_cache, kv_head, lo, hi, scale_log2,
         stride_kc_blk, stride_kc_slot, stride_kc_head, stride_vc_blk, stride_vc_slot, stride_vc_head,
@@ -732,21 +694,6 @@ def prefill_attention_triton(
     return out
 
 
-@attrs.frozen(eq=False)
-class DecodePrologue:
-    """What a decode kernel needs to do ``qkv_prologue_triton``'s work itself (see
-    ``decode_attention_triton``): the query heads' count, the fp32 rotary tables, the step's cache
-    slots (< 0: write nothing), and the q/k norm weights, both or neither, with their eps."""
-
-    num_heads: int
-    cos: torch.Tensor
-    sin: torch.Tensor
-    slot_mapping: torch.Tensor
-    q_norm: torch.Tensor | None = None
-    k_norm: torch.Tensor | None = None
-    eps: float | None = None
-
-
 def decode_attention_triton(
     query: torch.Tensor,
     k_cache: torch.Tensor,
@@ -762,7 +709,6 @@ def decode_attention_triton(
     num_stages: int = 3,  # Triton's own default on CUDA; a knob for sweeps (docs/benchmarks/)
     pdl: bool = False,
     order: torch.Tensor | None = None,
-    prologue: DecodePrologue | None = None,
 ) -> torch.Tensor:
     """Flash-decoding: one query per sequence (``query`` ``[B, heads, head_dim]``); ``pdl``: both
     kernels launched as ``triton_norm.dependent_launch`` says; ``order`` (int32 ``[B]``, a
@@ -775,16 +721,7 @@ def decode_attention_triton(
     ``B``, heads, head_dim and ``num_splits``, so the call can be captured in a CUDA graph and
     replayed with new ``seq_lens``/``block_tables`` contents. Rows with ``seq_lens[b] == 0``
     (graph padding) produce zeros.
-
-    With ``prologue``, ``query`` is instead the qkv projection's raw output, ``[B, (heads + 2 *
-    kv_heads) * head_dim]`` as ``qkv_prologue_triton`` takes it, and the kernel does that kernel's
-    work first (one launch a layer fewer): q/k norms, rotary at position ``seq_lens[b] - 1``, the
-    new key and value into ``prologue.slot_mapping``'s slots. qkv is left as it was. The cache
-    gets the prologue kernel's k and v to the bit; in bf16 the output is the unfused kernels'
-    to the bit too, in fp32 within a rounding (this kernel compiles without multiply-adds there).
     """
-    if prologue is not None:
-        query = _prologue_query(query, k_cache, v_cache, prologue)
     group = _check_shapes(query, k_cache, v_cache)
     batch, num_heads, head_dim = query.shape
     num_kv_heads = k_cache.shape[2]
@@ -801,11 +738,9 @@ def decode_attention_triton(
         )
     block_n = block_n or decode_block_n(head_dim, query.dtype)
     if out is None:
-        out = torch.empty((batch, num_heads, head_dim), dtype=query.dtype, device=query.device)
+        out = torch.empty_like(query)
     if batch == 0:
         return out
-    p = prologue
-    has_norm = p is not None and p.q_norm is not None
     # Scratch shapes depend only on (B, H, S, D): safe to allocate inside a captured graph. With
     # one partition there is nothing to merge and the kernel writes ``out`` (the scratch unused).
     direct = num_splits == 1
@@ -824,18 +759,10 @@ def decode_attention_triton(
         seq_lens,
         block_tables,
         seq_lens if order is None else order,  # not read without an order
-        p.cos if p is not None else query,  # the prologue's inputs: unread without one
-        p.sin if p is not None else query,
-        p.q_norm if p is not None and p.q_norm is not None else query,
-        p.k_norm if p is not None and p.k_norm is not None else query,
-        p.slot_mapping if p is not None else seq_lens,
-        head_dim,
-        p.eps if p is not None and p.eps is not None else 0.0,
         scale * LOG2E,
         num_splits,
         query.stride(0),
         query.stride(1),
-        p.cos.stride(0) if p is not None else 0,
         out.stride(0),
         out.stride(1),
         k_cache.stride(0),
@@ -856,16 +783,8 @@ def decode_attention_triton(
         UPCAST_DOT=INTERPRETED,
         DIRECT=direct,
         ORDERED=order is not None,
-        PROLOGUE=p is not None,
-        NUM_KV_HEADS=num_kv_heads,
-        HAS_NORM=has_norm,
-        IS_BF16=query.dtype == torch.bfloat16,
         num_warps=num_warps,  # 8 by default: 4 warps spill at BLOCK_N=64, head_dim 128 (sm_90)
         num_stages=num_stages,
-        # fp32 compiles the prologue's arithmetic as its own kernel does (triton_norm.NO_FP_FUSION).
-        # bf16 keeps the unfused decode kernel's flags: there every product the prologue forms is
-        # of two bf16 values, exact in fp32, so a fused multiply-add could not change it.
-        **({"enable_fp_fusion": False} if p is not None and query.dtype == torch.float32 else {}),
         **dependent_launch(pdl),
     )
     if direct:
@@ -885,18 +804,6 @@ def decode_attention_triton(
         **dependent_launch(pdl),
     )
     return out
-
-
-def _prologue_query(
-    qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, prologue: DecodePrologue
-) -> torch.Tensor:
-    """The query heads of a raw qkv ``[B, width]`` as the ``[B, heads, head_dim]`` view the decode
-    kernel is given (its k and v heads follow in each row), after ``qkv_prologue_triton``'s checks."""
-    p = prologue
-    check_inputs(qkv, None, p.cos, p.sin, k_cache, v_cache, p.slot_mapping, p.num_heads)
-    head_dim = k_cache.shape[3]
-    check_norm_weights(p.q_norm, p.k_norm, p.eps, head_dim, qkv.dtype)
-    return qkv[:, : p.num_heads * head_dim].view(qkv.shape[0], p.num_heads, head_dim)
 
 
 def decode_variant(num_splits: int) -> tuple[bool, int]:

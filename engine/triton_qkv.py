@@ -142,60 +142,6 @@ def _qkv_prologue_kernel(
     tl.store(v_dst + lanes, value.to(v_cache.dtype.element_ty), mask=v_ok)
 
 
-@triton.jit
-def prologue_heads(
-    row,
-    heads,
-    ok,
-    pos,
-    cos,
-    sin,
-    weight,
-    stride_h,
-    stride_cos,
-    n_cols,
-    eps,
-    ROWS: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two (at least 16 for tl.dot), masked
-    HAS_NORM: tl.constexpr,
-    IS_BF16: tl.constexpr,
-):
-    """Heads ``heads`` ``[ROWS]`` (rows with ``ok`` false give zeros) of one token's qkv ``row``,
-    normalized with ``weight`` (when ``HAS_NORM``) and rotated at position ``pos`` (< 0: no
-    rotation, zeros), as ``[ROWS, BLOCK_D]`` in the input dtype: the layout the decode kernel reads
-    q in, each lane beside its rotate-half partner (loaded from the other half). Elementwise this is
-    ``_qkv_prologue_kernel``'s arithmetic, operation for operation and in the same order; the
-    decode kernel takes the prologue's work with it (``decode_attention_triton(prologue=...)``)."""
-    HALF = HEAD_DIM // 2
-    dims = tl.arange(0, BLOCK_D)
-    lane_ok = dims < HEAD_DIM
-    partner = (dims + HALF) % HEAD_DIM
-    mask = ok[:, None] & lane_ok[None, :]
-    base = row + heads[:, None] * stride_h
-    x = tl.load(base + dims[None, :], mask=mask, other=0.0)
-    x_rot = tl.load(base + partner[None, :], mask=mask, other=0.0)
-    ty = x.dtype
-    f = x.to(tl.float32)
-    f_rot = x_rot.to(tl.float32)
-    if HAS_NORM:
-        # The prologue's (and rms_norm_triton's) pairwise sum; zero lanes past the head add nothing.
-        mean_sq = pairwise_row_sum(f * f, ROWS, BLOCK_D) / n_cols
-        inv = tl.where(ok, 1.0 / tl.sqrt(mean_sq + eps), 0.0)[:, None]
-        w = tl.load(weight + dims, mask=lane_ok, other=0.0).to(tl.float32)[None, :]
-        w_rot = tl.load(weight + partner, mask=lane_ok, other=0.0).to(tl.float32)[None, :]
-        f = (w * (f * inv).to(ty).to(tl.float32)).to(ty).to(tl.float32)
-        f_rot = (w_rot * (f_rot * inv).to(ty).to(tl.float32)).to(ty).to(tl.float32)
-    # The first half takes -partner * sin, the second +partner * sin (rotate_half); both halves
-    # read the table's first half (it is cat(freqs, freqs)).
-    table_ok = lane_ok & (tl.zeros([BLOCK_D], tl.int32) + pos >= 0)  # a tile: see _store_kv_kernel on scalar masks
-    at = pos.to(tl.int64) * stride_cos + dims % HALF
-    c = round_to(tl.load(cos + at, mask=table_ok, other=0.0), ty, IS_BF16)[None, :]
-    s = round_to(tl.load(sin + at, mask=table_ok, other=0.0), ty, IS_BF16)[None, :]
-    f_rot = tl.where((dims < HALF)[None, :], -f_rot, f_rot)
-    return round_to(round_to(f * c, ty, IS_BF16) + round_to(f_rot * s, ty, IS_BF16), ty, IS_BF16).to(ty)
-
-
 # Steps of at least this many tokens take the large tile (another compiled variant).
 LARGE_TILE_MIN_TOKENS = 128
 
@@ -209,7 +155,7 @@ def prologue_tiles(tokens: int) -> tuple[int, int]:
     return (4, 4) if tokens < LARGE_TILE_MIN_TOKENS else (16, 4)
 
 
-def check_norm_weights(
+def _check_norm_weights(
     q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float | None, head_dim: int, dtype: torch.dtype
 ) -> bool:
     """Whether the q/k norms are on; refuses half a pair, a missing eps and mismatched weights."""
@@ -227,9 +173,9 @@ def check_norm_weights(
     return True
 
 
-def check_inputs(
+def _check_inputs(
     qkv: torch.Tensor,
-    positions: torch.Tensor | None,
+    positions: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
     k_cache: torch.Tensor,
@@ -237,8 +183,7 @@ def check_inputs(
     slot_mapping: torch.Tensor,
     num_heads: int,
 ) -> None:
-    """Shapes, layouts, dtypes and devices; only tensor metadata is read (graph capturable).
-    ``positions`` None: a decode kernel's prologue, which takes each row's from its length."""
+    """Shapes, layouts, dtypes and devices; only tensor metadata is read (graph capturable)."""
     if qkv.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"qkv must be bfloat16 or float32 (float16 runs the separate kernels), got {qkv.dtype}")
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
@@ -262,8 +207,6 @@ def check_inputs(
         )
     tokens = qkv.shape[0]
     for name, t in (("positions", positions), ("slot_mapping", slot_mapping)):
-        if t is None:
-            continue
         if t.shape != (tokens,) or t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
             raise ValueError(f"{name} must be an integer [T={tokens}] tensor, got {t.dtype} {tuple(t.shape)}")
         if tokens > 1 and t.stride(0) != 1:  # the kernel reads element i at offset i
@@ -282,7 +225,7 @@ def check_inputs(
     tensors = (("positions", positions), ("cos", cos), ("sin", sin), ("k_cache", k_cache), ("v_cache", v_cache),
                ("slot_mapping", slot_mapping))
     for name, t in tensors:
-        if t is not None and t.device != qkv.device:
+        if t.device != qkv.device:
             raise ValueError(f"{name} is on {t.device}, qkv on {qkv.device}: all inputs must share a device")
 
 
@@ -316,9 +259,9 @@ def qkv_prologue_triton(
     ``rotary_triton``, then ``store_kv_triton``, whatever the tiles. ``tiles`` overrides
     ``prologue_tiles`` (sweeps); ``pdl``: launched as ``triton_norm.dependent_launch`` says.
     """
-    check_inputs(qkv, positions, cos, sin, k_cache, v_cache, slot_mapping, num_heads)
+    _check_inputs(qkv, positions, cos, sin, k_cache, v_cache, slot_mapping, num_heads)
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    has_norm = check_norm_weights(q_norm, k_norm, eps, head_dim, qkv.dtype)
+    has_norm = _check_norm_weights(q_norm, k_norm, eps, head_dim, qkv.dtype)
     tokens = qkv.shape[0]
     q = qkv[:, : num_heads * head_dim].view(tokens, num_heads, head_dim)
     if tokens == 0:

@@ -7,6 +7,7 @@ under CUDA-graph capture is ``test_triton_qkv_gpu.py`` (which must not run inter
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -24,7 +25,6 @@ import triton.language as tl
 from mini_vllm.engine import triton_attention, triton_norm, triton_qkv
 from mini_vllm.engine.attention import build_metadata
 from mini_vllm.engine.config import ModelConfig
-from mini_vllm.engine.cuda_runner import _TritonAttention
 from mini_vllm.engine.model import CausalLM, RotaryEmbedding
 from mini_vllm.engine.triton_attention import paged_attention_triton, store_kv_triton
 from mini_vllm.engine.triton_norm import rms_norm_triton, rotary_triton, silu_mul_triton
@@ -385,14 +385,10 @@ def test_model_forward_with_the_prologue_equals_it_without(architecture: str) ->
         (torch.randint(0, cfg.vocab_size, (6,), generator=gen), torch.tensor([2, 3, 4, 0, 1, 2]), prefill),
         (torch.randint(0, cfg.vocab_size, (3,), generator=gen), torch.tensor([5, 3, 0]), decode),
     ]
-    # The GPU runner's attention callable: three partitions for the decode step's three rows.
-    attention = _TritonAttention(256, cfg.num_key_value_heads, num_sms=4, pdl_max_rows=0)
-    assert attention.decode_splits(3) == 3
+    attention = functools.partial(paged_attention_triton, num_splits=2)  # the decode step's contexts are short
     results = []
-    # Without the prologue; with it; with it inside the decode step's attention too.
-    for prologue, decode in ((None, None), (qkv_prologue_triton, None), (qkv_prologue_triton, attention.with_prologue)):
-        model.use_fused_kernels(rms_norm_triton, rotary_triton, silu_mul_triton, qkv_prologue=prologue,
-                                decode_attention=decode)
+    for prologue in (None, qkv_prologue_triton):
+        model.use_fused_kernels(rms_norm_triton, rotary_triton, silu_mul_triton, qkv_prologue=prologue)
         kv = cache.clone()
         with torch.inference_mode():
             hidden = [
@@ -400,11 +396,10 @@ def test_model_forward_with_the_prologue_equals_it_without(architecture: str) ->
                 for ids, pos, meta in steps
             ]
         results.append((hidden, kv))
-    (want_hidden, want_kv), *others = results
-    for got_hidden, got_kv in others:
-        for step, (got, want) in enumerate(zip(got_hidden, want_hidden, strict=True)):
-            assert_bits_equal(got, want, f"hidden states of step {step}")
-        assert_bits_equal(got_kv, want_kv, "kv cache")
+    (want_hidden, want_kv), (got_hidden, got_kv) = results
+    for step, (got, want) in enumerate(zip(got_hidden, want_hidden, strict=True)):
+        assert_bits_equal(got, want, f"hidden states of step {step}")
+    assert_bits_equal(got_kv, want_kv, "kv cache")
 
 
 @pytest.mark.timeout(60)
@@ -436,142 +431,3 @@ def test_prologue_replaces_the_norm_rotary_and_store_calls() -> None:
         model.use_fused_kernels(norm, rotary, silu_mul_triton, qkv_prologue=prologue)
         model(ids, pos, kv, meta, paged_attention_triton, store)
         assert calls == ["norm", "prologue", "norm"] * 2 + ["norm"]
-        # With the decode kernel's prologue: a prefill step (it declines) still runs the prologue,
-        # a decode step only the one kernel.
-        calls.clear()
-        runner_attention = _TritonAttention(64, cfg.num_key_value_heads, num_sms=4, pdl_max_rows=0)
-        decode = counting("decode", runner_attention.with_prologue)
-        model.use_fused_kernels(norm, rotary, silu_mul_triton, qkv_prologue=prologue, decode_attention=decode)
-        model(ids, pos, kv, meta, runner_attention, store)
-        assert calls == ["norm", "decode", "prologue", "norm"] * 2 + ["norm"]
-        calls.clear()
-        one = build_metadata([1], [3], [[1]], [6])
-        model(torch.tensor([3]), torch.tensor([2]), kv, one, refuse_attention, store)
-        assert calls == ["norm", "decode", "norm"] * 2 + ["norm"]
-
-
-def refuse_attention(*args: Any) -> torch.Tensor:
-    raise AssertionError("attention_fn was called although the decode kernel took the step")
-
-
-@pytest.mark.timeout(60)
-def test_decode_attention_needs_the_prologue() -> None:
-    model = random_model("LlamaForCausalLM", torch.float32)
-    attention = _TritonAttention(64, 2, num_sms=4, pdl_max_rows=0)
-    with pytest.raises(ValueError, match="decode_attention replaces the qkv prologue in decode steps only"):
-        model.use_fused_kernels(rms_norm_triton, rotary_triton, silu_mul_triton, decode_attention=attention.with_prologue)
-
-
-# --------------------------------------------------------------------------- the decode kernel with the prologue inside
-
-
-class DecodeCase:
-    """A decode step: one new token a row, its context already in the cache (random contents),
-    the new token's slot in the row's last block; rows ``padding`` are graph padding (no context,
-    slot -1). The qkv rows are ``Case``'s."""
-
-    def __init__(self, rows: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, *,
-                 padding: tuple[int, ...] = (), max_len: int = 19, seed: int = 0) -> None:
-        self.case = Case(rows, num_heads, num_kv_heads, head_dim, dtype, seed=seed)
-        gen = torch.Generator().manual_seed(seed + 1)
-        lens = torch.randint(1, max_len + 1, (rows,), generator=gen)
-        lens[list(padding)] = 0
-        per_row = -(-max_len // BLOCK_SIZE)
-        blocks = torch.randperm(rows * per_row + 3, generator=gen)[: rows * per_row].view(rows, per_row)
-        shape = (rows * per_row + 3, BLOCK_SIZE, num_kv_heads, head_dim)
-        self.case.k_cache = torch.randn(shape, generator=gen).to(dtype)
-        self.case.v_cache = torch.randn(shape, generator=gen).to(dtype)
-        last = (lens - 1).clamp(min=0)
-        slots = blocks.gather(1, (last // BLOCK_SIZE)[:, None])[:, 0] * BLOCK_SIZE + last % BLOCK_SIZE
-        self.case.slots = torch.where(lens > 0, slots, -1)
-        self.case.positions = last  # a padded row's position is unread by the fused kernel
-        self.seq_lens = lens.to(torch.int32)
-        self.tables = blocks.to(torch.int32)
-
-    def weights(self, norm: bool) -> dict[str, Any]:
-        return {"q_norm": self.case.q_norm, "k_norm": self.case.k_norm, "eps": EPS} if norm else {}
-
-    def unfused(self, norm: bool, num_splits: int, order: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        c = self.case
-        qkv, k_cache, v_cache = c.qkv.clone(), c.k_cache.clone(), c.v_cache.clone()
-        q = qkv_prologue_triton(qkv, c.positions, c.rope.cos, c.rope.sin, k_cache, v_cache, c.slots,
-                                num_heads=c.num_heads, **self.weights(norm))
-        out = triton_attention.decode_attention_triton(q, k_cache, v_cache, self.seq_lens, self.tables, 0.3,
-                                                       num_splits, order=order)
-        return out, k_cache, v_cache
-
-    def fused(self, norm: bool, num_splits: int, order: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        c = self.case
-        qkv, k_cache, v_cache = c.qkv.clone(), c.k_cache.clone(), c.v_cache.clone()
-        prologue = triton_attention.DecodePrologue(c.num_heads, c.rope.cos, c.rope.sin, c.slots, **self.weights(norm))
-        out = triton_attention.decode_attention_triton(qkv, k_cache, v_cache, self.seq_lens, self.tables, 0.3,
-                                                       num_splits, order=order, prologue=prologue)
-        assert torch.equal(qkv.view(torch.int16 if qkv.element_size() == 2 else torch.int32),
-                           c.qkv.view(torch.int16 if qkv.element_size() == 2 else torch.int32)), "qkv changed"
-        return out, k_cache, v_cache
-
-    def assert_fused_equals_unfused(self, norm: bool, num_splits: int, order: torch.Tensor | None = None) -> None:
-        want = self.unfused(norm, num_splits, order)
-        got = self.fused(norm, num_splits, order)
-        for name, g, w in zip(("attention output", "k_cache", "v_cache"), got, want, strict=True):
-            assert_bits_equal(g, w, name)
-
-
-@pytest.mark.timeout(180)
-@DTYPES
-@pytest.mark.parametrize("head_dim", [128, 24])
-@pytest.mark.parametrize("norm", [True, False], ids=["qk-norm", "no-norm"])
-@pytest.mark.parametrize("num_splits", [1, 3], ids=["one-partition", "three-partitions"])
-def test_decode_with_the_prologue_inside_equals_the_two_kernels(
-    dtype: torch.dtype, head_dim: int, norm: bool, num_splits: int
-) -> None:
-    # Row 2 is graph padding; with three partitions some rows' last ones are empty.
-    DecodeCase(5, 4, 2, head_dim, dtype, padding=(2,), seed=head_dim + num_splits).assert_fused_equals_unfused(
-        norm, num_splits
-    )
-
-
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize(("num_kv_heads", "group", "head_dim"), [(1, 8, 64), (3, 2, 40), (2, 1, 16), (1, 1, 8)])
-def test_decode_with_the_prologue_inside_over_head_layouts(num_kv_heads: int, group: int, head_dim: int) -> None:
-    DecodeCase(3, num_kv_heads * group, num_kv_heads, head_dim, torch.bfloat16, seed=group).assert_fused_equals_unfused(
-        True, 2
-    )
-
-
-@pytest.mark.timeout(120)
-def test_decode_with_the_prologue_inside_in_longest_first_order() -> None:
-    case = DecodeCase(6, 4, 2, 32, torch.float32, padding=(5,), seed=7)
-    order = torch.argsort(case.seq_lens, descending=True, stable=True).to(torch.int32)
-    case.assert_fused_equals_unfused(True, 2, order)
-
-
-@pytest.mark.timeout(60)
-def test_decode_with_the_prologue_inside_checks_its_inputs() -> None:
-    case = DecodeCase(3, 4, 2, 32, torch.float32)
-    c = case.case
-    bad = triton_attention.DecodePrologue(3, c.rope.cos, c.rope.sin, c.slots)
-    with pytest.raises(ValueError, match=r"num_heads must be a positive multiple of num_kv_heads \(2\), got 3"):
-        triton_attention.decode_attention_triton(c.qkv, c.k_cache, c.v_cache, case.seq_lens, case.tables, 0.3, 1,
-                                                 prologue=bad)
-    half = triton_attention.DecodePrologue(4, c.rope.cos, c.rope.sin, c.slots, q_norm=c.q_norm, eps=EPS)
-    with pytest.raises(ValueError, match="q_norm and k_norm come as a pair"):
-        triton_attention.decode_attention_triton(c.qkv, c.k_cache, c.v_cache, case.seq_lens, case.tables, 0.3, 1,
-                                                 prologue=half)
-    short = triton_attention.DecodePrologue(4, c.rope.cos, c.rope.sin, c.slots[:2])
-    with pytest.raises(ValueError, match=r"slot_mapping must be an integer \[T=3\] tensor"):
-        triton_attention.decode_attention_triton(c.qkv, c.k_cache, c.v_cache, case.seq_lens, case.tables, 0.3, 1,
-                                                 prologue=short)
-
-
-@pytest.mark.timeout(60)
-def test_the_decode_kernel_with_the_prologue_compiles_fp32_without_multiply_adds(monkeypatch: pytest.MonkeyPatch) -> None:
-    # fp32 as the prologue kernel compiles (NO_FP_FUSION); bf16, whose products are exact, and the
-    # decode kernel without the prologue keep the compiler's default.
-    recorder = CountingLaunches(triton_attention._decode_split_kernel)
-    monkeypatch.setattr(triton_attention, "_decode_split_kernel", recorder)
-    for dtype in (torch.float32, torch.bfloat16):
-        case = DecodeCase(2, 4, 2, 16, dtype, seed=1)
-        case.fused(True, 1, None)
-        case.unfused(True, 1, None)
-    assert [k.get("enable_fp_fusion") for k in recorder.kwargs] == [False, None, None, None]
