@@ -904,9 +904,9 @@ def engine_summary(engine: LLMEngine, load_seconds: float) -> dict[str, Any]:
              "capture_seconds": round(graphs.capture_seconds, 2), "pool_bytes": graphs.pool_bytes}
             if graphs is not None and graphs.batch_sizes else None
         ),
-        # The batch sizes whose greedy argmax takes two passes (as measured at start, GPU only).
-        "two_pass_argmax_sizes": (
-            [n for n, two in zip(argmax.sizes, argmax.two_pass, strict=True) if two]
+        # The way greedy's argmax takes at each batch size (as measured at start, GPU only).
+        "greedy_argmax_ways": (
+            {str(n): way for n, way in argmax.by_size().items()}
             if (argmax := getattr(runner, "greedy_argmax", None)) is not None else None
         ),
     }

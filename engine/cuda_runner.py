@@ -35,8 +35,9 @@ from mini_vllm.engine.errors import ConfigError
 from mini_vllm.engine.model import CausalLM
 from mini_vllm.engine.model_runner import ModelOutput, ModelRunner, StepHandle, StepInputs
 from mini_vllm.engine.parallel import TensorParallel
-from mini_vllm.engine.sampler import GreedyArgmax, SamplerOutput, SamplingRow, argmax_rows, sample
+from mini_vllm.engine.sampler import ArgmaxWay, GreedyArgmax, SamplerOutput, SamplingRow, sample
 from mini_vllm.engine.sampling_params import SamplingParams
+from mini_vllm.engine.triton_argmax import argmax_chunks_triton
 from mini_vllm.engine.triton_attention import (
     PrefillSchedule,
     build_prefill_schedule,
@@ -395,14 +396,13 @@ class CudaModelRunner(ModelRunner):
         with torch.cuda.stream(self.compute_stream):
             logits = torch.randn((sizes[-1], self.model.config.vocab_size), dtype=dtype, device=self.device)
 
-        def time_us(rows: int, two_pass: bool) -> float:
-            x = logits[:rows]
-            argmax = partial(argmax_rows, x) if two_pass else partial(torch.argmax, x, dim=-1)
+        def time_us(rows: int, way: ArgmaxWay) -> float:
             # In a step the argmax is queued while the GPU still runs the forward pass, so its
             # launches are hidden: the GPU alone, behind a wait of about a ms (enough for 10 calls).
-            return gpu_time_us(argmax, reps, self.compute_stream, wait_cycles=2_000_000)
+            return gpu_time_us(partial(way, logits[:rows]), reps, self.compute_stream, wait_cycles=2_000_000)
 
-        return GreedyArgmax.measured(sizes, time_us)  # the logits go with this frame
+        # The logits go with this frame.
+        return GreedyArgmax.measured(sizes, time_us, {"chunks": argmax_chunks_triton})
 
     # ---- CUDA graphs ------------------------------------------------------------------------------
     def _graph_meta(self, bs: int) -> AttentionMetadata:

@@ -67,31 +67,51 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     return (piece * width + where.gather(1, piece)).squeeze(1)
 
 
+ArgmaxWay = Callable[[torch.Tensor], torch.Tensor]  # [rows, vocab] logits -> [rows] int64 indices
+
+
+def one_pass_argmax(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(dim=-1)
+
+
 @attrs.frozen
 class GreedyArgmax:
-    """Greedy's argmax by whichever of one pass (``torch.argmax``) and two (``argmax_rows``) was
-    the faster for that many rows on this device. Neither always wins: on the H200 two passes take
-    12 us instead of 26 for one row of 128,256 logits, but 14 instead of 8 for one of 151,936, and
-    lose at 256 rows of either. Both give the same index, so the choice changes only the time."""
+    """Greedy's argmax by whichever way was the fastest for that many rows on this device: one
+    pass (``torch.argmax``), two (``argmax_rows``), or the GPU runner's others (its chunked Triton
+    kernel, ``triton_argmax``). None always wins: on the H200 two passes take 12 us instead of 26 for
+    one row of 128,256 logits, but 14 instead of 8 for one of 151,936, and lose at 256 rows of
+    either. All give the same index, so the choice changes only the time."""
 
     sizes: tuple[int, ...]  # ascending row counts; more rows than the last use the last's choice
-    two_pass: tuple[bool, ...]
+    choice: tuple[str, ...]  # the way each size takes, a name in ``ways``
+    ways: dict[str, ArgmaxWay] = attrs.field(eq=False, repr=False)
 
     @classmethod
     def one_pass(cls) -> GreedyArgmax:
-        return cls((1,), (False,))
+        return cls((1,), ("one pass",), {"one pass": one_pass_argmax})
 
     @classmethod
-    def measured(cls, sizes: list[int], time_us: Callable[[int, bool], float]) -> GreedyArgmax:
-        """Choose per size from ``time_us(rows, two_pass)``; a row count between two sizes takes
+    def measured(cls, sizes: list[int], time_us: Callable[[int, ArgmaxWay], float],
+                 others: dict[str, ArgmaxWay] | None = None) -> GreedyArgmax:
+        """Choose per size the way of least ``time_us(rows, way)`` among one pass, two passes and
+        ``others`` (a tie keeps the earlier, one pass first); a row count between two sizes takes
         the choice of the size above it."""
         if not sizes or sizes != sorted(set(sizes)) or sizes[0] < 1:
             raise ValueError(f"argmax sizes must be ascending positive row counts, got {sizes}")
-        return cls(tuple(sizes), tuple(time_us(n, True) < time_us(n, False) for n in sizes))
+        ways: dict[str, ArgmaxWay] = {"one pass": one_pass_argmax, "two passes": argmax_rows, **(others or {})}
+        choice = []
+        for n in sizes:
+            times = {name: time_us(n, way) for name, way in ways.items()}
+            choice.append(min(times, key=times.__getitem__))  # the first of the fastest
+        return cls(tuple(sizes), tuple(choice), ways)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         i = min(bisect_left(self.sizes, logits.shape[0]), len(self.sizes) - 1)
-        return argmax_rows(logits) if self.two_pass[i] else logits.argmax(dim=-1)
+        return self.ways[self.choice[i]](logits)
+
+    def by_size(self) -> dict[int, str]:
+        """Each measured size's way (what the benchmarks record)."""
+        return dict(zip(self.sizes, self.choice, strict=True))
 
 
 def derive_seed(seed: int, sample_index: int, position: int) -> int:

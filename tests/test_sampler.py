@@ -10,6 +10,7 @@ import attrs
 import pytest
 import torch
 
+from mini_vllm.engine import sampler
 from mini_vllm.engine.sampler import GreedyArgmax, SamplingRow, apply_penalties, argmax_rows, derive_seed, sample
 from mini_vllm.engine.sampling_params import SamplingParams
 
@@ -143,27 +144,32 @@ def test_argmax_rows_cuts_a_row_into_the_largest_power_of_two_that_divides_it(mo
 
 
 @pytest.mark.timeout(60)
-def test_greedy_argmax_takes_the_faster_way_per_size_and_the_size_above_between_sizes(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Two passes faster at 1 and 2 rows only (made-up times, as the H200 showed for 128,256 logits).
-    times = {(1, True): 12.0, (1, False): 26.0, (2, True): 13.0, (2, False): 26.0, (4, True): 20.0,
-             (4, False): 20.0, (16, True): 30.0, (16, False): 21.0}
-    choice = GreedyArgmax.measured([1, 2, 4, 16], lambda n, two: times[(n, two)])
-    assert choice.two_pass == (True, True, False, False)  # a tie keeps one pass
-    two_pass_rows: list[int] = []
-    real = torch.Tensor.reshape
+def test_greedy_argmax_takes_the_fastest_way_per_size_and_the_size_above_between_sizes() -> None:
+    # Made-up times: two passes fastest at 1 and 2 rows (as the H200 showed for 128,256 logits), a
+    # tie at 4 (the earlier way, one pass, keeps it), another way fastest at 16.
+    calls: list[tuple[str, int]] = []
 
-    def spy(self: torch.Tensor, *shape: Any) -> torch.Tensor:
-        two_pass_rows.append(shape[0])
-        return real(self, *shape)
+    def counting(name: str, way: Any) -> Any:
+        def call(logits: torch.Tensor) -> torch.Tensor:
+            calls.append((name, logits.shape[0]))
+            return way(logits)
 
-    monkeypatch.setattr(torch.Tensor, "reshape", spy)
+        return call
+
+    other = counting("other", lambda x: x.argmax(dim=-1))
+    times = {1: (26.0, 12.0, 30.0), 2: (26.0, 13.0, 30.0), 4: (20.0, 20.0, 20.0), 16: (21.0, 30.0, 9.0)}
+    names = {sampler.one_pass_argmax: 0, sampler.argmax_rows: 1, other: 2}
+    choice = GreedyArgmax.measured([1, 2, 4, 16], lambda n, way: times[n][names[way]], {"other": other})
+    assert choice.choice == ("two passes", "two passes", "one pass", "other")
+    assert choice.by_size() == {1: "two passes", 2: "two passes", 4: "one pass", 16: "other"}
+    choice.ways["two passes"] = counting("two passes", argmax_rows)
+    choice.ways["one pass"] = counting("one pass", sampler.one_pass_argmax)
     gen = torch.Generator().manual_seed(0)
     for rows in (1, 2, 3, 16, 40):
         logits = torch.randint(-3, 4, (rows, 4096), generator=gen).float()
         assert torch.equal(choice(logits), logits.argmax(dim=-1))
-    assert two_pass_rows == [1, 2]  # 3 rows take 4's choice, 40 the last size's
+    # 3 rows take 4's choice, 40 the last size's.
+    assert calls == [("two passes", 1), ("two passes", 2), ("one pass", 3), ("other", 16), ("other", 40)]
     assert torch.equal(GreedyArgmax.one_pass()(torch.ones(5, 4096)), torch.zeros(5, dtype=torch.int64))
 
 
@@ -171,7 +177,7 @@ def test_greedy_argmax_takes_the_faster_way_per_size_and_the_size_above_between_
 @pytest.mark.parametrize("sizes", [[], [0, 1], [2, 1], [1, 1]])
 def test_greedy_argmax_refuses_sizes_that_are_not_ascending_positive_counts(sizes: list[int]) -> None:
     with pytest.raises(ValueError, match="ascending positive"):
-        GreedyArgmax.measured(sizes, lambda n, two: 1.0)
+        GreedyArgmax.measured(sizes, lambda n, way: 1.0)
 
 
 @pytest.mark.parametrize(
