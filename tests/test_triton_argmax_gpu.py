@@ -43,7 +43,7 @@ def test_equals_torch_argmax_on_the_gpu(dtype: torch.dtype, vocab: int, rows: in
 
 
 @pytest.mark.timeout(120)
-def test_the_runner_times_it_beside_the_other_ways() -> None:
+def test_greedy_argmax_offers_it_beside_the_other_ways() -> None:
     from mini_vllm.engine.sampler import GreedyArgmax
 
     choice = GreedyArgmax.measured([1, 8], lambda n, way: 1.0, {"chunks": argmax_chunks_triton})
