@@ -208,14 +208,16 @@ def time_by_step(timings: list[StepTiming], *, pipelined: bool) -> dict[str, dic
     """Wall time of the loop by the kind of step it was spent on: the steps that carry prefill
     tokens, and decode-only steps by running sequences. A turn of the pipelined loop launches one
     step and waits for the one before it, so its time goes to that earlier step (on a busy GPU,
-    the turn lasts as long as that step's device work)."""
+    the turn lasts as long as that step's device work). ``wait_seconds``: the part of it the host
+    sat blocked on the device; a bin where that is near zero is bound by the host, not the GPU."""
     bins: dict[str, dict[str, float]] = {}
     for i, t in enumerate(timings):
         owner = timings[i - 1] if pipelined and i > 0 else t
         key = _decode_bin(owner.num_seqs) if owner.decode_only else "prefill-carrying"
-        row = bins.setdefault(key, {"steps": 0, "seconds": 0.0})
+        row = bins.setdefault(key, {"steps": 0, "seconds": 0.0, "wait_seconds": 0.0})
         row["steps"] += 1
         row["seconds"] += t.schedule_s + t.launch_s + t.wait_s + t.process_s
+        row["wait_seconds"] += t.wait_s
     return bins
 
 
@@ -236,10 +238,11 @@ def against_floor(measured: dict[str, dict[str, float]], floor: Floor) -> list[d
 
     rows = []
     for key in sorted(set(measured) | set(wanted), key=order):
-        got = measured.get(key, {"steps": 0, "seconds": 0.0})
+        got = measured.get(key, {"steps": 0, "seconds": 0.0, "wait_seconds": 0.0})
         want = wanted.get(key, {"steps": 0, "seconds": 0.0, "serial": 0.0})
         rows.append({
             "steps": key, "measured_steps": int(got["steps"]), "measured_seconds": round(got["seconds"], 4),
+            "measured_wait_seconds": round(got.get("wait_seconds", 0.0), 4),  # absent before 2026-12-06
             "floor_steps": int(want["steps"]), "floor_seconds": round(want["seconds"], 4),
             "over_floor_seconds": round(got["seconds"] - want["seconds"], 4),
             "serial_floor_seconds": round(want["serial"], 4),
@@ -1018,16 +1021,19 @@ def plot_against_floor(records: list[dict[str, Any]], path: Path, title: str) ->
 
 
 def print_against_floor(rows: list[dict[str, Any]]) -> None:
-    print("\noffline loop against the floor, by step (serial: the floor's steps with their kernels one after "
+    print("\noffline loop against the floor, by step (waited: the share of the time the host sat blocked on the "
+          "GPU, near 0 where the host is the bound; serial: the floor's steps with their kernels one after "
           "another, each at its own bound):")
-    print(f"{'steps':<18} {'measured':>9} {'s':>8} {'ms/step':>8} {'floor':>6} {'s':>8} {'ms/step':>8} {'over, s':>8} "
-          f"{'serial, s':>9}")
+    print(f"{'steps':<18} {'measured':>9} {'s':>8} {'ms/step':>8} {'waited':>7} {'floor':>6} {'s':>8} {'ms/step':>8} "
+          f"{'over, s':>8} {'serial, s':>9}")
     for r in rows:
         def per(seconds: float, steps: int) -> str:
             return f"{1e3 * seconds / steps:8.2f}" if steps else f"{'-':>8}"
 
         serial = r.get("serial_floor_seconds")  # absent in records written before 2026-12-03
+        wait = r.get("measured_wait_seconds")  # the host blocked on the GPU; absent before 2026-12-06
+        waited = f"{wait / r['measured_seconds']:7.0%}" if wait is not None and r["measured_seconds"] else f"{'-':>7}"
         print(f"{r['steps']:<18} {r['measured_steps']:>9} {r['measured_seconds']:8.3f} "
-              f"{per(r['measured_seconds'], r['measured_steps'])} {r['floor_steps']:>6} {r['floor_seconds']:8.3f} "
+              f"{per(r['measured_seconds'], r['measured_steps'])} {waited} {r['floor_steps']:>6} {r['floor_seconds']:8.3f} "
               f"{per(r['floor_seconds'], r['floor_steps'])} {r['over_floor_seconds']:8.3f} "
               f"{f'{serial:9.3f}' if serial is not None else '-':>9}")

@@ -102,16 +102,17 @@ def test_time_by_step_gives_a_pipelined_turn_to_the_step_it_waited_for() -> None
     timings = [_timing(200, False, 1.0), _timing(200, True, 10.0), _timing(40, True, 2.0), _timing(33, True, 3.0)]
     piped = bench_throughput.time_by_step(timings, pipelined=True)
     # Turn 1 (100 ms) waited for the prefill step; turns 2 and 3 for decode steps of 200 and 40.
+    # wait is 3 ms x ms of each turn's 10 ms x ms.
     assert piped == {
-        "prefill-carrying": {"steps": 2, "seconds": pytest.approx(0.110)},
-        "decode 193-224": {"steps": 1, "seconds": pytest.approx(0.020)},
-        "decode 33-64": {"steps": 1, "seconds": pytest.approx(0.030)},
+        "prefill-carrying": {"steps": 2, "seconds": pytest.approx(0.110), "wait_seconds": pytest.approx(0.033)},
+        "decode 193-224": {"steps": 1, "seconds": pytest.approx(0.020), "wait_seconds": pytest.approx(0.006)},
+        "decode 33-64": {"steps": 1, "seconds": pytest.approx(0.030), "wait_seconds": pytest.approx(0.009)},
     }
     inline = bench_throughput.time_by_step(timings, pipelined=False)
     assert inline == {
-        "prefill-carrying": {"steps": 1, "seconds": pytest.approx(0.010)},
-        "decode 193-224": {"steps": 1, "seconds": pytest.approx(0.100)},
-        "decode 33-64": {"steps": 2, "seconds": pytest.approx(0.050)},
+        "prefill-carrying": {"steps": 1, "seconds": pytest.approx(0.010), "wait_seconds": pytest.approx(0.003)},
+        "decode 193-224": {"steps": 1, "seconds": pytest.approx(0.100), "wait_seconds": pytest.approx(0.030)},
+        "decode 33-64": {"steps": 2, "seconds": pytest.approx(0.050), "wait_seconds": pytest.approx(0.015)},
     }
 
 
